@@ -67,6 +67,24 @@ def run_encoder_blocks(
     return hidden
 
 
+LIVE_CHUNK_TOKENS = 2048
+
+
+def run_in_chunks(stage, hidden: torch.Tensor, mask: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Apply `stage(hidden, mask)` to groups of rows holding at most `chunk_tokens` tokens each.
+
+    The result equals one call over all rows (rows do not interact in the encoder). Chunks keep the
+    activations of a layer small enough to be reused by the allocator; on CPU one call over 25
+    pairs of 352 tokens ran about 1.5x slower than the same work in chunks of 5.
+    """
+    rows_per_chunk = max(1, chunk_tokens // max(1, hidden.shape[1]))
+    if hidden.shape[0] <= rows_per_chunk:
+        return stage(hidden, mask)
+    return torch.cat(
+        [stage(hidden[i : i + rows_per_chunk], mask[i : i + rows_per_chunk]) for i in range(0, hidden.shape[0], rows_per_chunk)]
+    )
+
+
 def pack_pairs(
     question_memory: torch.Tensor,
     question_mask: torch.Tensor,
@@ -320,11 +338,13 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         passage_memory: torch.Tensor,
         passage_mask: torch.Tensor,
         num_selected: int | None = None,
+        chunk_tokens: int = LIVE_CHUNK_TOKENS,
     ) -> GlimmerEncoding:
         """LiveEncA over all k pairs, score, keep the top m, LiveEncB over those m only.
 
         question_memory [b, lq, d], passage_memory [b, k, lp, d]; `num_selected` overrides the
         config's m for this call. Without reranking all k pairs pass both stages in order.
+        Pairs go through each stage in chunks of at most `chunk_tokens` tokens (same result).
         """
         batch_size, num_passages = passage_memory.shape[:2]
         m = self._resolve_num_selected(num_selected, num_passages)
@@ -334,7 +354,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         length, width = pairs.shape[2:]
         hidden = pairs.reshape(batch_size * num_passages, length, width)  # [b*k, l, d]
         flat_mask = pair_mask.reshape(batch_size * num_passages, length)  # [b*k, l]
-        hidden = run_encoder_blocks(self.live_a_blocks, self._position_bias_source, hidden, flat_mask, self.encoder.config)
+        hidden = run_in_chunks(self._live_a, hidden, flat_mask, chunk_tokens)
 
         if m is None:
             scores = None
@@ -350,13 +370,16 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             kept_mask = torch.gather(pair_mask, 1, selected[:, :, None].expand(-1, -1, length))  # [b, m, l]
             kept_mask = kept_mask.reshape(batch_size * m, length)  # [b*m, l]
 
-        kept = self._live_b(kept, kept_mask)
+        kept = run_in_chunks(self._live_b, kept, kept_mask, chunk_tokens)
         return GlimmerEncoding(
             hidden=kept.reshape(batch_size, m * length, width),  # [b, m*l, d]
             mask=kept_mask.reshape(batch_size, m * length),  # [b, m*l]
             rerank_scores=scores,
             selected=selected,
         )
+
+    def _live_a(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return run_encoder_blocks(self.live_a_blocks, self._position_bias_source, hidden, mask, self.encoder.config)
 
     def _live_b(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """LiveEncB then T5's final layer norm and dropout (run once, after the last block)."""
@@ -472,8 +495,8 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             length, width = pairs.shape[2:]
             hidden = pairs.reshape(batch_size * num_passages, length, width)  # [b*k, l, d]
             flat_mask = pair_mask.reshape(batch_size * num_passages, length)  # [b*k, l]
-            hidden = run_encoder_blocks(self.live_a_blocks, self._position_bias_source, hidden, flat_mask, self.encoder.config)
-            hidden = self._live_b(hidden, flat_mask)
+            hidden = run_in_chunks(self._live_a, hidden, flat_mask, LIVE_CHUNK_TOKENS)
+            hidden = run_in_chunks(self._live_b, hidden, flat_mask, LIVE_CHUNK_TOKENS)
             passage_labels = labels.repeat_interleave(num_passages, dim=0)  # [b*k, t]
             logits = self.decode(hidden, flat_mask, self._shift_right(passage_labels))  # [b*k, t, v]
             valid = passage_labels != -100

@@ -390,3 +390,15 @@ def test_save_pretrained_round_trips_bit_exactly(tiny_t5_dir, tmp_path, options)
         model(question_ids, question_mask, passage_ids, passage_mask, labels=labels).logits,
         loaded(question_ids, question_mask, passage_ids, passage_mask, labels=labels).logits,
     )
+
+
+def test_chunked_live_stages_equal_one_pass(tiny_t5_dir):
+    model = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=3)
+    question_ids, question_mask, passage_ids, passage_mask, _ = _random_batch(num_passages=5)
+    question_memory = model.encode_question(question_ids, question_mask)
+    memory = model._passage_memory(question_ids, question_mask, passage_ids, passage_mask, None)
+    whole = model.live_encode(question_memory, question_mask, memory, passage_mask, chunk_tokens=10**6)
+    chunked = model.live_encode(question_memory, question_mask, memory, passage_mask, chunk_tokens=20)  # one pair per chunk
+    assert torch.equal(whole.selected, chunked.selected)
+    _assert_float32_close(chunked.rerank_scores, whole.rerank_scores)
+    _assert_float32_close(chunked.hidden, whole.hidden)
