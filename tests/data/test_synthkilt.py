@@ -1,0 +1,90 @@
+"""The bundled benchmark: deterministic, KILT-formatted, answerable only from its own pages."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from transformers import AutoTokenizer
+
+from glimmer_ray.data import synthkilt
+from glimmer_ray.data.kilt import gold_answers, read_kilt_examples, read_knowledge_source
+from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_benchmark(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("synthkilt")
+    return directory, synthkilt.generate(directory, "tiny", seed=3)
+
+
+def test_same_seed_same_bytes_other_seed_other_world(tiny_benchmark, tmp_path):
+    directory, manifest = tiny_benchmark
+    again = synthkilt.generate(tmp_path / "again", "tiny", seed=3)
+    assert again["sha256"] == manifest["sha256"]
+    other = synthkilt.generate(tmp_path / "other", "tiny", seed=4)
+    assert other["sha256"]["knowledge.jsonl"] != manifest["sha256"]["knowledge.jsonl"]
+    assert manifest["version"] == synthkilt.VERSION and manifest["scale"] == "tiny"
+
+
+def test_every_task_and_split_in_kilt_format(tiny_benchmark):
+    directory, manifest = tiny_benchmark
+    scale = synthkilt.SCALES["tiny"]
+    for task in synthkilt.TASKS:
+        train, _ = read_kilt_examples(directory / f"{task}-train-kilt.jsonl")
+        dev, _ = read_kilt_examples(directory / f"{task}-dev-kilt.jsonl")
+        assert len(train) == scale.train_per_task and len(dev) == scale.dev_per_task
+        assert all(example["output"][0]["provenance"] for example in train + dev)
+
+
+def test_gold_provenance_states_the_answer(tiny_benchmark):
+    directory, _ = tiny_benchmark
+    pages, _ = read_knowledge_source(directory / "knowledge.jsonl")
+    by_id = {page["wikipedia_id"]: page for page in pages}
+    for task in ("nq", "tqa", "zsre", "trex", "hotpotqa"):
+        examples, _ = read_kilt_examples(directory / f"{task}-dev-kilt.jsonl")
+        for example in examples:
+            provenance = example["output"][0]["provenance"]
+            answer = gold_answers(example)[0]
+            last = provenance[-1]  # for two-hop questions the answer is on the second page
+            paragraph = by_id[last["wikipedia_id"]]["text"][last["start_paragraph_id"]]
+            assert answer in paragraph, (task, example["input"], answer)
+            if task == "hotpotqa":
+                assert len({p["wikipedia_id"] for p in provenance}) == 2
+
+
+def test_dev_asks_about_subjects_never_asked_in_train(tiny_benchmark):
+    directory, _ = tiny_benchmark
+    for task in synthkilt.TASKS:
+        train, _ = read_kilt_examples(directory / f"{task}-train-kilt.jsonl")
+        dev, _ = read_kilt_examples(directory / f"{task}-dev-kilt.jsonl")
+        train_subjects = {example["meta"]["subject"] for example in train}
+        assert not train_subjects & {example["meta"]["subject"] for example in dev}
+
+
+def test_fever_claims_are_balanced_and_refutations_are_plausible(tiny_benchmark):
+    directory, _ = tiny_benchmark
+    examples, _ = read_kilt_examples(directory / "fever-train-kilt.jsonl")
+    labels = Counter(gold_answers(example)[0] for example in examples)
+    assert set(labels) == {"SUPPORTS", "REFUTES"} and min(labels.values()) > len(examples) / 4
+
+
+def test_unknown_scale_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        synthkilt.generate(tmp_path, "huge")
+
+
+def test_t5_style_tokenizer_round_trips(tiny_benchmark, tmp_path):
+    directory, _ = tiny_benchmark
+    pages, _ = read_knowledge_source(directory / "knowledge.jsonl")
+    tokenizer = train_t5_tokenizer((" ".join(page["text"]) for page in pages), vocab_size=500)
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2)
+    assert loaded.convert_tokens_to_ids("<extra_id_0>") == len(loaded) - 1
+    text = pages[5]["text"][1]
+    ids = loaded(text).input_ids
+    assert ids[-1] == loaded.eos_token_id
+    assert loaded.decode(ids, skip_special_tokens=True) == " ".join(text.split())
+    assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"

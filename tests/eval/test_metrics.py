@@ -1,0 +1,90 @@
+"""KILT metrics pinned on hand-worked examples, and ROUGE-L against the `rouge` package KILT calls."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from glimmer_ray.eval.metrics import (
+    average,
+    exact_match,
+    f1,
+    normalize_answer,
+    r_precision,
+    recall_at_k,
+    rouge_l,
+    score_example,
+)
+
+
+def test_squad_normalisation():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("An apple, a day") == "apple day"
+    assert normalize_answer("  theatre  ") == "theatre"  # 'the' inside a word stays
+
+
+def test_exact_match_and_f1_hand_worked():
+    assert exact_match("the Beatles", "Beatles") == 1.0
+    assert exact_match("Beatles band", "Beatles") == 0.0
+    # prediction 'paul mccartney singer' vs gold 'sir paul mccartney': 2 common, P = 2/3, R = 2/3
+    assert f1("Paul McCartney, singer", "Sir Paul McCartney") == pytest.approx(2 / 3)
+    assert f1("John", "Paul") == 0.0
+    # repeated tokens count with multiplicity: 'a b b' vs 'b b c': common 2, P = R = 2/3
+    assert f1("x y y", "y y z") == pytest.approx(2 / 3)
+
+
+def test_rouge_l_hand_worked():
+    # one sentence each; LCS of 'the cat sat' and 'the cat ran' is 'the cat': P = R = 2/3
+    assert rouge_l("the cat sat", "the cat ran") == pytest.approx(2 / 3, abs=1e-7)
+    # no normalisation: case matters
+    assert rouge_l("The cat", "the cat") == pytest.approx(0.5, abs=1e-7)
+    assert rouge_l("", "gold") == 0.0
+    with pytest.raises(ValueError, match="gold answer"):
+        rouge_l("x", "...")
+
+
+def test_rouge_l_equals_the_rouge_package_kilt_uses():
+    rouge = pytest.importorskip("rouge")
+    scorer = rouge.Rouge()
+    generator = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "the", "of", "Alpha", "x"]
+    for _ in range(300):
+        def text():
+            sentences = [" ".join(generator.choice(words) for _ in range(generator.randint(1, 6))) for _ in range(generator.randint(1, 3))]
+            return ". ".join(sentences)
+        prediction, gold = text(), text()
+        expected = scorer.get_scores(prediction, gold, avg=True)["rouge-l"]["f"]
+        assert rouge_l(prediction, gold) == pytest.approx(expected, abs=1e-12), (prediction, gold)
+
+
+def test_r_precision_hand_worked():
+    # two gold outputs: {A} and {B, C}; the best one counts
+    gold = [["A"], ["B", "C"]]
+    assert r_precision(gold, ["B", "X", "C"]) == 0.5  # R = 2 for {B, C}: first 2 distinct are B, X
+    assert r_precision(gold, ["A", "B"]) == 1.0  # R = 1 for {A}: first page is A
+    assert r_precision(gold, ["X", "A"]) == 0.0  # {A}: first page X; {B, C}: first two X, A
+    assert r_precision([["B", "C"]], ["C", "C", "B"]) == 1.0  # duplicates are skipped
+
+
+def test_recall_at_k_hand_worked():
+    # evidence sets {A} and {B, C}: ranking A, B, X, C -> ranks [True, set1, False] then C completes set1
+    gold = [["A"], ["B", "C"]]
+    assert recall_at_k(gold, ["A", "B", "X", "C"], 1) == 0.5
+    assert recall_at_k(gold, ["A", "B", "X", "C"], 2) == 0.5  # rank: [True, False, True] after C moves set1 last
+    assert recall_at_k(gold, ["A", "B", "X", "C"], 3) == 1.0
+    assert recall_at_k([["A"], ["A"]], ["A"], 1) == 1.0  # duplicate evidence sets count once
+    with pytest.raises(ValueError):
+        recall_at_k(gold, ["A"], 0)
+
+
+def test_kilt_gated_scores_count_only_with_perfect_r_precision():
+    good = score_example("Paris", ["Paris"], [["p1"]], ["p1", "p2"])
+    bad = score_example("Paris", ["Paris"], [["p1"]], ["p2", "p1"])
+    assert good["em"] == bad["em"] == 1.0
+    assert good["kilt_em"] == 1.0 and bad["kilt_em"] == 0.0
+    assert bad["recall@5"] == 1.0 and bad["recall@1"] == 0.0
+    means = average([good, bad])
+    assert means["kilt_em"] == 0.5 and means["em"] == 1.0
+    with pytest.raises(ValueError, match="without a gold answer"):
+        score_example("x", [" "])
