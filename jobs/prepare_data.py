@@ -112,8 +112,9 @@ def main(config: PrepareConfig) -> dict:
     index_dir = os.path.join(root, "index")
     if _stage("index", index_dir, config):
         report["index"] = build_passage_index(passages_path, index_dir, config.index, config.encoder_path, config.concurrency, config.batch_size)
-        print(f"[index] {report['index']['passages']} passages, {report['index']['passages_per_second']:.1f} passages/s "
-              f"(embedding + {config.index.type} index, {report['index']['embed_and_index_seconds']:.1f} s)")
+        stats = report["index"]
+        print(f"[index] {stats['passages']} passages embedded at {stats['passages_per_second']:.1f} passages/s per actor; "
+              f"{config.index.type} index built and saved in {stats['index_save_seconds']:.2f} s; {stats['wall_seconds']:.1f} s in all")
 
     # 5. retrieval for every task file, in one pass
     retrieved_dir = os.path.join(root, "retrieved")
@@ -121,7 +122,8 @@ def main(config: PrepareConfig) -> dict:
         rows = [row for (task, split), path in task_files.items() for row in example_rows(path, task, split)]
         report["retrieval"] = retrieve_examples(rows, index_dir, passages_path, retrieved_dir, config.num_passages,
                                                 config.encoder_path, config.concurrency, config.batch_size)
-        print(f"[retrieve] {report['retrieval']['examples']} examples, {report['retrieval']['queries_per_second']:.1f} queries/s")
+        print(f"[retrieve] {report['retrieval']['examples']} examples at {report['retrieval']['queries_per_second']:.1f} queries/s per actor "
+              f"(query encoding + top-{config.num_passages} search); {report['retrieval']['wall_seconds']:.1f} s in all")
         with open(os.path.join(retrieved_dir, "manifest.json"), "w") as handle:  # written last: the stage is complete
             json.dump(report["retrieval"], handle, indent=2)
 

@@ -55,7 +55,10 @@ class EmbedPassages:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [passage_text(title, text) for title, text in zip(batch["title"], batch["text"])]
-        return {"passage_id": batch["passage_id"], "embedding": self.encoder.encode(texts)}
+        start = time.perf_counter()
+        embeddings = self.encoder.encode(texts)
+        share = (time.perf_counter() - start) / max(1, len(texts))  # encoder seconds, spread over the rows
+        return {"passage_id": batch["passage_id"], "embedding": embeddings, "encode_seconds": np.full(len(texts), share)}
 
 
 def build_passage_index(
@@ -81,8 +84,10 @@ def build_passage_index(
     pending: list[np.ndarray] = []
     index = None
     buffered = 0
+    encode_seconds = 0.0
     for batch in embedded.iter_batches(batch_size=4096, batch_format="numpy"):
         passage_ids.extend(str(p) for p in batch["passage_id"])
+        encode_seconds += float(batch["encode_seconds"].sum())
         vectors = np.ascontiguousarray(np.stack(batch["embedding"]), dtype=np.float32)
         if index is None and index_config.needs_training:
             pending.append(vectors)
@@ -103,7 +108,7 @@ def build_passage_index(
         index = _trained_index(index_config, pending)
         for block in pending:
             index.add(block)
-    embed_seconds = time.perf_counter() - start
+    index_start = time.perf_counter()
     encoder_name = os.path.basename(os.path.normpath(encoder_path or default_encoder_path()))
     manifest = {
         "version": 1,
@@ -116,10 +121,13 @@ def build_passage_index(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     PassageIndex(index, passage_ids, manifest).save(index_dir)
+    end = time.perf_counter()
     return {
         "passages": len(passage_ids),
-        "embed_and_index_seconds": embed_seconds,
-        "passages_per_second": len(passage_ids) / embed_seconds,
+        "wall_seconds": end - start,  # actor start-up, reading, embedding, indexing, saving
+        "encode_seconds": encode_seconds,  # time inside the encoder, summed over actors
+        "passages_per_second": len(passage_ids) / max(encode_seconds, 1e-9),  # per actor
+        "index_save_seconds": end - index_start,
         "index_type": index_config.type,
     }
 
@@ -144,11 +152,17 @@ class RetrieveBatch:
             )
         table = pq.read_table(passages_path, columns=["passage_id", "wikipedia_id", "title", "text"]).to_pydict()
         self.passages = {pid: (wid, title, text) for pid, wid, title, text in zip(table["passage_id"], table["wikipedia_id"], table["title"], table["text"])}
+        unknown = [pid for pid in self.index.passage_ids if pid not in self.passages]
+        if unknown:
+            raise ValueError(f"the index at {index_dir} holds {len(unknown)} passage ids missing from {passages_path} "
+                             f"(e.g. {unknown[0]!r}): index and passages come from different builds; rebuild the index")
         self.num_passages = num_passages
 
     def __call__(self, batch):
+        start = time.perf_counter()
         scores, ids = self.index.search(self.encoder.encode([str(q) for q in batch["input"]]), self.num_passages)
         out = batch.copy()
+        out["retrieve_seconds"] = (time.perf_counter() - start) / max(1, len(ids))
         out["passage_ids"] = ids
         out["passage_scores"] = [row[: len(i)].tolist() for row, i in zip(scores, ids)]
         out["passage_pages"] = [[self.passages[p][0] for p in row] for row in ids]
@@ -196,6 +210,7 @@ def retrieve_examples(
         batch_format="pandas",
     ).to_pandas()
     seconds = time.perf_counter() - start
+    busy = float(retrieved.pop("retrieve_seconds").sum())  # query encoding + search, inside the actors
     os.makedirs(output_dir, exist_ok=True)
     files = {}
     for (task, split), group in retrieved.groupby(["task", "split"], sort=True):
@@ -204,7 +219,8 @@ def retrieve_examples(
         pq.write_table(pa.Table.from_pandas(group.drop(columns=["split"]), preserve_index=False), temporary)
         os.replace(temporary, path)
         files[f"{task}-{split}"] = len(group)
-    return {"examples": len(retrieved), "files": files, "seconds": seconds, "queries_per_second": len(retrieved) / seconds}
+    return {"examples": len(retrieved), "files": files, "wall_seconds": seconds, "retrieve_seconds": busy,
+            "queries_per_second": len(retrieved) / max(busy, 1e-9)}
 
 
 def passage_recall(provenance: list[list[str]], passage_pages: list[str], k: int) -> float:
