@@ -14,6 +14,7 @@ epoch (`rows_per_task`, default the largest task's size), smaller tasks repeated
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import ray
 from transformers import AutoTokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenizeConfig:
     question_tokens: int = 48  # lq (the paper: 48)
     passage_tokens: int = 304  # lp (the paper: 304)
@@ -76,6 +77,17 @@ class TokenizeBatch:
         }
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(tokenizer_dir: str, config: TokenizeConfig) -> TokenizeBatch:
+    return TokenizeBatch(tokenizer_dir, config)
+
+
+def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_dir: str, config: TokenizeConfig) -> dict[str, np.ndarray]:
+    """Task-based form of `TokenizeBatch` (the tokenizer is loaded once per worker process): it fuses
+    with the read, so the stream needs no CPU of its own beside the training workers."""
+    return _cached_tokenizer(tokenizer_dir, config)(batch)
+
+
 def mixed_task_dataset(paths_by_task: dict[str, str], rows_per_task: int | None = None, seed: int = 0) -> ray.data.Dataset:
     """Union of the tasks' retrieved Parquet files with every task at `rows_per_task` rows, shuffled."""
     if not paths_by_task:
@@ -101,14 +113,12 @@ def tokenized_dataset(
     config: TokenizeConfig,
     rows_per_task: int | None = None,
     seed: int = 0,
-    concurrency: int = 1,
     batch_size: int = 32,
 ) -> ray.data.Dataset:
     """The reader's training stream: mixed tasks, tokenised into fixed-size arrays."""
     return mixed_task_dataset(paths_by_task, rows_per_task, seed).map_batches(
-        TokenizeBatch,
-        fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "config": config},
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        tokenize_rows,
+        fn_kwargs={"tokenizer_dir": tokenizer_dir, "config": config},
         batch_size=batch_size,
         batch_format="numpy",
     )

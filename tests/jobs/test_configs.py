@@ -24,11 +24,9 @@ def _job_module(script: pathlib.Path):
 
 
 def _config_class(module):
-    classes = [value for name, value in vars(module).items() if name.endswith("Config") and getattr(value, "__module__", "") == module.__name__]
-    # the job's top-level config is the one `main` takes
+    # the job's top-level config is the class its `main` takes
     annotation = module.main.__annotations__["config"]
-    name = annotation if isinstance(annotation, str) else annotation.__name__
-    return next(cls for cls in classes if cls.__name__ == name)
+    return vars(module)[annotation] if isinstance(annotation, str) else annotation
 
 
 def test_there_are_job_configs():

@@ -1,0 +1,103 @@
+"""Answer retrieved dev examples with a reader and score them with KILT's metrics, per task.
+
+Predictions carry the answer and the pages of the passages the reranker kept (in score order, then the
+other retrieved pages), so KILT's R-precision, recall@k and gated scores apply to them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
+from glimmer_ray.eval.metrics import average, score_example
+from glimmer_ray.train.steps import model_inputs
+
+
+def dev_batches(paths_by_task: dict[str, str], tokenizer_dir: str, config: TokenizeConfig, batch_size: int,
+                limit_per_task: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+    """Tokenised batches of the retrieved dev files, read directly (no Ray), optionally one shard of
+    them (`(rank, world_size)`: every rank gets the same number of batches, padded by repetition)."""
+    tokenize = TokenizeBatch(tokenizer_dir, config)
+    rows: list[dict[str, Any]] = []
+    for task, path in sorted(paths_by_task.items()):
+        table = pq.read_table(path).to_pylist()
+        rows.extend(table[:limit_per_task] if limit_per_task else table)
+    if not rows:
+        raise ValueError("no dev examples to evaluate")
+    rank, world_size = shard
+    per_rank = -(-len(rows) // world_size)
+    mine = [rows[(rank * per_rank + i) % len(rows)] for i in range(per_rank)]
+    owned = [rank * per_rank + i < len(rows) for i in range(per_rank)]  # padding rows are not scored
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        batch = {key: np.array([row[key] for row in chunk], dtype=object) for key in chunk[0]}
+        tokenized = tokenize(batch)
+        tokenized["answers"] = batch["answers"]
+        tokenized["owned"] = np.array(owned[start : start + batch_size])
+        yield tokenized
+
+
+@torch.no_grad()
+def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bool = False,
+            fixed_length: bool = False, device: torch.device | None = None) -> list[dict[str, Any]]:
+    """Greedy answers with the kept passages. `fixed_length` decodes every step (no early stop), which
+    sharded ZeRO-3 evaluation needs: every rank must run the same number of forward passes."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions = []
+    try:
+        for batch in batches:
+            inputs = model_inputs(batch, device, closed_book=closed_book, eos_token_id=tokenizer.eos_token_id)
+            tokens, encoding = model.generate(
+                inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"], inputs["passage_mask"],
+                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0,
+            )
+            answers = tokenizer.batch_decode(_cut_at_eos(tokens[:, 1:], tokenizer.eos_token_id), skip_special_tokens=True)
+            for row in range(len(answers)):
+                if "owned" in batch and not batch["owned"][row]:
+                    continue
+                pages = [str(p) for p in batch["passage_pages"][row]]
+                kept = [pages[i] for i in encoding.selected[row].tolist()] if not closed_book else []
+                ranked = list(dict.fromkeys(kept + pages))
+                predictions.append({
+                    "id": str(batch["id"][row]),
+                    "task": str(batch["task"][row]),
+                    "answer": answers[row].strip(),
+                    "pages": ranked,
+                    "gold_answers": [str(a) for a in batch["answers"][row]],
+                    "gold_pages": json.loads(batch["gold_pages"][row]),
+                    "kept_pages": kept,
+                })
+    finally:
+        model.train(was_training)
+    return predictions
+
+
+def _cut_at_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:
+    out = []
+    for row in tokens.tolist():
+        out.append(row[: row.index(eos)] if eos in row else row)
+    return out
+
+
+def score_predictions(predictions: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """KILT metrics per task and their macro average over tasks (`"average"`)."""
+    by_task: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for prediction in predictions:
+        by_task[prediction["task"]].append(score_example(
+            prediction["answer"], prediction["gold_answers"], prediction["gold_pages"], prediction["pages"], ks=(1, 5),
+        ))
+    results = {task: {**average(scores), "count": len(scores)} for task, scores in sorted(by_task.items())}
+    if results:
+        keys = [key for key in next(iter(results.values())) if key != "count"]
+        results["average"] = {key: float(np.mean([results[t][key] for t in by_task])) for key in keys}
+        results["average"]["count"] = sum(len(s) for s in by_task.values())
+    return results

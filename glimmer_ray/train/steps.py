@@ -1,0 +1,100 @@
+"""Pieces of a training step shared by the training and evaluation jobs.
+
+    deepspeed_config   the DeepSpeed dict for ZeRO stage 1/2/3, offload and precision
+    model_inputs       a numpy batch of the tokenised stream -> model keyword arguments
+    reranker_recall    share of examples whose kept passages cover their gold pages
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def deepspeed_config(
+    micro_batch_size: int,
+    gradient_accumulation_steps: int = 1,
+    zero_stage: int = 2,
+    offload_optimizer: bool = False,
+    offload_parameters: bool = False,
+    bf16: bool = False,
+    optimizer: str = "adamw",
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    gradient_clipping: float = 1.0,
+) -> dict[str, Any]:
+    """A DeepSpeed config. AdamW is DeepSpeed's own (`torch_adam`: no fused kernel to compile on CPU);
+    Adafactor is passed as a client optimizer by the training job, so no `optimizer` section then."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if offload_parameters and zero_stage != 3:
+        raise ValueError("parameter offload needs ZeRO stage 3")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if optimizer == "adamw":
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": learning_rate, "weight_decay": weight_decay, "torch_adam": True},
+        }
+    elif optimizer == "adafactor":
+        config["zero_allow_untested_optimizer"] = True  # a client optimizer: ZeRO shards its states like any other
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {optimizer!r}")
+    if offload_optimizer and optimizer == "adamw":
+        config["optimizer"]["params"]["torch_adam"] = False  # DeepSpeedCPUAdam serves offloaded states
+    return config
+
+
+INPUT_KEYS = ("question_ids", "question_mask", "passage_ids", "passage_mask", "labels")
+
+
+def model_inputs(batch: dict[str, np.ndarray], device: torch.device, closed_book: bool = False, eos_token_id: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors for `GlimmerForConditionalGeneration.forward` from a tokenised batch.
+
+    `closed_book` replaces the k passages by one passage holding only `</s>`: the reader then sees the
+    question alone (the closed-book baseline trained the same way).
+    """
+    inputs = {key: torch.as_tensor(np.asarray(batch[key]), device=device) for key in INPUT_KEYS}
+    if closed_book:
+        batch_size = inputs["question_ids"].shape[0]
+        inputs["passage_ids"] = torch.full((batch_size, 1, 1), eos_token_id, dtype=torch.long, device=device)
+        inputs["passage_mask"] = torch.ones((batch_size, 1, 1), dtype=torch.long, device=device)
+    return inputs
+
+
+def reranker_recall(selected: torch.Tensor, passage_pages: np.ndarray, gold_pages: np.ndarray) -> float:
+    """Mean over examples: 1 when the pages of the kept passages hold a complete gold evidence set.
+
+    selected [b, m] indices into the k passages; passage_pages [b] lists of page ids; gold_pages [b]
+    JSON lists of evidence sets (each a list of page ids).
+    """
+    hits = 0
+    for row, pages, gold in zip(selected.tolist(), passage_pages, gold_pages):
+        kept = {str(pages[i]) for i in row}
+        evidence_sets = json.loads(gold) if isinstance(gold, str) else gold
+        hits += any(set(map(str, evidence)) <= kept for evidence in evidence_sets if evidence)
+    return hits / max(1, len(selected))
+
+
+def retriever_recall(num_selected: int, passage_pages: np.ndarray, gold_pages: np.ndarray) -> float:
+    """The same measure for the retriever's own top-m (the first m of the k retrieved)."""
+    batch_size = len(passage_pages)
+    first = torch.arange(num_selected).expand(batch_size, num_selected)
+    return reranker_recall(first, passage_pages, gold_pages)
