@@ -104,6 +104,7 @@ def main(config: DemoConfig) -> list[dict]:
     max_k = max(reader.num_passages for reader in config.readers)
     question = torch.randint(2, config.model.vocab_size, (config.question_tokens,), generator=generator)
     passages = torch.randint(2, config.model.vocab_size, (max_k, config.passage_tokens), generator=generator)
+    started_ray = not ray.is_initialized()  # shut down only a cluster this job started
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
     print(f"Ray cluster: {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
 
@@ -130,7 +131,8 @@ def main(config: DemoConfig) -> list[dict]:
     print(f"wrote {config.output}")
 
     # cleanup
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     return results
 
 

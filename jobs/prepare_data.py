@@ -66,6 +66,7 @@ def main(config: PrepareConfig) -> dict:
     data_dir = os.path.join(root, "data")
     os.makedirs(root, exist_ok=True)
     report: dict = {"config": to_dict(config)}
+    started_ray = not ray.is_initialized()  # shut down only a cluster this job started
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
 
     # 1. the benchmark (or KILT's own files)
@@ -139,7 +140,8 @@ def main(config: PrepareConfig) -> dict:
     print(f"wrote {os.path.join(root, 'data_report.json')}")
 
     # cleanup
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     return report
 
 

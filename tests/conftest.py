@@ -24,3 +24,22 @@ def tiny_t5_dropout_dir(tmp_path_factory) -> str:
     """The same shape with T5.1.1's dropout 0.1, for training tests."""
     config = t5_1_1_config(vocab_size=256, d_model=48, num_layers=4, num_heads=4, dropout_rate=0.1)
     return save_random_t5(tmp_path_factory.mktemp("tiny_t5_dropout"), config, seed=1)
+
+
+@pytest.fixture(scope="session")
+def load_job():
+    """Import a `jobs/<name>.py` script as a module (jobs are scripts, not a package)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", root / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

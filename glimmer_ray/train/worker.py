@@ -121,6 +121,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     os.makedirs(run_dir, exist_ok=True)
                     open(marker, "w").close()
                     print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
+                    # Ray Train registers reports at its health checks (every 2 s): wait past one, so the
+                    # test knows which checkpoint must be resumed. (A real crash within 2 s of a report can
+                    # lose that report; the group then resumes from the checkpoint before it.)
+                    time.sleep(5)
                     os._exit(1)
             inputs = model_inputs(batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id)
             output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight, pdist_temperature=optim.pdist_temperature)

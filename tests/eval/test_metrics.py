@@ -45,7 +45,7 @@ def test_rouge_l_hand_worked():
 
 
 def test_rouge_l_equals_the_rouge_package_kilt_uses():
-    rouge = pytest.importorskip("rouge")
+    import rouge  # the package KILT calls (a test dependency)
     scorer = rouge.Rouge()
     generator = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "the", "of", "Alpha", "x"]

@@ -42,4 +42,5 @@ def test_job_yaml_loads_and_names_its_command(path):
     assert config_path == path and script.exists()
     module = _job_module(script)
     config = load_config(_config_class(module), path)
-    assert config is not None
+    if hasattr(config, "validate"):
+        config.validate()  # cross-field checks, e.g. m <= k
