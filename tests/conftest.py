@@ -26,6 +26,16 @@ def tiny_t5_dropout_dir(tmp_path_factory) -> str:
     return save_random_t5(tmp_path_factory.mktemp("tiny_t5_dropout"), config, seed=1)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster per test module that needs Ray (2 CPUs, as CI has)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def load_job():
     """Import a `jobs/<name>.py` script as a module (jobs are scripts, not a package)."""

@@ -46,7 +46,7 @@ def dev_batches(paths_by_task: dict[str, str], tokenizer_dir: str, config: Token
 
 @torch.no_grad()
 def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bool = False,
-            fixed_length: bool = False, device: torch.device | None = None) -> list[dict[str, Any]]:
+            fixed_length: bool = False, num_selected: int | None = None, device: torch.device | None = None) -> list[dict[str, Any]]:
     """Greedy answers with the kept passages. `fixed_length` decodes every step (no early stop), which
     sharded ZeRO-3 evaluation needs: every rank must run the same number of forward passes."""
     device = device or next(model.parameters()).device
@@ -58,6 +58,7 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
             inputs = model_inputs(batch, device, closed_book=closed_book, eos_token_id=tokenizer.eos_token_id)
             tokens, encoding = model.generate(
                 inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"], inputs["passage_mask"],
+                num_selected=1 if closed_book else num_selected,  # closed book: the one empty passage
                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0,
             )
             answers = tokenizer.batch_decode(_cut_at_eos(tokens[:, 1:], tokenizer.eos_token_id), skip_special_tokens=True)

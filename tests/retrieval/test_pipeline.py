@@ -9,7 +9,6 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_knowledge_source
@@ -28,12 +27,6 @@ from glimmer_ray.retrieval.pipeline import (
 pytestmark = pytest.mark.ray
 K = 5
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

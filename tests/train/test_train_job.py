@@ -4,11 +4,10 @@ resumes from the last checkpoint and the run completes."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
-import ray
-import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.config import load_config
@@ -19,12 +18,6 @@ from glimmer_ray.train.config import TrainConfig
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +70,25 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, loa
     assert metrics["step"] == 8
     assert metrics["resumed_from_step"] == 4  # the restarted group loaded step 4's checkpoint, not step 0
     assert os.path.isdir(summary["export_dir"])
+
+
+def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, load_job):
+    train, evaluate = load_job("train"), load_job("evaluate")
+    # trained closed-book (the baseline path: one empty passage, m = 1), evaluated both ways
+    summary = train.main(_train_config(tiny_data, str(tmp_path), "for-eval", **{"optim.max_steps": 2, "checkpoint.every_steps": 2, "model.closed_book": "true"}))
+    config = evaluate.EvaluateConfig(
+        models=[evaluate.ModelEntry("glimmer", summary["export_dir"]), evaluate.ModelEntry("closed", summary["export_dir"], closed_book=True)],
+        data_dir=tiny_data, question_tokens=24, passage_tokens=48, answer_tokens=6, num_passages=4, limit_per_task=5,
+        output_dir=str(tmp_path / "eval"),
+    )
+    results = evaluate.main(config)
+    for name in ("glimmer", "closed"):
+        scores = results["models"][name]["scores"]
+        assert set(scores) == {"nq", "tqa", "hotpotqa", "fever", "zsre", "trex", "average"}
+        assert scores["nq"]["count"] == 5 and 0.0 <= scores["average"]["em"] <= 1.0
+        lines = (tmp_path / "eval" / "predictions" / name / "nq-dev-kilt.jsonl").read_text().splitlines()
+        record = json.loads(lines[0])
+        assert len(lines) == 5 and set(record) == {"id", "output"} and "answer" in record["output"][0]
+    assert results["models"]["closed"]["reranker_recall_at_m"] is None
+    assert 0.0 <= results["models"]["glimmer"]["reranker_recall_at_m"] <= 1.0
+    assert (tmp_path / "eval" / "metrics.json").exists()

@@ -1,0 +1,115 @@
+"""Evaluate trained readers on the retrieved dev sets: KILT metrics per task, reranker vs retriever recall@m.
+
+    python jobs/evaluate.py --config jobs/configs/evaluate.yaml
+    ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/evaluate.yaml
+
+Every model in `models` (Hugging Face directories written by jobs/train.py) answers the same dev examples.
+Predictions go to `<output_dir>/predictions/<model>/<task>-dev-kilt.jsonl` in KILT's submission format, the scores
+to `<output_dir>/metrics.json`. A model trained closed-book (`closed_book: true`) reads no passages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer
+
+from glimmer_ray.config import parse_job_args, to_dict
+from glimmer_ray.data import synthkilt
+from glimmer_ray.data.kilt import prediction_record, write_jsonl
+from glimmer_ray.data.stream import TokenizeConfig
+from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
+from glimmer_ray.model import GlimmerForConditionalGeneration
+
+
+@dataclass
+class ModelEntry:
+    name: str = "glimmer"  # label in the table and the predictions folder
+    path: str = "outputs/quickstart/model"  # exported Hugging Face directory (model + tokenizer)
+    closed_book: bool = False  # read no passages (the closed-book baseline)
+    num_selected: int | None = None  # m override for this evaluation; null = the model's
+
+
+@dataclass
+class EvaluateConfig:
+    models: list[ModelEntry] = field(default_factory=lambda: [ModelEntry()])
+    data_dir: str = "outputs/quickstart"  # jobs/prepare_data.py output (retrieved/)
+    tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
+    question_tokens: int = 32  # as trained
+    passage_tokens: int = 96  # as trained
+    answer_tokens: int = 12  # greedy answer length, at most
+    num_passages: int = 10  # k
+    limit_per_task: int | None = None  # dev examples per task; null = all
+    batch_size: int = 16  # examples per call
+    output_dir: str = "outputs/quickstart/eval"  # predictions/ and metrics.json
+
+
+def _recall(predictions: list[dict], key: str) -> float:
+    hits = [any(set(evidence) <= set(p[key]) for evidence in p["gold_pages"] if evidence) for p in predictions]
+    return sum(hits) / max(1, len(hits))
+
+
+def main(config: EvaluateConfig) -> dict:
+    # setup
+    paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
+    tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
+    results: dict = {"config": to_dict(config), "models": {}}
+
+    # loop: every model answers the same examples
+    for entry in config.models:
+        model = GlimmerForConditionalGeneration.from_pretrained(entry.path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(entry.path)
+        m = entry.num_selected or model.config.num_selected or config.num_passages
+        start = time.perf_counter()
+        batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task)
+        predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, closed_book=entry.closed_book,
+                              num_selected=entry.num_selected, device=torch.device("cpu"))
+        seconds = time.perf_counter() - start
+        scores = score_predictions(predictions)
+        by_task: dict[str, list] = {}
+        for prediction in predictions:
+            by_task.setdefault(prediction["task"], []).append(prediction)
+        for task, rows in by_task.items():
+            write_jsonl(os.path.join(config.output_dir, "predictions", entry.name, f"{task}-dev-kilt.jsonl"),
+                        (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
+        results["models"][entry.name] = {"scores": scores, "seconds": seconds, "examples_per_second": len(predictions) / seconds,
+                                         "num_selected": m, "closed_book": entry.closed_book,
+                                         "reranker_recall_at_m": None if entry.closed_book else _recall(predictions, "kept_pages"),
+                                         "retriever_recall_at_m": _retriever_recall(config, paths, m)}
+
+    # report
+    tasks = list(config.tasks) + ["average"]
+    print(f"\n{'model':<14}" + "".join(f"{t[:8]:>9}" for t in tasks) + f"{'rerank R@m':>11}{'retr. R@m':>10}")
+    for name, result in results["models"].items():
+        print(f"{name:<14}" + "".join(f"{result['scores'][t]['em']:9.3f}" for t in tasks)
+              + (f"{result['reranker_recall_at_m']:11.3f}" if result["reranker_recall_at_m"] is not None else f"{'-':>11}")
+              + f"{result['retriever_recall_at_m']:10.3f}")
+    print("(dev exact match per task; recall@m: kept passages cover a gold evidence set)")
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {os.path.join(config.output_dir, 'metrics.json')}")
+    return results
+
+
+def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> float:
+    """Recall@m of the retriever's own top m passages on the same dev examples."""
+    import pyarrow.parquet as pq
+
+    hits = total = 0
+    for path in paths.values():
+        table = pq.read_table(path, columns=["provenance", "passage_pages"]).to_pylist()
+        for row in table[: config.limit_per_task] if config.limit_per_task else table:
+            kept = set(map(str, row["passage_pages"][:m]))
+            hits += any(set(map(str, evidence)) <= kept for evidence in json.loads(row["provenance"]) if evidence)
+            total += 1
+    return hits / max(1, total)
+
+
+if __name__ == "__main__":
+    main(parse_job_args(EvaluateConfig, __doc__.splitlines()[0], sys.argv[1:]))
