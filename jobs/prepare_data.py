@@ -68,6 +68,10 @@ def main(config: PrepareConfig) -> dict:
     report: dict = {"config": to_dict(config)}
     started_ray = not ray.is_initialized()  # shut down only a cluster this job started
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if config.concurrency >= cpus:
+        raise SystemExit(f"concurrency={config.concurrency} encoder actors (1 CPU each) would take all {cpus:.0f} CPUs of the "
+                         "cluster and leave none for reading the data; use fewer actors or a larger cluster")
 
     # 1. the benchmark (or KILT's own files)
     if _stage("data", os.path.join(data_dir, "manifest.json"), config):

@@ -35,6 +35,11 @@ def main(config: TrainConfig) -> dict:
     config.validate()
     config.resolve_paths()
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    worker_cpus = config.scaling.num_workers * config.scaling.resources_per_worker.get("CPU", 1)
+    if worker_cpus > ray.cluster_resources().get("CPU", 0) - 1:
+        raise SystemExit(f"{config.scaling.num_workers} workers x {config.scaling.resources_per_worker.get('CPU', 1)} CPU leave no CPU of the "
+                         f"cluster's {ray.cluster_resources().get('CPU', 0):.0f} for the Ray Data stream, which would then hang; "
+                         "lower scaling.resources_per_worker.CPU (e.g. 0.5) or add CPUs")
     train_dataset = tokenized_dataset(task_paths(config, "train"), os.path.join(config.data.dir, "tokenizer"), tokenize_config(config),
                                       rows_per_task=config.data.rows_per_task, seed=config.seed)
     storage = config.checkpoint.storage_path

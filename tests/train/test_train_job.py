@@ -92,3 +92,10 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
     assert results["models"]["closed"]["reranker_recall_at_m"] is None
     assert 0.0 <= results["models"]["glimmer"]["reranker_recall_at_m"] <= 1.0
     assert (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_workers_that_would_starve_the_data_stream_are_refused(tiny_data, tmp_path, load_job):
+    train = load_job("train")
+    config = _train_config(tiny_data, str(tmp_path), "starved", **{"scaling.resources_per_worker": "{CPU: 1}"})
+    with pytest.raises(SystemExit, match="leave no CPU"):
+        train.main(config)
