@@ -24,6 +24,7 @@ from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import prediction_record, write_jsonl
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
+from glimmer_ray.eval.metrics import covers_evidence
 from glimmer_ray.model import GlimmerForConditionalGeneration
 
 
@@ -50,8 +51,7 @@ class EvaluateConfig:
 
 
 def _recall(predictions: list[dict], key: str) -> float:
-    hits = [any(set(evidence) <= set(p[key]) for evidence in p["gold_pages"] if evidence) for p in predictions]
-    return sum(hits) / max(1, len(hits))
+    return sum(covers_evidence(p["gold_pages"], p[key]) for p in predictions) / max(1, len(predictions))
 
 
 def main(config: EvaluateConfig) -> dict:
@@ -105,8 +105,7 @@ def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> 
     for path in paths.values():
         table = pq.read_table(path, columns=["provenance", "passage_pages"]).to_pylist()
         for row in table[: config.limit_per_task] if config.limit_per_task else table:
-            kept = set(map(str, row["passage_pages"][:m]))
-            hits += any(set(map(str, evidence)) <= kept for evidence in json.loads(row["provenance"]) if evidence)
+            hits += covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m])
             total += 1
     return hits / max(1, total)
 

@@ -153,6 +153,12 @@ def recall_at_k(gold_provenance: Sequence[Sequence[str]], predicted_pages: Seque
     return rank[:k].count(True) / total_sets
 
 
+def covers_evidence(gold_provenance: Sequence[Sequence[str]], pages: Iterable[str]) -> bool:
+    """True when `pages` hold every page of at least one gold evidence set (recall@m of kept passages)."""
+    kept = {str(page) for page in pages}
+    return any(set(map(str, evidence)) <= kept for evidence in gold_provenance if evidence)
+
+
 # ---- per example and per task ---------------------------------------------------------------
 
 

@@ -99,6 +99,20 @@ def new_faiss_index(config: IndexConfig, dimension: int, num_vectors: int):
     return index
 
 
+def index_manifest(config: IndexConfig, dimension: int, count: int, encoder_name: str) -> dict:
+    """What `PassageIndex.save` records beside the vectors, checked again by `load`."""
+    return {
+        "version": MANIFEST_VERSION,
+        "type": config.type,
+        "config": asdict(config),
+        "dimension": int(dimension),
+        "count": int(count),
+        "metric": "inner_product",
+        "encoder": encoder_name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 class PassageIndex:
     """A FAISS index over passage embeddings, with the passage id of every row."""
 
@@ -123,16 +137,7 @@ class PassageIndex:
         if config.needs_training:
             index.train(embeddings[: config.train_size])
         index.add(embeddings)
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "type": config.type,
-            "config": asdict(config),
-            "dimension": int(embeddings.shape[1]),
-            "count": len(passage_ids),
-            "metric": "inner_product",
-            "encoder": encoder_name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        manifest = index_manifest(config, embeddings.shape[1], len(passage_ids), encoder_name)
         return cls(index, passage_ids, manifest).to_gpu_if_available(config.use_gpu)
 
     def to_gpu_if_available(self, use_gpu: bool) -> "PassageIndex":

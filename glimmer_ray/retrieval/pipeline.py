@@ -20,7 +20,7 @@ import ray
 
 from glimmer_ray.data.kilt import chunk_page, gold_answers, gold_provenance, read_kilt_examples, read_knowledge_source
 from glimmer_ray.eval.metrics import recall_at_k
-from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex, default_encoder_path, new_faiss_index
+from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex, default_encoder_path, index_manifest, new_faiss_index
 
 PASSAGE_COLUMNS = ("passage_id", "wikipedia_id", "title", "text", "start_paragraph_id", "end_paragraph_id")
 
@@ -110,16 +110,7 @@ def build_passage_index(
             index.add(block)
     index_start = time.perf_counter()
     encoder_name = os.path.basename(os.path.normpath(encoder_path or default_encoder_path()))
-    manifest = {
-        "version": 1,
-        "type": index_config.type,
-        "config": {key: getattr(index_config, key) for key in index_config.__dataclass_fields__},
-        "dimension": int(index.d),
-        "count": len(passage_ids),
-        "metric": "inner_product",
-        "encoder": encoder_name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    manifest = index_manifest(index_config, index.d, len(passage_ids), encoder_name)
     PassageIndex(index, passage_ids, manifest).save(index_dir)
     end = time.perf_counter()
     return {

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from glimmer_ray.eval.metrics import covers_evidence
+
 
 def deepspeed_config(
     micro_batch_size: int,
@@ -87,9 +89,7 @@ def reranker_recall(selected: torch.Tensor, passage_pages: np.ndarray, gold_page
     """
     hits = 0
     for row, pages, gold in zip(selected.tolist(), passage_pages, gold_pages):
-        kept = {str(pages[i]) for i in row}
-        evidence_sets = json.loads(gold) if isinstance(gold, str) else gold
-        hits += any(set(map(str, evidence)) <= kept for evidence in evidence_sets if evidence)
+        hits += covers_evidence(json.loads(gold) if isinstance(gold, str) else gold, [pages[i] for i in row])
     return hits / max(1, len(selected))
 
 
