@@ -25,6 +25,7 @@ from glimmer_ray.data.kilt import prediction_record, write_jsonl
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
 from glimmer_ray.eval.metrics import covers_evidence
+from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
 
 
@@ -34,6 +35,7 @@ class ModelEntry:
     path: str = "outputs/quickstart/model"  # exported Hugging Face directory (model + tokenizer)
     closed_book: bool = False  # read no passages (the closed-book baseline)
     num_selected: int | None = None  # m override for this evaluation; null = the model's
+    memory: str | None = None  # memory store (jobs/build_memory.py) read instead of encoding passages; null = encode
 
 
 @dataclass
@@ -65,10 +67,14 @@ def main(config: EvaluateConfig) -> dict:
         model = GlimmerForConditionalGeneration.from_pretrained(entry.path).eval()
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         m = entry.num_selected or model.config.num_selected or config.num_passages
+        store = None
+        if entry.memory:
+            store = MemoryStore(entry.memory)
+            store.check_model(model, tokenizer)
         start = time.perf_counter()
         batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task)
         predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, closed_book=entry.closed_book,
-                              num_selected=entry.num_selected, device=torch.device("cpu"))
+                              num_selected=entry.num_selected, device=torch.device("cpu"), memory=store)
         seconds = time.perf_counter() - start
         scores = score_predictions(predictions)
         by_task: dict[str, list] = {}

@@ -7,6 +7,7 @@ function and `ray.train.get_dataset_shard` can split it across workers:
     passage_ids   [k, lp]    passage_mask   [k, lp]   "title: <title> context: <text>", top k
     labels        [t]        -100 after the answer's </s>
     task          str        gold_pages     json      (for the reranker's recall@m)
+    passage_pages [k] str    passage_keys   [k] str   page and passage ids of the k passages
 
 Uniform task sampling as the paper trains: every task contributes the same number of rows to an
 epoch (`rows_per_task`, default the largest task's size), smaller tasks repeated, all shuffled.
@@ -73,6 +74,7 @@ class TokenizeBatch:
             "passage_ids": passage_ids.reshape(size, config.num_passages, config.passage_tokens),
             "passage_mask": passage_mask.reshape(size, config.num_passages, config.passage_tokens),
             "passage_pages": np.array([list(p)[: config.num_passages] for p in batch["passage_pages"]], dtype=object),
+            "passage_keys": np.array([list(p)[: config.num_passages] for p in batch["passage_ids"]], dtype=object),
             "labels": labels,
         }
 

@@ -46,9 +46,12 @@ def dev_batches(paths_by_task: dict[str, str], tokenizer_dir: str, config: Token
 
 @torch.no_grad()
 def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bool = False,
-            fixed_length: bool = False, num_selected: int | None = None, device: torch.device | None = None) -> list[dict[str, Any]]:
+            fixed_length: bool = False, num_selected: int | None = None, device: torch.device | None = None,
+            memory=None) -> list[dict[str, Any]]:
     """Greedy answers with the kept passages. `fixed_length` decodes every step (no early stop), which
-    sharded ZeRO-3 evaluation needs: every rank must run the same number of forward passes."""
+    sharded ZeRO-3 evaluation needs: every rank must run the same number of forward passes.
+    `memory` (a `MemoryStore` or `LRUMemoryCache`) supplies the passages' pre-computed memory instead
+    of running the memory encoder over their tokens."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -56,8 +59,13 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
     try:
         for batch in batches:
             inputs = model_inputs(batch, device, closed_book=closed_book, eos_token_id=tokenizer.eos_token_id)
+            passage_memory = None
+            if memory is not None and not closed_book:
+                passage_memory = stored_memory(memory, batch["passage_keys"], inputs["passage_mask"])
+                inputs["passage_ids"] = None
             tokens, encoding = model.generate(
                 inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"], inputs["passage_mask"],
+                passage_memory=passage_memory,
                 num_selected=1 if closed_book else num_selected,  # closed book: the one empty passage
                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0,
             )
@@ -80,6 +88,21 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
     finally:
         model.train(was_training)
     return predictions
+
+
+def stored_memory(memory, passage_keys: np.ndarray, passage_mask: torch.Tensor) -> torch.Tensor:
+    """passage_memory [b, k, lp, d] fetched by passage id; its mask must be the tokens' mask, or the
+    store was built with another tokenisation (passage_tokens, tokenizer) than this evaluation's."""
+    batch_size, num_passages, length = passage_mask.shape
+    keys = [str(key) for row in passage_keys for key in row]
+    advice = f"stored memory does not cover the same tokens as these passages (passage_tokens {length}): build the memory with the reader's data.passage_tokens and tokenizer"
+    try:
+        fetched, fetched_mask = memory.fetch(keys, length=length)
+    except ValueError as error:
+        raise ValueError(f"{advice} ({error})") from error
+    if not np.array_equal(fetched_mask.reshape(batch_size, num_passages, length), passage_mask.cpu().numpy()):
+        raise ValueError(advice)
+    return torch.from_numpy(fetched).view(batch_size, num_passages, length, -1).to(passage_mask.device)  # [b, k, lp, d]
 
 
 def _cut_at_eos(tokens: torch.Tensor, eos: int) -> list[list[int]]:

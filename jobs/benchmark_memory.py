@@ -1,0 +1,185 @@
+"""Memory-store benchmark: per codec, bytes per token, reconstruction error, dev quality, read latency and throughput.
+
+    python jobs/benchmark_memory.py --config jobs/configs/benchmark_memory.yaml
+    ray job submit --working-dir . -- python jobs/benchmark_memory.py --config jobs/configs/benchmark_memory.yaml
+
+For every codec the store is built (or reused) from the same trained reader, then measured side by side:
+bytes per token and compression against fp32; max and mean reconstruction error against the fp32 memory;
+dev exact match and the reranker's recall@m when the reader reads the stored memory (and, as the
+reference, when it encodes the passages itself); random-access latency for k passages, cold (a fresh
+store object) and through the LRU cache; sequential decode throughput against `cat` of the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+from transformers import AutoTokenizer
+
+from glimmer_ray.config import parse_job_args, to_dict
+from glimmer_ray.data import synthkilt
+from glimmer_ray.data.stream import TokenizeConfig
+from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
+from glimmer_ray.eval.metrics import covers_evidence
+from glimmer_ray.memory.build import build_memory
+from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore
+from glimmer_ray.model import GlimmerForConditionalGeneration
+
+
+@dataclass
+class BenchmarkMemoryConfig:
+    data_dir: str = "outputs/quickstart"  # jobs/prepare_data.py output (passages, tokenizer, retrieved)
+    model_dir: str = "outputs/quickstart/model"  # trained reader
+    output_dir: str = "outputs/quickstart/memory-benchmark"  # one store per codec + benchmark_memory.json
+    codecs: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp16", "int8", "pq"])  # fp32 is the reference
+    pq_subvectors: int = 16  # pq bytes per token
+    tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
+    question_tokens: int = 32  # as trained
+    passage_tokens: int = 96  # as trained
+    answer_tokens: int = 12  # greedy answer length, at most
+    num_passages: int = 10  # k read by the reader on dev
+    limit_per_task: int | None = 60  # dev examples per task; null = all
+    latency_passages: int = 25  # k fetched per random-access request
+    latency_trials: int = 50  # requests timed per setting
+    cache_bytes: int = 268435456  # LRU budget for the cached setting (bytes)
+    shard_size: int = 1024  # passages per shard
+    ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
+
+
+def _quality(model, tokenizer, config: BenchmarkMemoryConfig, store) -> dict:
+    paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
+    tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
+    batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, 16, config.limit_per_task)
+    start = time.perf_counter()
+    predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, memory=store)
+    seconds = time.perf_counter() - start
+    scores = score_predictions(predictions)
+    return {"em": scores["average"]["em"], "em_per_task": {t: scores[t]["em"] for t in config.tasks},
+            "reranker_recall_at_m": sum(covers_evidence(p["gold_pages"], p["kept_pages"]) for p in predictions) / len(predictions),
+            "answers": [p["answer"] for p in predictions], "seconds": seconds}
+
+
+def _latency(store_dir: str, ids: list[str], config: BenchmarkMemoryConfig) -> dict:
+    rng = np.random.default_rng(0)
+    requests = [list(rng.choice(ids, config.latency_passages, replace=False)) for _ in range(config.latency_trials)]
+    cold = []
+    for request in requests:
+        start = time.perf_counter()
+        MemoryStore(store_dir, verify="none").fetch(request, length=config.passage_tokens)  # fresh object: opens and maps shards
+        cold.append(time.perf_counter() - start)
+    cache = LRUMemoryCache(MemoryStore(store_dir, verify="none"), config.cache_bytes)
+    for request in requests:
+        cache.fetch(request, length=config.passage_tokens)
+    cached = []
+    for request in requests:
+        start = time.perf_counter()
+        cache.fetch(request, length=config.passage_tokens)
+        cached.append(time.perf_counter() - start)
+    return {"cold_ms_p50": 1e3 * float(np.median(cold)), "cold_ms_p99": 1e3 * float(np.quantile(cold, 0.99)),
+            "cached_ms_p50": 1e3 * float(np.median(cached)), "cached_ms_p99": 1e3 * float(np.quantile(cached, 0.99))}
+
+
+def _throughput(store: MemoryStore, store_dir: str) -> dict:
+    files = [os.path.join(store_dir, shard["file"]) for shard in store.manifest["shards"]]
+    stored_bytes = sum(os.path.getsize(f) for f in files)
+    repeats = max(1, -(-(256 << 20) // stored_bytes))  # cat >= 256 MiB so its start-up does not count
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # both measurements from the page cache
+    start = time.perf_counter()
+    subprocess.run(["cat", *(files * repeats)], stdout=subprocess.DEVNULL, check=True)
+    cat_seconds = (time.perf_counter() - start) / repeats
+    fresh = MemoryStore(store_dir, verify="none")
+    start = time.perf_counter()
+    decoded = sum(memory.nbytes for file in [s["file"] for s in fresh.manifest["shards"]] for _, memory in fresh.read_shard(file))
+    read_seconds = time.perf_counter() - start
+    return {"stored_mb_per_s": stored_bytes / read_seconds / 1e6, "decoded_mb_per_s": decoded / read_seconds / 1e6,
+            "cat_mb_per_s": stored_bytes / cat_seconds / 1e6, "read_seconds": read_seconds}
+
+
+def main(config: BenchmarkMemoryConfig) -> dict:
+    # setup
+    if "fp32" not in config.codecs:
+        raise SystemExit("codecs must include fp32, the reference the others are measured against")
+    started_ray = not ray.is_initialized()
+    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    model = GlimmerForConditionalGeneration.from_pretrained(config.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    passages = os.path.join(config.data_dir, "passages.parquet")
+    results: dict = {"config": to_dict(config), "codecs": {}}
+
+    # builds
+    stores = {}
+    for codec in config.codecs:
+        store_dir = os.path.join(config.output_dir, codec)
+        build = build_memory(passages, store_dir, config.model_dir, os.path.join(config.data_dir, "tokenizer"), config.passage_tokens,
+                             codec=codec, codec_params={"num_subvectors": config.pq_subvectors}, shard_size=config.shard_size)
+        stores[codec] = MemoryStore(store_dir, verify="all")
+        stores[codec].check_model(model, tokenizer)
+        results["codecs"][codec] = {"build": {k: build.get(k) for k in ("passages_encoded", "tokens_encoded", "passages_per_second", "tokens_per_second", "wall_seconds")}}
+
+    # measurements, side by side on the same model and examples
+    reference = stores["fp32"]
+    ids = [pid for _, table in reference.iter_shards() for pid in table.column("passage_id").to_pylist()]
+    from_tokens = _quality(model, tokenizer, config, None)
+    results["from_tokens"] = {k: v for k, v in from_tokens.items() if k != "answers"}
+    for codec, store in stores.items():
+        errors_max, errors_sum, values_sum, count = 0.0, 0.0, 0.0, 0
+        for pid in ids:
+            exact, decoded = reference.get(pid), store.get(pid)
+            difference = np.abs(decoded - exact)
+            errors_max = max(errors_max, float(difference.max()))
+            errors_sum += float(difference.sum())
+            values_sum += float(np.abs(exact).sum())
+            count += exact.size
+        quality = _quality(model, tokenizer, config, store)
+        results["codecs"][codec].update({
+            "bytes_per_token": store.manifest["bytes_per_token"],
+            "compression_vs_fp32": reference.manifest["bytes_per_token"] / store.manifest["bytes_per_token"],
+            "store_bytes": store.manifest["bytes"],
+            "max_abs_error": errors_max,
+            "mean_abs_error": errors_sum / count,
+            "mean_relative_error": errors_sum / values_sum,
+            "dev_em": quality["em"],
+            "dev_em_per_task": quality["em_per_task"],
+            "dev_em_change": quality["em"] - from_tokens["em"],
+            "answers_changed": sum(a != b for a, b in zip(quality["answers"], from_tokens["answers"])) / len(from_tokens["answers"]),
+            "reranker_recall_at_m": quality["reranker_recall_at_m"],
+            "reranker_recall_change": quality["reranker_recall_at_m"] - from_tokens["reranker_recall_at_m"],
+            "latency": _latency(os.path.join(config.output_dir, codec), ids, config),
+            "throughput": _throughput(store, os.path.join(config.output_dir, codec)),
+        })
+
+    # report
+    print(f"\nmemory of {len(ids)} passages, {reference.manifest['num_tokens']} tokens, d = {reference.width}; dev: {len(from_tokens['answers'])} examples, "
+          f"EM from tokens {from_tokens['em']:.3f}, reranker R@m {from_tokens['reranker_recall_at_m']:.3f}")
+    header = ["codec", "B/token", "x fp32", "max err", "mean rel", "dev EM", "dEM", "changed", "dR@m", "k=25 cold ms", "cached ms", "read MB/s", "cat MB/s"]
+    print("".join(f"{h:>13}" for h in header))
+    for codec, r in results["codecs"].items():
+        print("".join(f"{v:>13}" for v in [codec, r["bytes_per_token"], f"{r['compression_vs_fp32']:.1f}", f"{r['max_abs_error']:.3g}",
+                                           f"{r['mean_relative_error']:.2e}", f"{r['dev_em']:.3f}", f"{r['dev_em_change']:+.3f}",
+                                           f"{r['answers_changed']:.3f}", f"{r['reranker_recall_change']:+.3f}",
+                                           f"{r['latency']['cold_ms_p50']:.2f}", f"{r['latency']['cached_ms_p50']:.2f}",
+                                           f"{r['throughput']['stored_mb_per_s']:.0f}", f"{r['throughput']['cat_mb_per_s']:.0f}"]))
+    print("(changed: share of dev answers that differ from reading the passages' tokens; latencies are medians; "
+          "read MB/s: stored bytes decoded per second, sequentially, against cat of the same files from the page cache)")
+    os.makedirs(config.output_dir, exist_ok=True)
+    path = os.path.join(config.output_dir, "benchmark_memory.json")
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {path}")
+
+    # cleanup
+    if started_ray:
+        ray.shutdown()
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_job_args(BenchmarkMemoryConfig, __doc__.splitlines()[0], sys.argv[1:]))
