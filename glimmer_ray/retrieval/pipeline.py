@@ -130,11 +130,11 @@ def _trained_index(config: IndexConfig, blocks: list[np.ndarray]):
     return index
 
 
-class RetrieveBatch:
-    """Ray Data actor: holds the index, the encoder and the passage table; adds the top-k passages."""
+class Retriever:
+    """The dense retriever over the passage table: query encoder + FAISS index + the passages' text."""
 
-    def __init__(self, index_dir: str, passages_path: str, encoder_path: str | None, num_passages: int) -> None:
-        self.index = PassageIndex.load(index_dir)
+    def __init__(self, index_dir: str, passages_path: str, encoder_path: str | None, use_gpu: bool = True) -> None:
+        self.index = PassageIndex.load(index_dir, use_gpu=use_gpu)
         self.encoder = DenseEncoder(encoder_path)
         if self.encoder.dimension != self.index.manifest["dimension"]:
             raise ValueError(
@@ -147,18 +147,43 @@ class RetrieveBatch:
         if unknown:
             raise ValueError(f"the index at {index_dir} holds {len(unknown)} passage ids missing from {passages_path} "
                              f"(e.g. {unknown[0]!r}): index and passages come from different builds; rebuild the index")
+
+    @property
+    def num_passages(self) -> int:
+        return len(self.index.passage_ids)
+
+    def search(self, questions: list[str], k: int) -> list[dict[str, list]]:
+        """Top-k passages of each question: ids, scores, pages, titles, texts."""
+        scores, ids = self.index.search(self.encoder.encode([str(q) for q in questions]), k)
+        return [
+            {
+                "ids": row,
+                "scores": [float(s) for s in score_row[: len(row)]],
+                "pages": [self.passages[p][0] for p in row],
+                "titles": [self.passages[p][1] for p in row],
+                "texts": [self.passages[p][2] for p in row],
+            }
+            for row, score_row in zip(ids, scores)
+        ]
+
+
+class RetrieveBatch:
+    """Ray Data actor: holds a `Retriever`; adds the top-k passages to every example."""
+
+    def __init__(self, index_dir: str, passages_path: str, encoder_path: str | None, num_passages: int) -> None:
+        self.retriever = Retriever(index_dir, passages_path, encoder_path)
         self.num_passages = num_passages
 
     def __call__(self, batch):
         start = time.perf_counter()
-        scores, ids = self.index.search(self.encoder.encode([str(q) for q in batch["input"]]), self.num_passages)
+        results = self.retriever.search(list(batch["input"]), self.num_passages)
         out = batch.copy()
-        out["retrieve_seconds"] = (time.perf_counter() - start) / max(1, len(ids))
-        out["passage_ids"] = ids
-        out["passage_scores"] = [row[: len(i)].tolist() for row, i in zip(scores, ids)]
-        out["passage_pages"] = [[self.passages[p][0] for p in row] for row in ids]
-        out["passage_titles"] = [[self.passages[p][1] for p in row] for row in ids]
-        out["passage_texts"] = [[self.passages[p][2] for p in row] for row in ids]
+        out["retrieve_seconds"] = (time.perf_counter() - start) / max(1, len(results))
+        out["passage_ids"] = [r["ids"] for r in results]
+        out["passage_scores"] = [r["scores"] for r in results]
+        out["passage_pages"] = [r["pages"] for r in results]
+        out["passage_titles"] = [r["titles"] for r in results]
+        out["passage_texts"] = [r["texts"] for r in results]
         return out
 
 

@@ -1,0 +1,327 @@
+"""The GLIMMER Serve application: Ingress -> Retriever -> MemoryCache -> LiveEncoderReranker -> Decoder.
+
+    serve run serve_app.app:build_app model_dir=outputs/quickstart/model ...     (development)
+    serve deploy serve_app/config.yaml                                           (a running cluster)
+
+One deployment per stage, each with its own replicas, autoscaling and resources (set in the Serve
+config's `deployments:` section or in `AppArgs.deployments`). The model stages batch requests
+dynamically with `@serve.batch`; stage outputs travel as numpy arrays and are chained as
+`DeploymentResponse`s, so the memory of the k passages goes from the cache to the live encoder and
+the encoding from the live encoder to the decoder without passing through the ingress.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time, in
+# the replica, where string annotations of functions shipped by value cannot be resolved.
+import os
+import time
+from collections import defaultdict, deque
+from typing import Annotated, Any
+
+import numpy as np
+import ray
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.metrics import Histogram
+
+from glimmer_ray.memory.store import MemoryStore
+from glimmer_ray.retrieval.pipeline import Retriever as DenseRetriever
+from glimmer_ray.serving import (
+    AnswerRequest,
+    AnswerResponse,
+    BatchRequest,
+    Limits,
+    MemoryLookup,
+    QuestionTokenizer,
+    ReaderStages,
+    RequestError,
+    assemble_response,
+)
+
+STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of the Serve config). Paths are resolved to absolute ones."""
+
+    model_dir: str = "outputs/quickstart/model"  # trained reader with its tokenizer (jobs/train.py export)
+    index_dir: str = "outputs/quickstart/index"  # FAISS index (jobs/prepare_data.py)
+    passages: str = "outputs/quickstart/passages.parquet"  # passage table behind the index
+    memory_store: str = "outputs/quickstart/memory"  # jobs/build_memory.py output, local path or URI
+    encoder_path: str | None = None  # sentence-transformers query encoder; null = packaged all-MiniLM-L6-v2
+    tasks: list[str] = Field(default_factory=lambda: ["nq", "tqa", "hotpotqa", "fever", "zsre", "trex"])
+    default_task: str = "nq"
+    question_tokens: int = 32  # lq the reader was trained with
+    top_k: int = 10  # default k
+    max_top_k: int = 25
+    max_new_tokens: int = 12  # default answer length limit
+    max_new_tokens_limit: int = 32
+    cache_bytes: int = 1 << 30  # MemoryCache LRU budget per replica
+    max_batch_size: int = 8  # dynamic batching of the model stages
+    batch_wait_timeout_s: float = 0.005
+    deployments: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-stage .options(), over the defaults below
+
+    def resolved(self) -> "AppArgs":
+        absolute = {name: os.path.abspath(getattr(self, name)) for name in ("model_dir", "index_dir", "passages")}
+        if "://" not in self.memory_store:
+            absolute["memory_store"] = os.path.abspath(self.memory_store)
+        unknown = sorted(set(self.deployments) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown deployment(s) {', '.join(unknown)} in args.deployments; the stages are {', '.join(STAGES)}")
+        return self.model_copy(update=absolute)
+
+    def limits(self, max_top_k: int | None = None) -> Limits:
+        return Limits(tuple(self.tasks), self.default_task, self.question_tokens, self.top_k, max_top_k or self.max_top_k,
+                      self.max_new_tokens, self.max_new_tokens_limit)
+
+
+def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
+    """Per-stage defaults, sized so the whole graph fits a 2-CPU machine; override per cluster."""
+    model_stage = {"ray_actor_options": {"num_cpus": 0.25},
+                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": args.max_batch_size},
+                   "max_ongoing_requests": 2 * args.max_batch_size, "max_queued_requests": 256}
+    return {
+        "Retriever": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32, "max_queued_requests": 256,
+                      "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}},
+        "MemoryCache": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 32, "max_queued_requests": 256,
+                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}},
+        "LiveEncoderReranker": dict(model_stage),
+        "Decoder": dict(model_stage),
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 128,
+                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32}},
+    }
+
+
+def _ms(start: float) -> float:
+    return 1e3 * (time.perf_counter() - start)
+
+
+# ---- Stage deployments ---------------------------------------------------------------------------
+
+
+@serve.deployment
+class Retriever:
+    """Query encoder + FAISS: the top k passages with their text."""
+
+    def __init__(self, index_dir: str, passages: str, encoder_path: str | None, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.retriever = DenseRetriever(index_dir, passages, encoder_path)
+        self.search.set_max_batch_size(max_batch_size)
+        self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def search(self, questions: list[str], top_ks: list[int]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        results = self.retriever.search(questions, max(top_ks))
+        elapsed = _ms(start)
+        return [dict({key: value[:k] for key, value in result.items()}, ms=elapsed) for result, k in zip(results, top_ks)]
+
+    def num_passages(self) -> int:
+        return self.retriever.num_passages
+
+    def check_health(self) -> None:
+        if self.retriever.index.index.ntotal == 0:
+            raise RuntimeError("the FAISS index is empty")
+
+
+@serve.deployment
+class MemoryCache:
+    """The memory store's reader with its LRU cache: memory [k, lp, d] of the retrieved passages."""
+
+    def __init__(self, memory_store: str, cache_bytes: int) -> None:
+        self.lookup = MemoryLookup(memory_store, cache_bytes)
+
+    def fetch(self, retrieved: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        memory, mask = self.lookup.fetch(retrieved["ids"])
+        return {"memory": memory, "memory_mask": mask, "ms": _ms(start), "cache": self.lookup.cache.stats()}
+
+    def check_health(self) -> None:
+        store = self.lookup.store
+        missing = [s["file"] for s in store.manifest["shards"] if not store.fs.get_file_info(f"{store.root}/{s['file']}").size]
+        if missing:
+            raise RuntimeError(f"memory shards unreadable: {', '.join(missing[:3])}")
+
+
+@serve.deployment
+class LiveEncoderReranker:
+    """Question memory, live stage A over k, scores, top m, live stage B over m (batched)."""
+
+    def __init__(self, model_dir: str, memory_store: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.reader = ReaderStages(model_dir)
+        MemoryStore(memory_store, verify="none").check_model(self.reader.model)  # refuse memory of another encoder
+        self.encode.set_max_batch_size(max_batch_size)
+        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def encode(self, question_ids: list[np.ndarray], memories: list[dict[str, Any]], num_selected: list[int]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        requests = [{"question_ids": q, "memory": mem["memory"], "memory_mask": mem["memory_mask"], "num_selected": min(m, len(mem["memory"]))}
+                    for q, mem, m in zip(question_ids, memories, num_selected)]
+        results = self.reader.live(requests)
+        elapsed = _ms(start)
+        return [dict(result, ms=elapsed, memory_ms=mem["ms"], batch=len(requests)) for result, mem in zip(results, memories)]
+
+    def num_selected(self) -> int | None:
+        return self.reader.model.config.num_selected
+
+    def check_health(self) -> None:
+        if not next(self.reader.model.parameters()).isfinite().all():
+            raise RuntimeError("the reader's weights are not finite")
+
+
+@serve.deployment
+class Decoder:
+    """Greedy generation with a key/value cache over the fused encoding (batched)."""
+
+    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.reader = ReaderStages(model_dir)
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def generate(self, encodings: list[dict[str, Any]], max_new_tokens: list[int]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        tokens = self.reader.decode([{"hidden": e["hidden"], "mask": e["mask"], "max_new_tokens": n} for e, n in zip(encodings, max_new_tokens)])
+        elapsed = _ms(start)
+        return [{"tokens": t, "ms": elapsed, "batch": len(tokens)} for t in tokens]
+
+    def check_health(self) -> None:
+        if not next(self.reader.model.parameters()).isfinite().all():
+            raise RuntimeError("the reader's weights are not finite")
+
+
+# ---- Ingress -------------------------------------------------------------------------------------
+
+api = FastAPI(title="glimmer-ray", description="GLIMMER retrieval-augmented answers: retrieve, rerank in the reader, generate.")
+UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = error.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return JSONResponse(status_code=400, content={"error": "malformed JSON in the request body"})
+    messages = []
+    for problem in problems:
+        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+        messages.append(f"{where or 'body'}: {problem.get('msg')}")
+    return JSONResponse(status_code=422, content={"error": "; ".join(messages)})
+
+
+@api.exception_handler(RequestError)
+async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=400, content={"error": str(error)})
+
+
+@api.exception_handler(Exception)
+async def _stage_failure(request: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, UNAVAILABLE) or isinstance(getattr(error, "cause", None), UNAVAILABLE):
+        return JSONResponse(status_code=503, content={"error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry"},
+                            headers={"Retry-After": "1"})
+    return JSONResponse(status_code=503, content={"error": f"the request failed in a serving stage: {type(error).__name__}: {error}"})
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP API and the handle API (`answer_payload`); tokenises, chains the stages, assembles answers."""
+
+    def __init__(self, retriever, memory_cache, live, decoder, model_dir: str, args: dict[str, Any]) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.retriever, self.memory_cache, self.live, self.decoder = retriever, memory_cache, live, decoder
+        self.questions = QuestionTokenizer(model_dir, self.args.question_tokens)
+        self.model_num_selected: int | None = None
+        self.max_top_k: int | None = None
+        self.latency = Histogram("glimmer_stage_latency_ms", description="per-stage latency of answered requests",
+                                 boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("stage",))
+        self.recent: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
+        self.counts = {"answered": 0, "rejected": 0}
+
+    async def _limits(self) -> Limits:
+        if self.max_top_k is None:
+            self.max_top_k = min(self.args.max_top_k, await self.retriever.num_passages.remote())
+            self.model_num_selected = await self.live.num_selected.remote()
+        return self.args.limits(self.max_top_k)
+
+    async def _answer(self, request: AnswerRequest) -> AnswerResponse:
+        start = time.perf_counter()
+        task, k, m, max_new_tokens = (await self._limits()).resolve(request, self.model_num_selected)
+        question_ids = self.questions(task, request.question)
+        retrieved = self.retriever.search.remote(request.question, k)
+        memory = self.memory_cache.fetch.remote(retrieved)
+        encoding = self.live.encode.remote(question_ids, memory, m)
+        generated = self.decoder.generate.remote(encoding, max_new_tokens)
+        retrieved, encoding, generated = await retrieved, await encoding, await generated
+        timings = {"retriever": retrieved["ms"], "memory": encoding["memory_ms"], "live": encoding["ms"], "decoder": generated["ms"]}
+        timings["total"] = _ms(start)
+        timings["batch_live"], timings["batch_decoder"] = encoding["batch"], generated["batch"]
+        for stage, value in timings.items():
+            if not stage.startswith("batch"):
+                self.latency.observe(value, tags={"stage": stage})
+                self.recent[stage].append(value)
+        self.counts["answered"] += 1
+        return assemble_response(task, k, m, {key: retrieved[key] for key in ("ids", "titles", "texts", "scores")}, encoding,
+                                 self.questions.decode(generated["tokens"]), timings)
+
+    @api.post("/v1/answer")
+    async def answer(self, request: AnswerRequest) -> AnswerResponse:
+        try:
+            return await self._answer(request)
+        except RequestError:
+            self.counts["rejected"] += 1
+            raise
+
+    @api.post("/v1/answer:batch")
+    async def answer_batch(self, batch: Annotated[BatchRequest, Body()]) -> list[AnswerResponse]:
+        import asyncio
+
+        try:
+            return list(await asyncio.gather(*(self._answer(r) for r in batch.requests)))
+        except RequestError as error:
+            self.counts["rejected"] += 1
+            raise RequestError(f"{error} (every request of a batch must be valid)") from error
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "stages": list(STAGES)}
+
+    @api.get("/v1/metrics")
+    async def metrics(self) -> dict[str, Any]:
+        """This replica's recent per-stage latencies (ms); Serve's own metrics are on the Prometheus port."""
+        summary = {stage: {"count": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+                   for stage, v in self.recent.items() if v}
+        return {"requests": dict(self.counts), "stage_ms": summary}
+
+    async def answer_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The handle API: a request as a dict -> {"status": 200, "body": AnswerResponse dict} or {"status": 4xx/503, "error": ...}."""
+        try:
+            return {"status": 200, "body": (await self._answer(AnswerRequest.model_validate(payload))).model_dump()}
+        except ValidationError as error:
+            return {"status": 422, "error": "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())}
+        except RequestError as error:
+            return {"status": 400, "error": str(error)}
+        except UNAVAILABLE as error:
+            return {"status": 503, "error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry"}
+
+
+# ---- The builder ---------------------------------------------------------------------------------
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The typed builder `serve run` / `serve deploy` call with the config's `args`."""
+    app_args = AppArgs.model_validate(args).resolved()
+    options = default_options(app_args)
+    for stage, override in app_args.deployments.items():
+        base = dict(options[stage])
+        if "num_replicas" in override:  # a fixed replica count replaces autoscaling
+            base.pop("autoscaling_config", None)
+        options[stage] = {**base, **override}
+    batching = {"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s}
+    retriever = Retriever.options(**options["Retriever"]).bind(app_args.index_dir, app_args.passages, app_args.encoder_path, **batching)
+    memory_cache = MemoryCache.options(**options["MemoryCache"]).bind(app_args.memory_store, app_args.cache_bytes)
+    live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(app_args.model_dir, app_args.memory_store, **batching)
+    decoder = Decoder.options(**options["Decoder"]).bind(app_args.model_dir, **batching)
+    return Ingress.options(**options["Ingress"]).bind(retriever, memory_cache, live, decoder, app_args.model_dir, app_args.model_dump())

@@ -1,0 +1,222 @@
+"""The Serve graph on a real local Ray cluster with real HTTP on 127.0.0.1: answers against the in-process
+pipeline, the handle client from another process, every bad input's 4xx, a concurrent burst, a killed
+replica during a burst, and the refusal of memory built by another encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from transformers import AutoTokenizer
+
+from glimmer_ray.client import GlimmerAPIError, GlimmerClient
+from glimmer_ray.memory.build import build_memory
+from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
+from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
+from glimmer_ray.retrieval.index import IndexConfig
+from glimmer_ray.serving import InProcessPipeline
+
+pytestmark = pytest.mark.ray
+PORT = 8431
+URL = f"http://127.0.0.1:{PORT}"
+QUESTIONS = ["what is the capital of Kraxbrath", "who founded the society", "when was the composer born",
+             "which country is the city in", "what currency does the country use"]
+
+
+def _reader(directory, tokenizer_dir: str, seed: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    t5 = random_t5(t5_1_1_config(vocab_size=len(tokenizer), d_model=32, num_layers=4, num_heads=4, dropout_rate=0.0), seed=seed)
+    GlimmerForConditionalGeneration.from_t5(t5, live_proportion=0.5, rerank_proportion=0.5, num_selected=2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def artifacts(ray_cluster, tmp_path_factory, load_job):
+    root = tmp_path_factory.mktemp("serve")
+    prepare = load_job("prepare_data")
+    prepare.main(prepare.PrepareConfig(output_dir=str(root), scale="tiny", num_passages=4, recall_ks=[4], tokenizer_vocab_size=600,
+                                       index=IndexConfig(use_gpu=False)))
+    model = _reader(root / "model", str(root / "tokenizer"), seed=0)
+    build_memory(str(root / "passages.parquet"), str(root / "memory"), model, str(root / "tokenizer"), 40, progress=False)
+    return {"root": root, "model": model, "other_model": _reader(root / "other_model", str(root / "tokenizer"), seed=1)}
+
+
+def _args(artifacts, **overrides) -> dict:
+    root = artifacts["root"]
+    args = {"model_dir": artifacts["model"], "index_dir": str(root / "index"), "passages": str(root / "passages.parquet"),
+            "memory_store": str(root / "memory"), "question_tokens": 24, "top_k": 4, "max_top_k": 8, "max_new_tokens": 6}
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="module")
+def app(artifacts):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(_args(artifacts)), name="glimmer", route_prefix="/")
+    yield
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipeline(artifacts):
+    from serve_app.app import AppArgs
+
+    args = AppArgs.model_validate(_args(artifacts)).resolved()
+    return InProcessPipeline(args.model_dir, args.index_dir, args.passages, args.memory_store, args.limits())
+
+
+def _same_answer(served: dict, local) -> None:
+    assert served["answer"] == local.answer
+    assert [p["id"] for p in served["passages"]] == [p.id for p in local.passages]
+    assert [p["selected"] for p in served["passages"]] == [p.selected for p in local.passages]
+    np.testing.assert_allclose([p["rerank_score"] for p in served["passages"]], [p.rerank_score for p in local.passages], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose([p["retrieval_score"] for p in served["passages"]], [p.retrieval_score for p in local.passages], rtol=1e-4, atol=1e-4)
+
+
+def test_http_answers_match_the_in_process_pipeline(app, pipeline):
+    for question in QUESTIONS:
+        response = requests.post(f"{URL}/v1/answer", json={"question": question, "task": "nq", "top_k": 4, "num_selected": 2}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        _same_answer(body, pipeline.answer({"question": question, "task": "nq", "top_k": 4, "num_selected": 2}))
+        assert sum(p["selected"] for p in body["passages"]) == 2 and len(body["passages"]) == 4
+        assert set(body["timings"]) >= {"retriever", "memory", "live", "decoder", "total"}
+
+
+def test_batch_endpoint_and_http_client(app, pipeline):
+    client = GlimmerClient(URL)
+    assert client.health()["status"] == "ok"
+    results = client.answer_batch([{"question": q, "top_k": 3} for q in QUESTIONS[:3]])
+    for question, result in zip(QUESTIONS[:3], results):
+        _same_answer(result.model_dump(), pipeline.answer({"question": question, "top_k": 3}))
+    with pytest.raises(GlimmerAPIError, match="num_selected must be between 1 and top_k"):
+        client.answer(QUESTIONS[0], top_k=2, num_selected=3)
+
+
+def test_handle_client_from_another_process_matches(app, pipeline):
+    import ray
+
+    script = (
+        "import json, ray\n"
+        f"ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)\n"
+        "from glimmer_ray.client import GlimmerHandleClient, GlimmerAPIError\n"
+        "client = GlimmerHandleClient('glimmer')\n"
+        f"out = [client.answer(q, task='tqa', top_k=4).model_dump() for q in {QUESTIONS[:2]!r}]\n"
+        "try:\n    client.answer('   ')\nexcept GlimmerAPIError as e:\n    out.append({'status': e.status, 'message': e.message})\n"
+        "print('RESULT' + json.dumps(out))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads(completed.stdout.split("RESULT", 1)[1])
+    for question, served in zip(QUESTIONS[:2], results):
+        _same_answer(served, pipeline.answer({"question": question, "task": "tqa", "top_k": 4}))
+    assert results[2]["status"] == 422 and "question is empty" in results[2]["message"]
+
+
+BAD_INPUTS = [
+    ({}, 422, "question: Field required"),
+    ({"question": ""}, 422, "question is empty"),
+    ({"question": "   "}, 422, "question is empty"),
+    ({"question": 42}, 422, "question: Input should be a valid string"),
+    ({"question": "capital", "top_k": "5"}, 422, "top_k: Input should be a valid integer"),
+    ({"question": "capital", "top_k": 0}, 400, "top_k must be between 1 and"),
+    ({"question": "capital", "top_k": 1000}, 400, "top_k must be between 1 and"),
+    ({"question": "capital", "top_k": 2, "num_selected": 3}, 400, "num_selected must be between 1 and top_k (2)"),
+    ({"question": "capital", "num_selected": 0}, 400, "num_selected must be between 1 and top_k"),
+    ({"question": "capital", "max_new_tokens": 0}, 400, "max_new_tokens must be between 1 and"),
+    ({"question": "capital", "task": "squad"}, 400, "unknown task 'squad'"),
+    ({"question": "capital " * 60}, 400, "the limit is 24"),
+    ({"question": "capital", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_gets_a_4xx_with_its_reason(app, body, status, message):
+    response = requests.post(f"{URL}/v1/answer", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_malformed_and_mistyped_bodies_are_4xx(app):
+    response = requests.post(f"{URL}/v1/answer", data="{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and "malformed JSON" in response.json()["error"]
+    response = requests.post(f"{URL}/v1/answer", json=["a list"], timeout=30)
+    assert response.status_code == 422
+    response = requests.post(f"{URL}/v1/answer:batch", json={"requests": []}, timeout=30)
+    assert response.status_code == 422 and "requests" in response.json()["error"]
+    response = requests.post(f"{URL}/v1/answer:batch", json={"requests": [{"question": "a"}, {"question": "b", "top_k": 0}]}, timeout=30)
+    assert response.status_code == 400 and "every request of a batch" in response.json()["error"]
+
+
+def _burst(count: int, during=None) -> list[int]:
+    statuses: list[int] = [0] * count
+
+    def one(index: int) -> None:
+        response = requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[index % len(QUESTIONS)], "top_k": 4}, timeout=120)
+        statuses[index] = response.status_code
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    if during:
+        during()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_concurrent_burst_all_succeed_and_model_stages_batch(app):
+    statuses = _burst(16)
+    assert statuses == [200] * 16
+    metrics = requests.get(f"{URL}/v1/metrics", timeout=30).json()
+    assert metrics["stage_ms"]["live"]["count"] >= 16
+
+
+def test_killing_a_replica_during_a_burst(app):
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Decoder#" in a["name"]]
+    assert replicas, "no Decoder replica found"
+
+    def kill_decoder() -> None:
+        time.sleep(0.2)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    statuses = _burst(16, during=kill_decoder)
+    failed = sum(s != 200 for s in statuses)
+    print(f"burst with a killed Decoder replica: {16 - failed} answered, {failed} failed ({sorted(set(statuses))})")
+    assert set(statuses) <= {200, 503}, statuses  # failures are reported as retryable, never 500
+    deadline = time.monotonic() + 120
+    while True:  # Serve replaces the replica; answers resume
+        response = requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=60)
+        if response.status_code == 200:
+            break
+        assert time.monotonic() < deadline, response.text
+        time.sleep(1)
+
+
+def test_memory_of_another_encoder_is_refused_at_start_up(app, artifacts):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    bad = build_app(_args(artifacts, model_dir=artifacts["other_model"],
+                          deployments={"LiveEncoderReranker": {"num_replicas": 1, "max_constructor_retry_count": 1}}))
+    with pytest.raises(RuntimeError, match="LiveEncoderReranker"):
+        serve.run(bad, name="mismatched", route_prefix="/mismatched")
+    message = serve.status().applications["mismatched"].deployments["LiveEncoderReranker"].message
+    assert "MemoryEncoderMismatch" in message and "rebuild the memory with jobs/build_memory.py" in message
+    serve.delete("mismatched")
+    assert requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=60).status_code == 200
