@@ -325,3 +325,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(app_args.model_dir, app_args.memory_store, **batching)
     decoder = Decoder.options(**options["Decoder"]).bind(app_args.model_dir, **batching)
     return Ingress.options(**options["Ingress"]).bind(retriever, memory_cache, live, decoder, app_args.model_dir, app_args.model_dump())
+
+
+# The app with default args (quickstart paths), for `serve build serve_app.app:app` and `serve run serve_app.app:app`.
+app = build_app({})
