@@ -50,6 +50,7 @@ class EvaluateConfig:
     limit_per_task: int | None = None  # dev examples per task; null = all
     batch_size: int = 16  # examples per call
     output_dir: str = "outputs/quickstart/eval"  # predictions/ and metrics.json
+    flat_predictions: bool = False  # one model: predictions/<task>-dev-kilt.jsonl (KILT's layout) instead of predictions/<model>/
 
 
 def _recall(predictions: list[dict], key: str) -> float:
@@ -58,6 +59,8 @@ def _recall(predictions: list[dict], key: str) -> float:
 
 def main(config: EvaluateConfig) -> dict:
     # setup
+    if config.flat_predictions and len(config.models) != 1:
+        raise SystemExit("flat_predictions needs exactly one model (their predictions would overwrite each other)")
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
     results: dict = {"config": to_dict(config), "models": {}}
@@ -81,7 +84,8 @@ def main(config: EvaluateConfig) -> dict:
         for prediction in predictions:
             by_task.setdefault(prediction["task"], []).append(prediction)
         for task, rows in by_task.items():
-            write_jsonl(os.path.join(config.output_dir, "predictions", entry.name, f"{task}-dev-kilt.jsonl"),
+            folder = os.path.join(config.output_dir, "predictions") if config.flat_predictions else os.path.join(config.output_dir, "predictions", entry.name)
+            write_jsonl(os.path.join(folder, f"{task}-dev-kilt.jsonl"),
                         (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
         results["models"][entry.name] = {"scores": scores, "seconds": seconds, "examples_per_second": len(predictions) / seconds,
                                          "num_selected": m, "closed_book": entry.closed_book,

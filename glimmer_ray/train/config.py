@@ -53,6 +53,8 @@ class OptimSection:
     pdist_weight: float = 1.0  # lambda of the perplexity-distillation loss
     pdist_temperature: float = 1.0  # tau (the paper's ablation: 0.1 better)
     freeze_memory: bool = False  # the frozen-memory ablation: memory layers not trained
+    rerank_warmup_steps: int = 0  # first steps read all k passages (m = k) so the reader learns to read before the
+    #                               reranker selects; pdist still trains the reranker on all k scores meanwhile
 
 
 @dataclass
@@ -124,6 +126,8 @@ class TrainConfig:
             raise ValueError("deepspeed.enabled=false (plain PyTorch) runs on exactly one worker")
         if self.model.num_selected is not None and self.model.num_selected > self.data.num_passages:
             raise ValueError(f"model.num_selected ({self.model.num_selected}) exceeds data.num_passages ({self.data.num_passages})")
+        if self.optim.rerank_warmup_steps < 0:
+            raise ValueError("optim.rerank_warmup_steps must be non-negative")
         if self.optim.max_steps < 1 or self.checkpoint.every_steps < 1:
             raise ValueError("optim.max_steps and checkpoint.every_steps must be positive")
 

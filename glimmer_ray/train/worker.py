@@ -128,7 +128,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     os._exit(1)
             inputs = model_inputs(batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id)
             output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight, pdist_temperature=optim.pdist_temperature,
-                                        num_selected=1 if config.model.closed_book else None)
+                                        num_selected=1 if config.model.closed_book else
+                                        config.data.num_passages if step < optim.rerank_warmup_steps else None)
             if engine is not None:
                 engine.backward(output.loss)
                 engine.step()

@@ -1,0 +1,186 @@
+"""Quickstart: bundled benchmark -> index -> multi-task GLIMMER training -> memory -> dev evaluation -> served answers.
+
+    python jobs/quickstart.py --config jobs/configs/quickstart.yaml [output_dir=DIR]
+    ray job submit --working-dir . -- python jobs/quickstart.py --config jobs/configs/quickstart.yaml
+
+Every stage is one of the jobs (prepare_data, train, build_memory, evaluate) called with this directory,
+then the Serve app is started on the same cluster, a few dev questions are answered over HTTP (the
+passages retrieved, the ones the reranker kept, the answer) and the app is shut down. Everything lands
+under `output_dir`, laid out for other tools:
+
+    data/<task>-dev-kilt.jsonl          gold dev sets (KILT format)        index/, passages.parquet, retrieved/
+    predictions/<task>-dev-kilt.jsonl   KILT submission format             model/ (Hugging Face layout)
+    metrics.json                        KILT metrics per task              memory/ (memory store + manifest)
+    quickstart.json                     the summary printed at the end     runs/ (Ray Train checkpoints)
+
+Re-running with the same output directory reuses finished stages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from glimmer_ray.config import load_config, parse_job_args, to_dict
+from glimmer_ray.data import synthkilt
+from glimmer_ray.retrieval.index import IndexConfig
+from glimmer_ray.train.config import TrainConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class QuickstartConfig:
+    output_dir: str = "outputs/quickstart"  # every artifact below this directory
+    scale: str = "quickstart"  # SynthKILT size: tiny | quickstart | small | medium | large
+    tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
+    train_config: str = "jobs/configs/train_quickstart.yaml"  # training recipe; its data/export/checkpoint paths are set here
+    train_overrides: list[str] = field(default_factory=list)  # dotted overrides of the training recipe, e.g. [optim.max_steps=50]
+    memory_codec: str = "fp32"  # fp32 | bf16 | fp16 | int8 | pq
+    questions: int = 3  # dev questions answered over HTTP at the end (0: do not serve)
+    port: int = 8000  # HTTP port of the Serve proxy (127.0.0.1)
+    ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
+
+
+def _job(name: str):
+    """The module of `jobs/<name>.py` (jobs are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _banner(number: int, name: str, detail: str) -> float:
+    print(f"\n=== [{number}/5] {name}: {detail}", flush=True)
+    return time.perf_counter()
+
+
+def main(config: QuickstartConfig) -> dict:
+    # setup
+    root = os.path.abspath(config.output_dir)
+    os.makedirs(root, exist_ok=True)
+    started_ray = not ray.is_initialized()
+    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    train = load_config(TrainConfig, os.path.join(HERE, "..", config.train_config) if not os.path.isabs(config.train_config) else config.train_config,
+                        list(config.train_overrides) + [f"data.dir={root}", f"data.tasks={json.dumps(config.tasks)}", f"export_dir={os.path.join(root, 'model')}",
+                                                        f"checkpoint.storage_path={os.path.join(root, 'runs')}", "ray_address=null"])
+    summary: dict = {"output_dir": root, "config": to_dict(config), "stages": {}}
+
+    # 1. data, tokenizer, passages, index, retrieval
+    clock = _banner(1, "data", f"SynthKILT {config.scale} -> passages -> FAISS index -> top-{train.data.num_passages} passages per example")
+    prepare = _job("prepare_data")
+    report = prepare.main(prepare.PrepareConfig(output_dir=root, scale=config.scale, tasks=list(config.tasks), num_passages=max(25, train.data.num_passages),
+                                                recall_ks=[5, train.data.num_passages], index=IndexConfig(use_gpu=False)))
+    summary["stages"]["data"] = {"seconds": time.perf_counter() - clock, "dev_recall": report["dev_recall"]}
+
+    # 2. training (Ray Train + DeepSpeed), reused when the exported model exists
+    model_dir = os.path.join(root, "model")
+    clock = _banner(2, "train", f"{train.scaling.num_workers} workers, ZeRO-{train.deepspeed.zero_stage if train.deepspeed.enabled else 'off'}, "
+                               f"{train.optim.max_steps} steps, d_model {train.model.d_model}, k {train.data.num_passages} -> m {train.model.num_selected}")
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        print(f"[train] reusing {model_dir}")
+        summary["stages"]["train"] = {"seconds": 0.0, "reused": True}
+    else:
+        result = _job("train").main(train)
+        summary["stages"]["train"] = {"seconds": time.perf_counter() - clock, "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}
+
+    # 3. memory of every passage
+    clock = _banner(3, "memory", f"memory encoder over every passage -> {config.memory_codec} shards")
+    build = _job("build_memory")
+    memory = build.main(build.BuildMemoryConfig(passages=os.path.join(root, "passages.parquet"), model_dir=model_dir,
+                                                tokenizer_dir=os.path.join(root, "tokenizer"), store=os.path.join(root, "memory"),
+                                                passage_tokens=train.data.passage_tokens, codec=config.memory_codec, num_cpus_per_actor=0.5))
+    summary["stages"]["memory"] = {"seconds": time.perf_counter() - clock, "passages": memory["passages_total"], "bytes": memory.get("bytes")}
+
+    # 4. dev evaluation from the stored memory
+    clock = _banner(4, "evaluate", "KILT metrics per task; predictions in KILT's submission format")
+    evaluate = _job("evaluate")
+    metrics_path = os.path.join(root, "metrics.json")
+    if os.path.exists(metrics_path) and os.path.getmtime(metrics_path) > os.path.getmtime(os.path.join(model_dir, "config.json")):
+        print(f"[evaluate] reusing {metrics_path}")
+        with open(metrics_path) as handle:
+            metrics = json.load(handle)
+        summary["stages"]["evaluate"] = {"reused": True}
+    else:
+        metrics = evaluate.main(evaluate.EvaluateConfig(
+            models=[evaluate.ModelEntry(name="glimmer", path=model_dir, memory=os.path.join(root, "memory"))], data_dir=root,
+            tasks=list(config.tasks), question_tokens=train.data.question_tokens, passage_tokens=train.data.passage_tokens,
+            answer_tokens=train.data.answer_tokens, num_passages=train.data.num_passages, output_dir=root, flat_predictions=True))
+    result = metrics["models"]["glimmer"]
+    summary["stages"]["evaluate"] = {**summary["stages"].get("evaluate", {}), "seconds": time.perf_counter() - clock, "em": {t: s["em"] for t, s in result["scores"].items()},
+                                     "reranker_recall_at_m": result["reranker_recall_at_m"], "retriever_recall_at_m": result["retriever_recall_at_m"]}
+
+    # 5. serve and ask
+    clock = _banner(5, "serve", f"Serve app on http://127.0.0.1:{config.port}, {config.questions} dev questions over HTTP")
+    answers = _serve_and_ask(config, train, root, model_dir) if config.questions > 0 else []
+    summary["stages"]["serve"] = {"answers": answers, "seconds": time.perf_counter() - clock}
+
+    # report
+    print("\n=== summary")
+    print(f"{'stage':<10}{'seconds':>9}  result")
+    stages = summary["stages"]
+    print(f"{'data':<10}{stages['data']['seconds']:9.1f}  retriever recall@{train.data.num_passages} (dev, mean over tasks) "
+          f"{sum(r[train.data.num_passages] for r in stages['data']['dev_recall'].values()) / len(config.tasks):.3f}")
+    print(f"{'train':<10}{stages['train']['seconds']:9.1f}  " + ("reused" if stages["train"].get("reused") else
+          f"{train.optim.max_steps} steps, final dev EM {stages['train']['metrics'].get('dev_em', float('nan')):.3f}"))
+    print(f"{'memory':<10}{stages['memory']['seconds']:9.1f}  {stages['memory']['passages']} passages, {(stages['memory']['bytes'] or 0) / 2**20:.1f} MiB")
+    ems = stages["evaluate"]["em"]
+    print(f"{'evaluate':<10}{stages['evaluate']['seconds']:9.1f}  EM " + " ".join(f"{t} {ems[t]:.3f}" for t in list(config.tasks) + ["average"])
+          + f"; reranker R@m {stages['evaluate']['reranker_recall_at_m']:.3f} vs retriever R@m {stages['evaluate']['retriever_recall_at_m']:.3f}")
+    print(f"{'serve':<10}{stages['serve']['seconds']:9.1f}  {len(stages['serve']['answers'])} questions answered over HTTP")
+    with open(os.path.join(root, "quickstart.json"), "w") as handle:
+        json.dump(summary, handle, indent=2, default=str)
+    print(f"\nartifacts in {root}: data/<task>-dev-kilt.jsonl (gold), predictions/<task>-dev-kilt.jsonl, metrics.json, model/, memory/, index/, quickstart.json")
+
+    # cleanup
+    if started_ray:
+        ray.shutdown()
+    return summary
+
+
+def _serve_and_ask(config: QuickstartConfig, train: TrainConfig, root: str, model_dir: str) -> list[dict]:
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from glimmer_ray.client import GlimmerAPIError, GlimmerClient
+    from serve_app.app import build_app
+
+    args = {"model_dir": model_dir, "index_dir": os.path.join(root, "index"), "passages": os.path.join(root, "passages.parquet"),
+            "memory_store": os.path.join(root, "memory"), "tasks": list(config.tasks), "default_task": config.tasks[0],
+            "question_tokens": train.data.question_tokens, "top_k": train.data.num_passages, "max_new_tokens": train.data.answer_tokens,
+            "deployments": {stage: {"num_replicas": 1} for stage in ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")}}
+    serve.start(http_options={"host": "127.0.0.1", "port": config.port})
+    answers = []
+    try:
+        serve.run(build_app(args), name="glimmer", route_prefix="/")
+        client = GlimmerClient(f"http://127.0.0.1:{config.port}")
+        for task in config.tasks[: config.questions]:
+            for row in pq.read_table(os.path.join(root, "retrieved", f"{task}-dev.parquet"), columns=["input", "answers"]).to_pylist()[:5]:
+                try:
+                    result = client.answer(row["input"], task=task)
+                except GlimmerAPIError as error:  # e.g. a question longer than the reader's lq: the next one
+                    print(f"[serve] skipped a {task} question: {error}")
+                    continue
+                print(f"\nQ ({task}): {row['input']}\n   gold: {' | '.join(row['answers'])}\n   answer: {result.answer!r}   "
+                      f"({', '.join(f'{stage} {ms:.0f} ms' for stage, ms in result.timings.items() if not stage.startswith('batch'))})")
+                for passage in result.passages:
+                    mark = "kept" if passage.selected else "    "
+                    rerank = passage.rerank_score if passage.rerank_score is not None else float("nan")
+                    print(f"   {mark} retrieval {passage.retrieval_score:6.3f} rerank {rerank:7.3f}  {passage.title}")
+                answers.append({"task": task, "question": row["input"], "gold": row["answers"], "answer": result.answer,
+                                "kept": [p.title for p in result.passages if p.selected]})
+                break
+    finally:
+        serve.shutdown()
+    return answers
+
+
+if __name__ == "__main__":
+    main(parse_job_args(QuickstartConfig, __doc__.splitlines()[0], sys.argv[1:]))
