@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glimmer_ray.config import parse_job_args, to_dict
+from glimmer_ray.eval.variants import VariantConfig, figure_2_variants
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.flops import formula_flops, measure_reader_flops
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
@@ -36,26 +37,9 @@ class ShapeConfig:
 
 
 @dataclass
-class VariantConfig:
-    name: str = "fid"  # label in the table
-    num_passages: int = 5  # k retrieved
-    num_selected: int | None = None  # m kept by the reranker; null = no reranking
-    live_proportion: float = 1.0  # alpha
-    rerank_proportion: float = 0.25  # beta
-
-
-def _figure_2_variants() -> list[VariantConfig]:
-    return [
-        VariantConfig("FiD k=5", 5, None, 1.0, 0.25),
-        VariantConfig("LUMEN k=10", 10, None, 1 / 3, 0.25),
-        VariantConfig("GLIMMER k=25 m=5", 25, 5, 1 / 3, 0.25),
-    ]
-
-
-@dataclass
 class BenchmarkConfig:
     model: ShapeConfig = field(default_factory=ShapeConfig)
-    variants: list[VariantConfig] = field(default_factory=_figure_2_variants)  # the first is the baseline
+    variants: list[VariantConfig] = field(default_factory=figure_2_variants)  # the first is the baseline
     question_tokens: int = 48  # tokens per question
     passage_tokens: int = 304  # tokens per passage
     answer_tokens: int = 8  # greedy answer length, fixed (EOS suppressed)

@@ -47,10 +47,14 @@ from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
 class MemoryEncoder:
     """Tokenises passages as the reader's data stream does and runs the memory encoder over them."""
 
-    def __init__(self, model_dir: str, tokenizer_dir: str, passage_tokens: int, batch_size: int = 32, device: str | None = None) -> None:
+    def __init__(self, model: str | GlimmerForConditionalGeneration, tokenizer: str | Any, passage_tokens: int, batch_size: int = 32,
+                 device: str | None = None) -> None:
+        """`model` and `tokenizer`: loaded objects or their directories."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = GlimmerForConditionalGeneration.from_pretrained(model_dir).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if isinstance(model, str):
+            model = GlimmerForConditionalGeneration.from_pretrained(model)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.passage_tokens, self.batch_size = passage_tokens, batch_size
 
     @torch.no_grad()

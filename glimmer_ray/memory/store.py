@@ -316,17 +316,7 @@ class MemoryStore:
         """Batched fetch: memory float32 [n, L, d] (zero-padded) and mask int64 [n, L], L = `length` or
         the longest passage. `source` (e.g. an `LRUMemoryCache`) may stand in for `self.get`."""
         getter = (source or self).get
-        memories = [getter(pid) for pid in passage_ids]
-        longest = max((len(m) for m in memories), default=0)
-        length = longest if length is None else length
-        if longest > length:
-            raise ValueError(f"a stored passage has {longest} tokens, more than the requested length {length}")
-        batch = np.zeros((len(memories), length, self.width), dtype=np.float32)  # [n, L, d]
-        mask = np.zeros((len(memories), length), dtype=np.int64)  # [n, L]
-        for row, memory in enumerate(memories):
-            batch[row, : len(memory)] = memory
-            mask[row, : len(memory)] = 1
-        return batch, mask
+        return pad_memories([getter(pid) for pid in passage_ids], self.width, length)
 
     def iter_shards(self):
         """(shard metadata, pyarrow Table) for every shard in manifest order."""
@@ -343,6 +333,20 @@ class MemoryStore:
             self._verify_shard(self._shards[index])
         for passage_id in self._open(index).table.column("passage_id").to_pylist():
             yield passage_id, self.get(passage_id)
+
+
+def pad_memories(memories: list[np.ndarray], width: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-passage memory [n_i, d] into float32 [n, L, d] (zero-padded) and mask int64 [n, L]."""
+    longest = max((len(m) for m in memories), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a stored passage has {longest} tokens, more than the requested length {length}")
+    batch = np.zeros((len(memories), length, width), dtype=np.float32)  # [n, L, d]
+    mask = np.zeros((len(memories), length), dtype=np.int64)  # [n, L]
+    for row, memory in enumerate(memories):
+        batch[row, : len(memory)] = memory
+        mask[row, : len(memory)] = 1
+    return batch, mask
 
 
 class LRUMemoryCache:

@@ -69,6 +69,12 @@ class GlimmerConfig(T5Config):
         self.scoring = scoring
         self.separate_question_encoder = bool(separate_question_encoder)
         super().__init__(**kwargs)
+        if self.num_selected is not None and scoring == "first_token" and self.num_memory_layers > 0 and self.num_live_a_layers == 0:
+            raise ValueError(
+                f"with {self.num_layers} layers, alpha {self.live_proportion:.3g} and beta {self.rerank_proportion:.3g} no live layer runs before "
+                "reranking, so first_token scoring would read the question's first token from memory and score every passage alike; "
+                "raise rerank_proportion or live_proportion, use more layers, or scoring='mean_pool'"
+            )
 
     @property
     def num_memory_layers(self) -> int:

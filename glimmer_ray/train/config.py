@@ -21,6 +21,8 @@ class ModelSection:
     num_heads: int = 4  # random init: attention heads
     d_ff: int | None = None  # random init: gated FFN width; null = 8 d / 3
     dropout_rate: float = 0.1  # random init: dropout (T5.1.1 fine-tuning: 0.1)
+    tie_embeddings: bool = False  # random init: original T5's tied, rescaled output embedding (a copy-friendly bias
+    #                              for readers trained from scratch) instead of T5.1.1's separate one
     live_proportion: float = 0.5  # alpha
     rerank_proportion: float = 0.5  # beta
     num_selected: int | None = 3  # m; null = no reranking (LUMEN / FiD)

@@ -28,7 +28,8 @@ def build_model(config: TrainConfig, vocab_size: int):
     if section.checkpoint:
         return GlimmerForConditionalGeneration.from_t5(section.checkpoint, **options)
     t5_config = t5_1_1_config(vocab_size=vocab_size, d_model=section.d_model, num_layers=section.num_layers,
-                              num_heads=section.num_heads, d_ff=section.d_ff, dropout_rate=section.dropout_rate)
+                              num_heads=section.num_heads, d_ff=section.d_ff, dropout_rate=section.dropout_rate,
+                              **({"tie_word_embeddings": True} if section.tie_embeddings else {}))
     return GlimmerForConditionalGeneration.from_t5(random_t5(t5_config, seed=config.seed).train(), **options)
 
 

@@ -364,7 +364,7 @@ def test_from_t5_copies_every_weight(tiny_t5_dir, hf_t5):
 
 
 @pytest.mark.parametrize("options", [
-    dict(live_proportion=1 / 3, rerank_proportion=0.25, num_selected=2),
+    dict(live_proportion=0.5, rerank_proportion=0.5, num_selected=2),
     dict(live_proportion=0.5, separate_question_encoder=True, scoring="mean_pool", num_selected=1),
 ])
 def test_save_pretrained_round_trips_bit_exactly(tiny_t5_dir, tmp_path, options):
@@ -402,3 +402,11 @@ def test_chunked_live_stages_equal_one_pass(tiny_t5_dir):
     assert torch.equal(whole.selected, chunked.selected)
     _assert_float32_close(chunked.rerank_scores, whole.rerank_scores)
     _assert_float32_close(chunked.hidden, whole.hidden)
+
+
+def test_reranking_without_a_live_layer_before_it_is_refused():
+    # 4 layers, alpha 1/3, beta 1/4: 3 memory layers, 0 before reranking: first-token scores would all be equal
+    with pytest.raises(ValueError, match="score every passage alike"):
+        GlimmerConfig(num_layers=4, live_proportion=1 / 3, rerank_proportion=0.25, num_selected=2)
+    GlimmerConfig(num_layers=4, live_proportion=1 / 3, rerank_proportion=0.25, num_selected=2, scoring="mean_pool")
+    GlimmerConfig(num_layers=12, live_proportion=1 / 3, rerank_proportion=0.25, num_selected=2)
