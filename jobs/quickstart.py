@@ -40,6 +40,7 @@ class QuickstartConfig:
     output_dir: str = "outputs/quickstart"  # every artifact below this directory
     scale: str = "quickstart"  # SynthKILT size: tiny | quickstart | small | medium | large
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
+    max_words: int = 64  # words per passage: ~ the reader's 96 passage tokens, so answers are not cut off (the paper: 200 / 304)
     train_config: str = "jobs/configs/train_quickstart.yaml"  # training recipe; its data/export/checkpoint paths are set here
     train_overrides: list[str] = field(default_factory=list)  # dotted overrides of the training recipe, e.g. [optim.max_steps=50]
     memory_codec: str = "fp32"  # fp32 | bf16 | fp16 | int8 | pq
@@ -76,7 +77,7 @@ def main(config: QuickstartConfig) -> dict:
     # 1. data, tokenizer, passages, index, retrieval
     clock = _banner(1, "data", f"SynthKILT {config.scale} -> passages -> FAISS index -> top-{train.data.num_passages} passages per example")
     prepare = _job("prepare_data")
-    report = prepare.main(prepare.PrepareConfig(output_dir=root, scale=config.scale, tasks=list(config.tasks), num_passages=max(25, train.data.num_passages),
+    report = prepare.main(prepare.PrepareConfig(output_dir=root, scale=config.scale, tasks=list(config.tasks), max_words=config.max_words, num_passages=max(25, train.data.num_passages),
                                                 recall_ks=[5, train.data.num_passages], index=IndexConfig(use_gpu=False)))
     summary["stages"]["data"] = {"seconds": time.perf_counter() - clock, "dev_recall": report["dev_recall"]}
 

@@ -21,8 +21,6 @@ class ModelSection:
     num_heads: int = 4  # random init: attention heads
     d_ff: int | None = None  # random init: gated FFN width; null = 8 d / 3
     dropout_rate: float = 0.1  # random init: dropout (T5.1.1 fine-tuning: 0.1)
-    tie_embeddings: bool = False  # random init: original T5's tied, rescaled output embedding (a copy-friendly bias
-    #                              for readers trained from scratch) instead of T5.1.1's separate one
     live_proportion: float = 0.5  # alpha
     rerank_proportion: float = 0.5  # beta
     num_selected: int | None = 3  # m; null = no reranking (LUMEN / FiD)
@@ -55,8 +53,6 @@ class OptimSection:
     pdist_weight: float = 1.0  # lambda of the perplexity-distillation loss
     pdist_temperature: float = 1.0  # tau (the paper's ablation: 0.1 better)
     freeze_memory: bool = False  # the frozen-memory ablation: memory layers not trained
-    rerank_warmup_steps: int = 0  # first steps read all k passages (m = k) so the reader learns to read before the
-    #                               reranker selects; pdist still trains the reranker on all k scores meanwhile
 
 
 @dataclass
@@ -128,8 +124,6 @@ class TrainConfig:
             raise ValueError("deepspeed.enabled=false (plain PyTorch) runs on exactly one worker")
         if self.model.num_selected is not None and self.model.num_selected > self.data.num_passages:
             raise ValueError(f"model.num_selected ({self.model.num_selected}) exceeds data.num_passages ({self.data.num_passages})")
-        if self.optim.rerank_warmup_steps < 0:
-            raise ValueError("optim.rerank_warmup_steps must be non-negative")
         if self.optim.max_steps < 1 or self.checkpoint.every_steps < 1:
             raise ValueError("optim.max_steps and checkpoint.every_steps must be positive")
 

@@ -28,8 +28,7 @@ def build_model(config: TrainConfig, vocab_size: int):
     if section.checkpoint:
         return GlimmerForConditionalGeneration.from_t5(section.checkpoint, **options)
     t5_config = t5_1_1_config(vocab_size=vocab_size, d_model=section.d_model, num_layers=section.num_layers,
-                              num_heads=section.num_heads, d_ff=section.d_ff, dropout_rate=section.dropout_rate,
-                              **({"tie_word_embeddings": True} if section.tie_embeddings else {}))
+                              num_heads=section.num_heads, d_ff=section.d_ff, dropout_rate=section.dropout_rate)
     return GlimmerForConditionalGeneration.from_t5(random_t5(t5_config, seed=config.seed).train(), **options)
 
 
@@ -129,8 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     os._exit(1)
             inputs = model_inputs(batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id)
             output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight, pdist_temperature=optim.pdist_temperature,
-                                        num_selected=1 if config.model.closed_book else
-                                        config.data.num_passages if step < optim.rerank_warmup_steps else None)
+                                        num_selected=1 if config.model.closed_book else None)
             if engine is not None:
                 engine.backward(output.loss)
                 engine.step()
