@@ -126,7 +126,7 @@ def main(config: BenchmarkMemoryConfig) -> dict:
 
     # measurements, side by side on the same model and examples
     reference = stores["fp32"]
-    ids = [pid for _, table in reference.iter_shards() for pid in table.column("passage_id").to_pylist()]
+    ids = reference.passage_ids()
     from_tokens = _quality(model, tokenizer, config, None)
     results["from_tokens"] = {k: v for k, v in from_tokens.items() if k != "answers"}
     for codec, store in stores.items():

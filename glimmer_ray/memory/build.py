@@ -109,10 +109,6 @@ def _read_passages(passages_path: str) -> dict[str, list[str]]:
     return columns
 
 
-def _stored_ids(store: MemoryStore) -> set[str]:
-    return {pid for _, table in store.iter_shards() for pid in table.column("passage_id").to_pylist()}
-
-
 def _train_pq(fs, root: str, encoder: MemoryEncoder, passages: dict[str, list[str]], codec_params: dict[str, Any], sample_passages: int) -> None:
     """Train the product quantiser on the memory of the first passages and store its codebook."""
     count = min(sample_passages, len(passages["passage_id"]))
@@ -179,7 +175,7 @@ def build_memory(
                 f"{store_uri} was built with codec {previous['codec']} {previous.get('codec_params', {})}, passage_tokens "
                 f"{previous['tokenizer']['passage_tokens']} and another or the same tokenizer; new shards must match: use those settings or a new store"
             )
-        stored = _stored_ids(store)
+        stored = set(store.passage_ids())
     version = (previous["version"] + 1) if previous else 1
     new_rows = [row for row, pid in enumerate(passages["passage_id"]) if pid not in stored]
     report: dict[str, Any] = {"store": store_uri, "version": previous["version"] if previous else 0, "passages_total": len(stored),

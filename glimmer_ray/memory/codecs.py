@@ -39,9 +39,6 @@ class Codec:
         """(payload, scales) -> float32 [n, d]."""
         raise NotImplementedError
 
-    def params(self) -> dict:
-        return {}
-
 
 class Float32Codec(Codec):
     name = "fp32"
@@ -159,9 +156,6 @@ class ProductQuantizerCodec(Codec):
         self._require_trained()
         codes = np.frombuffer(payload, dtype=np.uint8).reshape(-1, self.num_subvectors)  # [n, M]
         return self.quantizer.decode(np.ascontiguousarray(codes))
-
-    def params(self) -> dict:
-        return {"num_subvectors": self.num_subvectors, "bits": 8}
 
 
 def make_codec(name: str, width: int, num_subvectors: int = 16, centroids: np.ndarray | None = None) -> Codec:

@@ -294,12 +294,9 @@ class MemoryStore:
                     return shard, row
         raise KeyError(f"passage {passage_id!r} is not in the memory store at {self.uri}")
 
-    def __contains__(self, passage_id: str) -> bool:
-        try:
-            self._locate(passage_id)
-        except KeyError:
-            return False
-        return True
+    def passage_ids(self) -> list[str]:
+        """Every stored passage id, in manifest (shard) order."""
+        return [pid for _, table in self.iter_shards() for pid in table.column("passage_id").to_pylist()]
 
     def get(self, passage_id: str) -> np.ndarray:
         """The memory of one passage, float32 [n, d]."""

@@ -68,7 +68,7 @@ def fp32_store(artifacts):
 
 
 def _stored_ids(store: MemoryStore) -> list[str]:
-    return [pid for _, table in store.iter_shards() for pid in table.column("passage_id").to_pylist()]
+    return store.passage_ids()
 
 
 def test_build_stores_every_passage_once_with_its_manifest(artifacts, fp32_store):
