@@ -1,8 +1,10 @@
 """KILT's evaluation metrics, defined exactly as `kilt/eval_downstream.py` and `kilt/eval_retrieval.py`.
 
 Downstream (per example, maximised over the gold answers):
-    accuracy / exact match   SQuAD normalisation (lower case, drop punctuation and articles, squeeze
-                             spaces); accuracy is KILT's name for it on FEVER
+    exact match              SQuAD normalisation (lower case, drop punctuation and articles, squeeze
+                             spaces)
+    accuracy                 the stripped guess is one of the stripped gold answers, unnormalised (FEVER's
+                             official metric: "supports" does not match "SUPPORTS")
     F1                       token overlap of the normalised strings
     ROUGE-L                  summary-level union-LCS F-measure of the `rouge` package (v1.0.1) KILT
                              calls, unnormalised: text split into sentences at '.', words at ' ',
@@ -73,10 +75,8 @@ def rouge_l(prediction: str, gold: str) -> float:
     """ROUGE-L F as KILT computes it (`Rouge().get_scores(prediction, gold, avg=True)['rouge-l']['f']`)."""
     candidate = [" ".join(part.split()) for part in prediction.split(".") if part]
     reference = [" ".join(part.split()) for part in gold.split(".") if part]
-    if not reference:
-        raise ValueError(f"ROUGE-L needs a gold answer with words, got {gold!r}")
-    if not candidate:
-        return 0.0  # the `rouge` package raises here; an empty prediction simply scores nothing
+    if not reference or not candidate:
+        return 0.0  # the `rouge` package raises ValueError here and KILT scores the pair 0
     reference_words = len({word for sentence in reference for word in sentence.split(" ")})
     candidate_words = len({word for sentence in candidate for word in sentence.split(" ")})
     union: set[str] = set()
@@ -91,9 +91,6 @@ def rouge_l(prediction: str, gold: str) -> float:
 
 
 def _best(metric, prediction: str, golds: Iterable[str]) -> float:
-    golds = list(golds)
-    if not golds:
-        raise ValueError("an example without a gold answer cannot be scored")
     return max(metric(prediction, gold) for gold in golds)
 
 
@@ -137,8 +134,7 @@ def recall_at_k(gold_provenance: Sequence[Sequence[str]], predicted_pages: Seque
         return 0.0
     total_sets = len(evidence_sets)
     rank: list[object] = []
-    for page in predicted_pages:
-        page = str(page).strip()
+    for page in dict.fromkeys(str(page).strip() for page in predicted_pages):  # distinct, in rank order
         found = False
         for index, evidence in enumerate(evidence_sets):
             if page in evidence:
@@ -172,10 +168,13 @@ def score_example(
     """Every KILT metric for one example (retrieval ones only when pages are given)."""
     golds = [answer.strip() for answer in gold_answers if answer and answer.strip()]
     prediction = prediction.strip()
-    scores = {"em": _best(exact_match, prediction, golds), "f1": _best(f1, prediction, golds)}
-    scores["accuracy"] = scores["em"]
-    scores["rougel"] = _best(rouge_l, prediction, golds)
-    scores["strict_em"] = float(prediction in set(golds))
+    if not golds:
+        raise ValueError("an example without a gold answer cannot be scored")
+    if prediction:
+        scores = {"em": _best(exact_match, prediction, golds), "f1": _best(f1, prediction, golds),
+                  "accuracy": float(prediction in set(golds)), "rougel": _best(rouge_l, prediction, golds)}
+    else:  # KILT skips an empty guess: it scores 0 on every downstream metric
+        scores = dict.fromkeys(("em", "f1", "accuracy", "rougel"), 0.0)
     if gold_provenance is not None and predicted_pages is not None:
         rprec = r_precision(gold_provenance, predicted_pages) if predicted_pages else 0.0
         scores["rprec"] = rprec
