@@ -3,17 +3,21 @@
     python jobs/prepare_data.py --config jobs/configs/prepare_data.yaml
     ray job submit --working-dir . -- python jobs/prepare_data.py --config jobs/configs/prepare_data.yaml
 
+The index and retrieval stages are the build_index job (jobs/build_index.py), called here with this
+configuration; build_index=false stops after the passages, for running that job on its own later.
 Output directory layout (every stage is skipped when its output exists, unless overwrite=true):
     data/knowledge.jsonl, data/<task>-{train,dev}-kilt.jsonl     KILT formats (SynthKILT or copies of KILT)
     tokenizer/                                                   Hugging Face layout
     passages.parquet                                             <= max_words-word passages
     index/                                                       FAISS index + passage ids + manifest
     retrieved/<task>-<split>.parquet                             examples with their top-k passages
+    index_report.json                                            build_index's report
     data_report.json                                             sizes, timings, recall@k per task
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,14 +25,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import ray
-
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_kilt_examples, read_knowledge_source
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.retrieval.index import IndexConfig
-from glimmer_ray.retrieval.pipeline import build_passage_index, example_rows, retrieval_recall, retrieve_examples, write_passages
+from glimmer_ray.retrieval.pipeline import write_passages
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the sibling job, also when this file is loaded by path
+import build_index  # noqa: E402
 
 
 @dataclass
@@ -47,17 +52,9 @@ class PrepareConfig:
     recall_ks: list[int] = field(default_factory=lambda: [5, 10, 25])  # recall@k reported on dev
     concurrency: int = 1  # actors embedding / retrieving in parallel
     batch_size: int = 64  # texts per encoder call
+    build_index: bool = True  # run jobs/build_index.py's stages (index, retrieval, recall); false: stop after the passages
     overwrite: bool = False  # redo stages whose outputs exist
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
-
-
-def _stage(name: str, output: str, config: PrepareConfig) -> bool:
-    """True when the stage must run; prints why it is skipped otherwise."""
-    if os.path.exists(output) and not config.overwrite:
-        print(f"[{name}] reusing {output}")
-        return False
-    print(f"[{name}] ...", flush=True)
-    return True
 
 
 def main(config: PrepareConfig) -> dict:
@@ -66,15 +63,9 @@ def main(config: PrepareConfig) -> dict:
     data_dir = os.path.join(root, "data")
     os.makedirs(root, exist_ok=True)
     report: dict = {"config": to_dict(config)}
-    started_ray = not ray.is_initialized()  # shut down only a cluster this job started
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if config.concurrency >= cpus:
-        raise SystemExit(f"concurrency={config.concurrency} encoder actors (1 CPU each) would take all {cpus:.0f} CPUs of the "
-                         "cluster and leave none for reading the data; use fewer actors or a larger cluster")
 
     # 1. the benchmark (or KILT's own files)
-    if _stage("data", os.path.join(data_dir, "manifest.json"), config):
+    if build_index.run_stage("data", os.path.join(data_dir, "manifest.json"), config.overwrite):
         start = time.perf_counter()
         if config.source == "synthkilt":
             manifest = synthkilt.generate(data_dir, config.scale, config.seed)
@@ -96,7 +87,7 @@ def main(config: PrepareConfig) -> dict:
 
     # 2. tokenizer for the benchmark
     tokenizer_dir = os.path.join(root, "tokenizer")
-    if config.source == "synthkilt" and _stage("tokenizer", tokenizer_dir, config):
+    if config.source == "synthkilt" and build_index.run_stage("tokenizer", tokenizer_dir, config.overwrite):
         pages, _ = read_knowledge_source(os.path.join(data_dir, "knowledge.jsonl"))
         texts = [" ".join(page["text"]) for page in pages]
         for path in task_files.values():
@@ -109,43 +100,20 @@ def main(config: PrepareConfig) -> dict:
 
     # 3. passages
     passages_path = os.path.join(root, "passages.parquet")
-    if _stage("passages", passages_path, config):
+    if build_index.run_stage("passages", passages_path, config.overwrite):
         report["passages"] = write_passages(os.path.join(data_dir, "knowledge.jsonl"), passages_path, config.max_words)
         print(f"[passages] {report['passages']}")
 
-    # 4. embeddings + index
-    index_dir = os.path.join(root, "index")
-    if _stage("index", index_dir, config):
-        report["index"] = build_passage_index(passages_path, index_dir, config.index, config.encoder_path, config.concurrency, config.batch_size)
-        stats = report["index"]
-        print(f"[index] {stats['passages']} passages embedded at {stats['passages_per_second']:.1f} passages/s per actor; "
-              f"{config.index.type} index built and saved in {stats['index_save_seconds']:.2f} s; {stats['wall_seconds']:.1f} s in all")
-
-    # 5. retrieval for every task file, in one pass
-    retrieved_dir = os.path.join(root, "retrieved")
-    if _stage("retrieve", os.path.join(retrieved_dir, "manifest.json"), config):
-        rows = [row for (task, split), path in task_files.items() for row in example_rows(path, task, split)]
-        report["retrieval"] = retrieve_examples(rows, index_dir, passages_path, retrieved_dir, config.num_passages,
-                                                config.encoder_path, config.concurrency, config.batch_size)
-        print(f"[retrieve] {report['retrieval']['examples']} examples at {report['retrieval']['queries_per_second']:.1f} queries/s per actor "
-              f"(query encoding + top-{config.num_passages} search); {report['retrieval']['wall_seconds']:.1f} s in all")
-        with open(os.path.join(retrieved_dir, "manifest.json"), "w") as handle:  # written last: the stage is complete
-            json.dump(report["retrieval"], handle, indent=2)
-
-    # 6. recall@k on dev
-    ks = tuple(k for k in config.recall_ks if k <= config.num_passages)
-    report["dev_recall"] = {task: retrieval_recall(os.path.join(retrieved_dir, f"{task}-dev.parquet"), ks) for task in config.tasks}
-    print("\nretriever recall@k on dev (page level, gold evidence among the pages of the top-k passages)")
-    print(f"{'task':<10}" + "".join(f"{'R@' + str(k):>8}" for k in ks))
-    for task, recalls in report["dev_recall"].items():
-        print(f"{task:<10}" + "".join(f"{recalls[k]:8.3f}" for k in ks))
+    # 4-6. embeddings + index, retrieval for every task file, recall@k on dev: the build_index job
+    if config.build_index:
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(build_index.BuildIndexConfig)}  # all are fields here too
+        index_report = build_index.main(build_index.BuildIndexConfig(**fields))
+        report.update({key: value for key, value in index_report.items() if key != "config"})
+    else:
+        print(f"[index] not built (build_index=false): python jobs/build_index.py --config jobs/configs/build_index.yaml output_dir={root}")
     with open(os.path.join(root, "data_report.json"), "w") as handle:
         json.dump(report, handle, indent=2, default=str)
     print(f"wrote {os.path.join(root, 'data_report.json')}")
-
-    # cleanup
-    if started_ray:
-        ray.shutdown()
     return report
 
 
