@@ -3,10 +3,10 @@
     python jobs/quickstart.py --config jobs/configs/quickstart.yaml [output_dir=DIR]
     ray job submit --working-dir . -- python jobs/quickstart.py --config jobs/configs/quickstart.yaml
 
-Every stage is one of the jobs (prepare_data, train, build_memory, evaluate) called with this directory,
-then the Serve app is started on the same cluster, a few dev questions are answered over HTTP (the
-passages retrieved, the ones the reranker kept, the answer) and the app is shut down. Everything lands
-under `output_dir`, laid out for other tools:
+Every stage is one of the jobs (prepare_data with build_index, train, build_memory, evaluate, serve)
+called with this directory: the Serve app is deployed on the same cluster as jobs/serve.py deploys it,
+a few dev questions are answered over HTTP (the passages retrieved, the ones the reranker kept, the
+answer) and the app is shut down. Everything lands under `output_dir`, laid out for other tools:
 
     data/<task>-dev-kilt.jsonl          gold dev sets (KILT format)        index/, passages.parquet, retrieved/
     predictions/<task>-dev-kilt.jsonl   KILT submission format             model/ (Hugging Face layout)
@@ -151,30 +151,22 @@ def _serve_and_ask(config: QuickstartConfig, train: TrainConfig, root: str, mode
     from ray import serve
 
     from glimmer_ray.client import GlimmerAPIError, GlimmerClient
-    from serve_app.app import build_app
 
+    serve_job = _job("serve")
     args = {"model_dir": model_dir, "index_dir": os.path.join(root, "index"), "passages": os.path.join(root, "passages.parquet"),
             "memory_store": os.path.join(root, "memory"), "tasks": list(config.tasks), "default_task": config.tasks[0],
             "question_tokens": train.data.question_tokens, "top_k": train.data.num_passages, "max_new_tokens": train.data.answer_tokens,
             "deployments": {stage: {"num_replicas": 1} for stage in ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")}}
-    serve.start(http_options={"host": "127.0.0.1", "port": config.port})
     answers = []
     try:
-        serve.run(build_app(args), name="glimmer", route_prefix="/")
-        client = GlimmerClient(f"http://127.0.0.1:{config.port}")
+        client = GlimmerClient(serve_job.deploy(args, port=config.port))
         for task in config.tasks[: config.questions]:
             for row in pq.read_table(os.path.join(root, "retrieved", f"{task}-dev.parquet"), columns=["input", "answers"]).to_pylist()[:5]:
                 try:
-                    result = client.answer(row["input"], task=task)
+                    result = serve_job.ask(client, row["input"], task, gold=row["answers"])
                 except GlimmerAPIError as error:  # e.g. a question longer than the reader's lq: the next one
                     print(f"[serve] skipped a {task} question: {error}")
                     continue
-                print(f"\nQ ({task}): {row['input']}\n   gold: {' | '.join(row['answers'])}\n   answer: {result.answer!r}   "
-                      f"({', '.join(f'{stage} {ms:.0f} ms' for stage, ms in result.timings.items() if not stage.startswith('batch'))})")
-                for passage in result.passages:
-                    mark = "kept" if passage.selected else "    "
-                    rerank = passage.rerank_score if passage.rerank_score is not None else float("nan")
-                    print(f"   {mark} retrieval {passage.retrieval_score:6.3f} rerank {rerank:7.3f}  {passage.title}")
                 answers.append({"task": task, "question": row["input"], "gold": row["answers"], "answer": result.answer,
                                 "kept": [p.title for p in result.passages if p.selected]})
                 break

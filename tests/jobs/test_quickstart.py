@@ -1,6 +1,7 @@
 """The quickstart end to end at the tiny scale on a local Ray cluster: every stage runs, the artifacts are laid
 out for other tools (KILT gold dev sets and submission-format predictions, metrics.json), questions are answered
-over real HTTP, and a re-run with the same output directory reuses the finished stages."""
+over real HTTP (through jobs/serve.py's deploy and ask), and a re-run with the same output directory reuses the
+finished stages, as does the build_index job run on its own over that directory."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ def test_quickstart_runs_every_stage_and_reuses_them(ray_cluster, tmp_path, load
     assert again["stages"]["memory"]["passages"] == summary["stages"]["memory"]["passages"]
     assert again["stages"]["evaluate"]["em"] == summary["stages"]["evaluate"]["em"]
     assert {p.name: p.stat().st_mtime for p in (root / "model").iterdir()} == model_files
+
+    build_index = load_job("build_index")  # prepare_data ran it; on its own it reuses index/ and retrieved/
+    index_files = {p.name: p.stat().st_mtime for p in (root / "index").iterdir()}
+    report = build_index.main(build_index.BuildIndexConfig(output_dir=str(root), num_passages=25, recall_ks=[5, 4]))
+    assert "index" not in report and "retrieval" not in report
+    assert {p.name: p.stat().st_mtime for p in (root / "index").iterdir()} == index_files
+    assert report["dev_recall"] == summary["stages"]["data"]["dev_recall"]
+    with pytest.raises(SystemExit, match="not a prepared directory"):
+        build_index.main(build_index.BuildIndexConfig(output_dir=str(tmp_path / "empty")))
