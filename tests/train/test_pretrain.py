@@ -1,0 +1,86 @@
+"""Text-infilling pre-training: the corruption is what it claims, and the pre-training job learns and writes a
+checkpoint GLIMMER loads (`from_t5`) and reuses."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from glimmer_ray.train.pretrain import DenoisingBatches, corrupt
+
+SENTINEL = 999  # <extra_id_0> in a 1000-token vocabulary
+
+
+def _spans_filled(corrupted: list[int], original: list[int]) -> bool:
+    """True when putting some non-empty run of the original back for every sentinel gives the original."""
+    def match(i: int, j: int) -> bool:
+        if i == len(corrupted):
+            return j == len(original)
+        if corrupted[i] >= SENTINEL - 100:
+            return any(match(i + 1, end) for end in range(j + 1, len(original) + 1))
+        return j < len(original) and corrupted[i] == original[j] and match(i + 1, j + 1)
+    return match(0, 0)
+
+
+def test_corruption_replaces_spans_by_descending_sentinels_and_targets_the_whole_passage():
+    rng = np.random.default_rng(0)
+    noise = []
+    for length in (2, 7, 40, 90):
+        original = list(range(10, 10 + length))
+        source, target = corrupt(original, rng, SENTINEL, noise_density=0.15, mean_span_length=3.0)
+        assert target == original + [1]  # the whole passage, then </s>
+        assert source[-1] == 1
+        sentinels = [t for t in source[:-1] if t >= SENTINEL - 100]
+        assert sentinels == list(range(SENTINEL, SENTINEL - len(sentinels), -1)) and sentinels
+        assert _spans_filled(source[:-1], original)
+        noise.append(1 - (len(source) - 1 - len(sentinels)) / length)
+    assert 0.05 < np.mean(noise[2:]) < 0.4
+    with pytest.raises(ValueError, match="noise_density"):
+        corrupt([1, 2, 3], rng, SENTINEL, noise_density=1.5)
+    with pytest.raises(ValueError, match="mean_span_length"):
+        corrupt([1, 2, 3], rng, SENTINEL, mean_span_length=0.5)
+
+
+def test_batches_are_padded_and_seeded():
+    passages = [list(range(5, 5 + n)) for n in (12, 30, 7)]
+    first = DenoisingBatches(passages, batch_size=4, first_sentinel=SENTINEL, seed=3).next()
+    again = DenoisingBatches(passages, batch_size=4, first_sentinel=SENTINEL, seed=3).next()
+    assert all(np.array_equal(first[key], again[key]) for key in first)
+    assert first["input_ids"].shape == first["attention_mask"].shape and first["labels"].shape[0] == 4
+    assert ((first["input_ids"] == 0) == (first["attention_mask"] == 0)).all()
+    for row in range(4):
+        target = first["labels"][row][first["labels"][row] != -100].tolist()
+        assert target[:-1] in passages and target[-1] == 1
+    with pytest.raises(ValueError, match="no passages"):
+        DenoisingBatches([], batch_size=2, first_sentinel=SENTINEL)
+
+
+def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path, load_job):
+    from transformers import AutoTokenizer
+
+    from glimmer_ray.data import synthkilt
+    from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
+    from glimmer_ray.model import GlimmerForConditionalGeneration
+    from glimmer_ray.retrieval.pipeline import write_passages
+
+    directory = tmp_path / "benchmark"
+    synthkilt.generate(directory, "tiny", seed=3)
+    data = tmp_path / "data"
+    write_passages(str(directory / "knowledge.jsonl"), str(data / "passages.parquet"), 64)
+    pages = [json.loads(line) for line in open(directory / "knowledge.jsonl")]
+    save_tokenizer(train_t5_tokenizer((" ".join(page["text"]) for page in pages), vocab_size=600), data / "tokenizer")
+    job = load_job("pretrain")
+    config = job.PretrainConfig(data_dir=str(data), output_dir=str(tmp_path / "t5"), d_model=32, num_layers=2, num_heads=2, steps=60,
+                                batch_size=8, warmup_steps=10, num_cpus=1, log_every_steps=20)
+    summary = job.pretrain(config)  # the Ray task's body, run in this process
+    assert summary["final_loss"] < 0.6 * summary["first_loss"]
+    assert not os.path.exists(str(tmp_path / "t5") + ".tmp")
+    files = os.listdir(tmp_path / "t5")
+    assert "model.safetensors" in files and "pretrain.json" in files
+    glimmer = GlimmerForConditionalGeneration.from_t5(str(tmp_path / "t5"), live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
+    assert glimmer.config.d_model == 32 and glimmer.config.vocab_size == len(AutoTokenizer.from_pretrained(tmp_path / "t5"))
+    # a finished checkpoint is reused, an absent data directory refused
+    assert job.main(config)["final_loss"] == summary["final_loss"]
+    with pytest.raises(SystemExit, match="prepare_data"):
+        job.main(job.PretrainConfig(data_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "t6")))
