@@ -44,7 +44,8 @@ class DataSection:
 @dataclass
 class OptimSection:
     optimizer: str = "adafactor"  # adafactor (the paper) | adamw
-    learning_rate: float = 1e-3  # constant (the paper: 1e-4 at batch 128 from pre-trained T5)
+    learning_rate: float = 1e-3  # constant after warm-up (the paper: 1e-4 at batch 128 from pre-trained T5)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimiser steps
     weight_decay: float = 0.0  # adamw only
     batch_size: int = 8  # examples per worker per step
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
@@ -53,6 +54,7 @@ class OptimSection:
     pdist_weight: float = 1.0  # lambda of the perplexity-distillation loss
     pdist_temperature: float = 1.0  # tau (the paper's ablation: 0.1 better)
     freeze_memory: bool = False  # the frozen-memory ablation: memory layers not trained
+    rerank_warmup_steps: int = 0  # for these first steps the decoder reads the retriever's top m (the reranker still distils)
 
 
 @dataclass
@@ -126,6 +128,10 @@ class TrainConfig:
             raise ValueError(f"model.num_selected ({self.model.num_selected}) exceeds data.num_passages ({self.data.num_passages})")
         if self.optim.max_steps < 1 or self.checkpoint.every_steps < 1:
             raise ValueError("optim.max_steps and checkpoint.every_steps must be positive")
+        if self.optim.rerank_warmup_steps < 0:
+            raise ValueError(f"optim.rerank_warmup_steps must be >= 0, got {self.optim.rerank_warmup_steps}")
+        if self.optim.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
 
 
 def task_paths(config: TrainConfig, split: str) -> dict[str, str]:

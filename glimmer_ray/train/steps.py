@@ -27,6 +27,7 @@ def deepspeed_config(
     learning_rate: float = 1e-4,
     weight_decay: float = 0.0,
     gradient_clipping: float = 1.0,
+    warmup_steps: int = 0,
 ) -> dict[str, Any]:
     """A DeepSpeed config. AdamW is DeepSpeed's own (`torch_adam`: no fused kernel to compile on CPU);
     Adafactor is passed as a client optimizer by the training job, so no `optimizer` section then."""
@@ -50,6 +51,9 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if warmup_steps > 0:  # DeepSpeed's own schedule: linear from 0 to learning_rate, then constant
+        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": learning_rate,
+                                                              "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
     if optimizer == "adamw":
         config["optimizer"] = {
             "type": "AdamW",

@@ -64,7 +64,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ds_config = deepspeed_config(
             optim.batch_size, optim.gradient_accumulation_steps, config.deepspeed.zero_stage, config.deepspeed.offload_optimizer,
             config.deepspeed.offload_parameters, config.deepspeed.bf16, optim.optimizer, optim.learning_rate, optim.weight_decay,
-            optim.gradient_clipping,
+            optim.gradient_clipping, optim.warmup_steps,
         )
         client_optimizer = None
         if optim.optimizer == "adafactor":
@@ -76,6 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         module = model
         optimizer = (Adafactor(trainable, lr=optim.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False)
                      if optim.optimizer == "adafactor" else torch.optim.AdamW(trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
 
     step = 0
     first_loss = None  # the first loss this attempt saw, reported beside the running one
@@ -88,6 +89,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state = torch.load(os.path.join(directory, "torch_state.pt"), map_location=device)
                 module.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
+                schedule.load_state_dict(state["schedule"])
                 client_state = state["client"]
             step = int(client_state["step"])
         if rank == 0:
@@ -128,7 +130,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     os._exit(1)
             inputs = model_inputs(batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id)
             output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight, pdist_temperature=optim.pdist_temperature,
-                                        num_selected=1 if config.model.closed_book else None)
+                                        num_selected=1 if config.model.closed_book else None,
+                                        select_by="retriever" if step < optim.rerank_warmup_steps else "reranker")
             if engine is not None:
                 engine.backward(output.loss)
                 engine.step()
@@ -145,7 +148,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window["tokens"] += int(inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum())
             if output.rerank_scores is not None:
                 m = output.selected.shape[1]
-                window["reranker_recall"] += reranker_recall(output.selected.cpu(), batch["passage_pages"], batch["gold_pages"])
+                reranked = torch.topk(output.rerank_scores.detach(), m, dim=1).indices.cpu()  # the reranker's top m, even while warming up
+                window["reranker_recall"] += reranker_recall(reranked, batch["passage_pages"], batch["gold_pages"])
                 window["retriever_recall"] += retriever_recall(m, batch["passage_pages"], batch["gold_pages"])
             window["batches"] += 1
             if micro_step % optim.gradient_accumulation_steps:
@@ -153,6 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if engine is None:
                 torch.nn.utils.clip_grad_norm_(trainable, optim.gradient_clipping)
                 optimizer.step()
+                schedule.step()
                 optimizer.zero_grad()
             step += 1
 
@@ -193,7 +198,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if engine is not None:
                         engine.save_checkpoint(directory, tag="deepspeed", client_state={"step": step})
                     elif rank == 0:
-                        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "client": {"step": step}},
+                        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                    "client": {"step": step}},
                                    os.path.join(directory, "torch_state.pt"))
                     if step == optim.max_steps:
                         _export(engine, module, tokenizer, directory, rank, zero3)
