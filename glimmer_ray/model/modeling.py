@@ -339,13 +339,18 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         passage_mask: torch.Tensor,
         num_selected: int | None = None,
         chunk_tokens: int = LIVE_CHUNK_TOKENS,
+        select_by: str = "reranker",
     ) -> GlimmerEncoding:
         """LiveEncA over all k pairs, score, keep the top m, LiveEncB over those m only.
 
         question_memory [b, lq, d], passage_memory [b, k, lp, d]; `num_selected` overrides the
         config's m for this call. Without reranking all k pairs pass both stages in order.
         Pairs go through each stage in chunks of at most `chunk_tokens` tokens (same result).
+        `select_by="retriever"` keeps the first m passages (the retriever's order) while still
+        returning the rerank scores: a training warm-up for a reader that cannot read yet.
         """
+        if select_by not in ("reranker", "retriever"):
+            raise ValueError(f"select_by must be 'reranker' or 'retriever', got {select_by!r}")
         batch_size, num_passages = passage_memory.shape[:2]
         m = self._resolve_num_selected(num_selected, num_passages)
         pairs, pair_mask = pack_pairs(
@@ -363,7 +368,10 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             m = num_passages
         else:
             scores = self.rerank_head(hidden, flat_mask).view(batch_size, num_passages)  # [b, k]
-            selected = torch.topk(scores, m, dim=1).indices  # [b, m]
+            if select_by == "retriever":
+                selected = torch.arange(m, device=hidden.device).expand(batch_size, m)  # [b, m]
+            else:
+                selected = torch.topk(scores, m, dim=1).indices  # [b, m]
             hidden = hidden.view(batch_size, num_passages, length, width)  # [b, k, l, d]
             kept = torch.gather(hidden, 1, selected[:, :, None, None].expand(-1, -1, length, width))  # [b, m, l, d]
             kept = kept.reshape(batch_size * m, length, width)  # [b*m, l, d]
@@ -394,11 +402,12 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         passage_mask: torch.Tensor | None = None,
         passage_memory: torch.Tensor | None = None,
         num_selected: int | None = None,
+        select_by: str = "reranker",
     ) -> GlimmerEncoding:
         """Memory (from tokens, or the pre-computed `passage_memory`) then the live encoder."""
         passage_memory = self._passage_memory(question_ids, question_mask, passage_ids, passage_mask, passage_memory)
         question_memory = self.encode_question(question_ids, question_mask)
-        return self.live_encode(question_memory, question_mask, passage_memory, passage_mask, num_selected)
+        return self.live_encode(question_memory, question_mask, passage_memory, passage_mask, num_selected, select_by=select_by)
 
     # ---- Decoder, loss, generation ---------------------------------------------------------
 
@@ -431,6 +440,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         num_selected: int | None = None,
         pdist_weight: float = 1.0,
         pdist_temperature: float = 1.0,
+        select_by: str = "reranker",
     ) -> GlimmerOutput:
         """Score, select and read k passages per question.
 
@@ -443,8 +453,10 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             decoder_input_ids: [b, t], default: labels shifted right.
             num_selected: m for this call (default: the config's).
             pdist_weight: lambda; pdist_temperature: tau (the paper: 1.0; tau = 0.1 scored best).
+            select_by: "reranker" (the model) or "retriever" (the first m passages are read; the
+                rerank scores are still returned and distilled), a training warm-up.
         """
-        encoding = self.encode(question_ids, question_mask, passage_ids, passage_mask, passage_memory, num_selected)
+        encoding = self.encode(question_ids, question_mask, passage_ids, passage_mask, passage_memory, num_selected, select_by=select_by)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs labels or decoder_input_ids; use generate() for inference")

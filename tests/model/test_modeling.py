@@ -191,6 +191,23 @@ def test_num_selected_can_be_set_per_call(tiny_t5_dir):
     assert model.encode(question_ids, question_mask, passage_ids, passage_mask, num_selected=1).selected.shape == (2, 1)
 
 
+def test_retriever_selection_reads_the_first_m_and_still_distils(tiny_t5_dir):
+    """The training warm-up: the decoder reads the retriever's first m passages (as LUMEN given only those),
+    the rerank scores are the model's own and the perplexity-distillation loss is still computed."""
+    glimmer = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
+    lumen = _glimmer(tiny_t5_dir, live_proportion=0.5)
+    question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch()
+    warm = glimmer(question_ids, question_mask, passage_ids, passage_mask, labels=labels, select_by="retriever")
+    reranked = glimmer(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
+    first_two = lumen(question_ids, question_mask, passage_ids[:, :2], passage_mask[:, :2], labels=labels)
+    assert warm.selected.tolist() == [[0, 1], [0, 1]]
+    _assert_float32_close(warm.logits, first_two.logits)
+    torch.testing.assert_close(warm.rerank_scores, reranked.rerank_scores)
+    assert warm.pdist_loss.item() == pytest.approx(reranked.pdist_loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="select_by"):
+        glimmer(question_ids, question_mask, passage_ids, passage_mask, labels=labels, select_by="random")
+
+
 # ---- perplexity distillation --------------------------------------------------------------------
 
 
