@@ -10,9 +10,15 @@ infilling, in T5's vocabulary), so every target token teaches the decoder to fin
 
     corrupt(ids, rng, ...)            one passage -> (input ids with sentinels, target = the passage)
     DenoisingBatches(passages, ...)   random batches of corrupted passages as padded tensors
+    pretrain_t5(data_dir, output_dir, ...)   the loop (jobs/pretrain.py runs it as a Ray task)
 """
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
 
 import numpy as np
 import torch
@@ -84,3 +90,80 @@ class DenoisingBatches:
         for row, (source, _) in enumerate(pairs):
             attention_mask[row, : len(source)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pretrain_t5(
+    data_dir: str,
+    output_dir: str,
+    d_model: int = 64,
+    num_layers: int = 6,
+    num_heads: int = 4,
+    d_ff: int | None = None,
+    dropout_rate: float = 0.0,
+    max_tokens: int = 96,
+    noise_density: float = 0.15,
+    mean_span_length: float = 3.0,
+    steps: int = 600,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+    warmup_steps: int = 100,
+    weight_decay: float = 0.01,
+    num_cpus: int = 1,
+    use_gpu: bool = False,
+    log_every_steps: int = 50,
+    seed: int = 0,
+) -> dict:
+    """Pre-train a random T5.1.1 on `data_dir`'s passages (passages.parquet, tokenizer/) and save it with the
+    tokenizer to `output_dir` (written under a temporary name, renamed when complete). Returns the summary,
+    also saved as `output_dir/pretrain.json`."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from glimmer_ray.data.stream import passage_text
+    from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
+
+    torch.set_num_threads(max(1, num_cpus))
+    device = torch.device("cuda" if use_gpu else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(data_dir, "tokenizer"))
+    passages = pq.read_table(os.path.join(data_dir, "passages.parquet"), columns=["title", "text"]).to_pylist()
+    encoded = tokenizer([passage_text(p["title"], p["text"]) for p in passages], add_special_tokens=False)["input_ids"]
+    encoded = [ids[: max_tokens - 1] for ids in encoded]
+    batches = DenoisingBatches(encoded, batch_size, first_sentinel=tokenizer.convert_tokens_to_ids("<extra_id_0>"), seed=seed,
+                               noise_density=noise_density, mean_span_length=mean_span_length,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    t5_config = t5_1_1_config(vocab_size=len(tokenizer), d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff,
+                              dropout_rate=dropout_rate)
+    model = random_t5(t5_config, seed=seed).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / max(1, warmup_steps)))
+
+    start = window_start = time.perf_counter()
+    window_loss, window_tokens, window_steps, first_loss, loss_value = 0.0, 0, 0, None, float("nan")
+    for step in range(1, steps + 1):
+        batch = {key: value.to(device) for key, value in batches.next().items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        loss_value = loss.item()
+        first_loss = loss_value if first_loss is None else first_loss
+        window_loss, window_steps = window_loss + loss_value, window_steps + 1
+        window_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        if step % log_every_steps == 0 or step == steps:
+            print(f"[pretrain] step {step}/{steps} loss {window_loss / window_steps:.3f} "
+                  f"tokens/s {window_tokens / (time.perf_counter() - window_start):.0f} elapsed {time.perf_counter() - start:.0f} s", flush=True)
+            window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+
+    staging = output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.cpu().save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    summary = {"passages": len(encoded), "steps": steps, "first_loss": first_loss, "final_loss": loss_value,
+               "seconds": time.perf_counter() - start}
+    with open(os.path.join(staging, "pretrain.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staging, output_dir)  # only complete checkpoints carry the name
+    return summary
