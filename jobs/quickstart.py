@@ -1,9 +1,9 @@
-"""Quickstart: bundled benchmark -> index -> multi-task GLIMMER training -> memory -> dev evaluation -> served answers.
+"""Quickstart: bundled benchmark -> index -> T5 pre-training -> multi-task GLIMMER training -> memory -> dev evaluation -> served answers.
 
     python jobs/quickstart.py --config jobs/configs/quickstart.yaml [output_dir=DIR]
     ray job submit --working-dir . -- python jobs/quickstart.py --config jobs/configs/quickstart.yaml
 
-Every stage is one of the jobs (prepare_data with build_index, train, build_memory, evaluate, serve)
+Every stage is one of the jobs (prepare_data with build_index, pretrain, train, build_memory, evaluate, serve)
 called with this directory: the Serve app is deployed on the same cluster as jobs/serve.py deploys it,
 a few dev questions are answered over HTTP (the passages retrieved, the ones the reranker kept, the
 answer) and the app is shut down. Everything lands under `output_dir`, laid out for other tools:
@@ -12,6 +12,7 @@ answer) and the app is shut down. Everything lands under `output_dir`, laid out 
     predictions/<task>-dev-kilt.jsonl   KILT submission format             model/ (Hugging Face layout)
     metrics.json                        KILT metrics per task              memory/ (memory store + manifest)
     quickstart.json                     the summary printed at the end     runs/ (Ray Train checkpoints)
+                                                                           t5-pretrained/ (the pre-trained T5)
 
 Re-running with the same output directory reuses finished stages.
 """
@@ -41,6 +42,8 @@ class QuickstartConfig:
     scale: str = "quickstart"  # SynthKILT size: tiny | quickstart | small | medium | large
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
     max_words: int = 64  # words per passage: ~ the reader's 96 passage tokens, so answers are not cut off (the paper: 200 / 304)
+    pretrain_config: str | None = "jobs/configs/pretrain_quickstart.yaml"  # text-infilling pre-training of the T5; null = none (the recipe's model.checkpoint or random init)
+    pretrain_overrides: list[str] = field(default_factory=list)  # dotted overrides of the pre-training config, e.g. [steps=300]
     train_config: str = "jobs/configs/train_quickstart.yaml"  # training recipe; its data/export/checkpoint paths are set here
     train_overrides: list[str] = field(default_factory=list)  # dotted overrides of the training recipe, e.g. [optim.max_steps=50]
     memory_codec: str = "fp32"  # fp32 | bf16 | fp16 | int8 | pq
@@ -58,8 +61,12 @@ def _job(name: str):
     return module
 
 
+def _path(path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(HERE, "..", path)
+
+
 def _banner(number: int, name: str, detail: str) -> float:
-    print(f"\n=== [{number}/5] {name}: {detail}", flush=True)
+    print(f"\n=== [{number}/6] {name}: {detail}", flush=True)
     return time.perf_counter()
 
 
@@ -69,8 +76,9 @@ def main(config: QuickstartConfig) -> dict:
     os.makedirs(root, exist_ok=True)
     started_ray = not ray.is_initialized()
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
-    train = load_config(TrainConfig, os.path.join(HERE, "..", config.train_config) if not os.path.isabs(config.train_config) else config.train_config,
-                        list(config.train_overrides) + [f"data.dir={root}", f"data.tasks={json.dumps(config.tasks)}", f"export_dir={os.path.join(root, 'model')}",
+    pretrain_dir = os.path.join(root, "t5-pretrained")
+    train = load_config(TrainConfig, _path(config.train_config),
+                        list(config.train_overrides) + ([f"model.checkpoint={pretrain_dir}"] if config.pretrain_config else []) + [f"data.dir={root}", f"data.tasks={json.dumps(config.tasks)}", f"export_dir={os.path.join(root, 'model')}",
                                                         f"checkpoint.storage_path={os.path.join(root, 'runs')}", "ray_address=null"])
     summary: dict = {"output_dir": root, "config": to_dict(config), "stages": {}}
 
@@ -81,9 +89,18 @@ def main(config: QuickstartConfig) -> dict:
                                                 recall_ks=[5, train.data.num_passages], index=IndexConfig(use_gpu=False)))
     summary["stages"]["data"] = {"seconds": time.perf_counter() - clock, "dev_recall": report["dev_recall"]}
 
-    # 2. training (Ray Train + DeepSpeed), reused when the exported model exists
+    # 2. pre-training of the T5 on the passages (no checkpoint can be downloaded), reused when complete
+    if config.pretrain_config:
+        pretrain_job = _job("pretrain")
+        pretrain = load_config(pretrain_job.PretrainConfig, _path(config.pretrain_config),
+                               list(config.pretrain_overrides) + [f"data_dir={root}", f"output_dir={pretrain_dir}", "ray_address=null"])
+        clock = _banner(2, "pretrain", f"text infilling on the passages, {pretrain.steps} steps, d_model {pretrain.d_model}, {pretrain.num_layers} layers")
+        result = pretrain_job.main(pretrain)
+        summary["stages"]["pretrain"] = {"seconds": time.perf_counter() - clock, "loss": [result["first_loss"], result["final_loss"]]}
+
+    # 3. training (Ray Train + DeepSpeed), reused when the exported model exists
     model_dir = os.path.join(root, "model")
-    clock = _banner(2, "train", f"{train.scaling.num_workers} workers, ZeRO-{train.deepspeed.zero_stage if train.deepspeed.enabled else 'off'}, "
+    clock = _banner(3, "train", f"{train.scaling.num_workers} workers, ZeRO-{train.deepspeed.zero_stage if train.deepspeed.enabled else 'off'}, "
                                f"{train.optim.max_steps} steps, d_model {train.model.d_model}, k {train.data.num_passages} -> m {train.model.num_selected}")
     if os.path.exists(os.path.join(model_dir, "config.json")):
         print(f"[train] reusing {model_dir}")
@@ -92,16 +109,16 @@ def main(config: QuickstartConfig) -> dict:
         result = _job("train").main(train)
         summary["stages"]["train"] = {"seconds": time.perf_counter() - clock, "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}
 
-    # 3. memory of every passage
-    clock = _banner(3, "memory", f"memory encoder over every passage -> {config.memory_codec} shards")
+    # 4. memory of every passage
+    clock = _banner(4, "memory", f"memory encoder over every passage -> {config.memory_codec} shards")
     build = _job("build_memory")
     memory = build.main(build.BuildMemoryConfig(passages=os.path.join(root, "passages.parquet"), model_dir=model_dir,
                                                 tokenizer_dir=os.path.join(root, "tokenizer"), store=os.path.join(root, "memory"),
                                                 passage_tokens=train.data.passage_tokens, codec=config.memory_codec, num_cpus_per_actor=0.5))
     summary["stages"]["memory"] = {"seconds": time.perf_counter() - clock, "passages": memory["passages_total"], "bytes": memory.get("bytes")}
 
-    # 4. dev evaluation from the stored memory
-    clock = _banner(4, "evaluate", "KILT metrics per task; predictions in KILT's submission format")
+    # 5. dev evaluation from the stored memory
+    clock = _banner(5, "evaluate", "KILT metrics per task; predictions in KILT's submission format")
     evaluate = _job("evaluate")
     metrics_path = os.path.join(root, "metrics.json")
     if os.path.exists(metrics_path) and os.path.getmtime(metrics_path) > os.path.getmtime(os.path.join(model_dir, "config.json")):
@@ -118,8 +135,8 @@ def main(config: QuickstartConfig) -> dict:
     summary["stages"]["evaluate"] = {**summary["stages"].get("evaluate", {}), "seconds": time.perf_counter() - clock, "em": {t: s["em"] for t, s in result["scores"].items()},
                                      "reranker_recall_at_m": result["reranker_recall_at_m"], "retriever_recall_at_m": result["retriever_recall_at_m"]}
 
-    # 5. serve and ask
-    clock = _banner(5, "serve", f"Serve app on http://127.0.0.1:{config.port}, {config.questions} dev questions over HTTP")
+    # 6. serve and ask
+    clock = _banner(6, "serve", f"Serve app on http://127.0.0.1:{config.port}, {config.questions} dev questions over HTTP")
     answers = _serve_and_ask(config, train, root, model_dir) if config.questions > 0 else []
     summary["stages"]["serve"] = {"answers": answers, "seconds": time.perf_counter() - clock}
 
@@ -129,6 +146,8 @@ def main(config: QuickstartConfig) -> dict:
     stages = summary["stages"]
     print(f"{'data':<10}{stages['data']['seconds']:9.1f}  retriever recall@{train.data.num_passages} (dev, mean over tasks) "
           f"{sum(r[train.data.num_passages] for r in stages['data']['dev_recall'].values()) / len(config.tasks):.3f}")
+    if "pretrain" in stages:
+        print(f"{'pretrain':<10}{stages['pretrain']['seconds']:9.1f}  denoising loss {stages['pretrain']['loss'][0]:.2f} -> {stages['pretrain']['loss'][1]:.2f}")
     print(f"{'train':<10}{stages['train']['seconds']:9.1f}  " + ("reused" if stages["train"].get("reused") else
           f"{train.optim.max_steps} steps, final dev EM {stages['train']['metrics'].get('dev_em', float('nan')):.3f}"))
     print(f"{'memory':<10}{stages['memory']['seconds']:9.1f}  {stages['memory']['passages']} passages, {(stages['memory']['bytes'] or 0) / 2**20:.1f} MiB")

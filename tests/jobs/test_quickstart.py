@@ -13,12 +13,14 @@ from glimmer_ray.data import synthkilt
 
 pytestmark = pytest.mark.ray
 FAST_TRAINING = ["optim.max_steps=4", "checkpoint.every_steps=4", "log.every_steps=2", "data.dev_limit_per_task=4",
-                 "scaling.num_workers=1", "deepspeed.enabled=false", "model.d_model=32", "data.num_passages=4", "model.num_selected=2"]
+                 "scaling.num_workers=1", "deepspeed.enabled=false", "data.num_passages=4", "model.num_selected=2"]
+FAST_PRETRAINING = ["steps=6", "d_model=32", "batch_size=4", "num_cpus=1", "log_every_steps=3"]
 
 
 def test_quickstart_runs_every_stage_and_reuses_them(ray_cluster, tmp_path, load_job):
     quickstart = load_job("quickstart")
-    config = quickstart.QuickstartConfig(output_dir=str(tmp_path / "qs"), scale="tiny", train_overrides=FAST_TRAINING, questions=2, port=8437)
+    config = quickstart.QuickstartConfig(output_dir=str(tmp_path / "qs"), scale="tiny", train_overrides=FAST_TRAINING,
+                                         pretrain_overrides=FAST_PRETRAINING, questions=2, port=8437)
     summary = quickstart.main(config)
     root = tmp_path / "qs"
     for task in synthkilt.TASKS:
@@ -31,6 +33,8 @@ def test_quickstart_runs_every_stage_and_reuses_them(ray_cluster, tmp_path, load
     metrics = json.loads((root / "metrics.json").read_text())
     assert set(metrics["models"]["glimmer"]["scores"]) == set(synthkilt.TASKS) | {"average"}
     assert (root / "model" / "config.json").exists() and (root / "memory" / "manifest.json").exists()
+    pretrained = json.loads((root / "t5-pretrained" / "pretrain.json").read_text())  # the reader is fine-tuned from it
+    assert pretrained["steps"] == 6 and json.loads((root / "model" / "config.json").read_text())["d_model"] == 32
     answers = summary["stages"]["serve"]["answers"]
     assert len(answers) == 2 and all(len(a["kept"]) == 2 for a in answers)
 
@@ -38,6 +42,7 @@ def test_quickstart_runs_every_stage_and_reuses_them(ray_cluster, tmp_path, load
     config.questions = 0  # no serving this time
     again = quickstart.main(config)
     assert again["stages"]["train"].get("reused") and again["stages"]["evaluate"].get("reused")
+    assert again["stages"]["pretrain"]["loss"] == summary["stages"]["pretrain"]["loss"]  # reused, not redone
     assert again["stages"]["memory"]["passages"] == summary["stages"]["memory"]["passages"]
     assert again["stages"]["evaluate"]["em"] == summary["stages"]["evaluate"]["em"]
     assert {p.name: p.stat().st_mtime for p in (root / "model").iterdir()} == model_files
