@@ -35,7 +35,7 @@ def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainC
         f"data.dir={data_dir}", "data.num_passages=4", "data.question_tokens=24", "data.passage_tokens=48", "data.answer_tokens=6",
         "data.dev_limit_per_task=4", "model.checkpoint=null", "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_selected=2",
         "model.live_proportion=0.5", "model.rerank_proportion=0.5",
-        "optim.batch_size=4", "optim.learning_rate=0.003", "scaling.num_workers=2", "scaling.resources_per_worker={CPU: 0.5}",
+        "optim.batch_size=4", "optim.learning_rate=0.003", "optim.warmup_steps=0", "scaling.num_workers=2", "scaling.resources_per_worker={CPU: 0.5}",
         f"checkpoint.storage_path={run_dir}", f"checkpoint.name={name}", "checkpoint.every_steps=4", "log.every_steps=2",
         "log.tensorboard=false", f"export_dir={os.path.join(run_dir, name + '-export')}",
     ]
