@@ -214,17 +214,21 @@ def retrieve_examples(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Attach the top-k passages (ids, scores, pages, titles, texts) to every row in one pass of an
-    actor pool; write `<task>-<split>.parquet` per group of rows (rows carry `task` and `split`)."""
+    actor pool; write `<task>-<split>.parquet` per group of rows (rows carry `task` and `split`), each in the
+    order of `rows`."""
     if not rows:
         raise ValueError("no examples to retrieve for")
     start = time.perf_counter()
-    retrieved = ray.data.from_items(rows).map_batches(
+    numbered = [{**row, "_position": position} for position, row in enumerate(rows)]
+    retrieved = ray.data.from_items(numbered).map_batches(
         RetrieveBatch,
         fn_constructor_kwargs={"index_dir": index_dir, "passages_path": passages_path, "encoder_path": encoder_path, "num_passages": num_passages},
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         batch_size=batch_size,
         batch_format="pandas",
     ).to_pandas()
+    # Ray Data does not keep row order across the actor pool: restore the input (KILT file) order
+    retrieved = retrieved.sort_values("_position", kind="stable").drop(columns=["_position"]).reset_index(drop=True)
     seconds = time.perf_counter() - start
     busy = float(retrieved.pop("retrieve_seconds").sum())  # query encoding + search, inside the actors
     os.makedirs(output_dir, exist_ok=True)

@@ -61,6 +61,11 @@ def test_pipeline_retrieval_equals_direct_search(prepared):
     assert [list(row) for row in table["passage_ids"][:8]] == ids
     np.testing.assert_allclose(np.array([list(r) for r in table["passage_scores"][:8]]), scores, rtol=1e-5)
     assert all(len(row) == K for row in table["passage_texts"])
+    for task in synthkilt.TASKS:  # every retrieved file keeps its KILT file's order (Ray Data's actor pool does not)
+        for split in ("train", "dev"):
+            kilt_ids = [row["id"] for row in example_rows(str(root / "data" / f"{task}-{split}-kilt.jsonl"), task, split)]
+            assert pq.read_table(root / "retrieved" / f"{task}-{split}.parquet", columns=["id"])["id"].to_pylist() == kilt_ids
+    assert "_position" not in table
 
 
 def test_recall_is_kilt_recall_over_passage_pages(prepared):
