@@ -55,6 +55,7 @@ class OptimSection:
     pdist_temperature: float = 1.0  # tau (the paper's ablation: 0.1 better)
     freeze_memory: bool = False  # the frozen-memory ablation: memory layers not trained
     rerank_warmup_steps: int = 0  # for these first steps the decoder reads the retriever's top m (the reranker still distils)
+    distill_start_step: int = 0  # before this step no perplexity distillation: the reader first learns to read (<= rerank_warmup_steps)
 
 
 @dataclass
@@ -130,6 +131,9 @@ class TrainConfig:
             raise ValueError("optim.max_steps and checkpoint.every_steps must be positive")
         if self.optim.rerank_warmup_steps < 0:
             raise ValueError(f"optim.rerank_warmup_steps must be >= 0, got {self.optim.rerank_warmup_steps}")
+        if not 0 <= self.optim.distill_start_step <= self.optim.rerank_warmup_steps:
+            raise ValueError(f"optim.distill_start_step ({self.optim.distill_start_step}) must be between 0 and optim.rerank_warmup_steps "
+                             f"({self.optim.rerank_warmup_steps}): the reranker must distil before it selects")
         if self.optim.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
 

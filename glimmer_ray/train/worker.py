@@ -111,7 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, "reranker_recall": 0.0, "retriever_recall": 0.0, "batches": 0}
     window_start = time.perf_counter()
     micro_step = 0
-    since_report = {"loss": 0.0, "batches": 0}
+    since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
     while step < optim.max_steps:
         for batch in shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy", drop_last=True):
             if skip > 0:
@@ -129,7 +129,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     time.sleep(5)
                     os._exit(1)
             inputs = model_inputs(batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id)
-            output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight, pdist_temperature=optim.pdist_temperature,
+            output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight if step >= optim.distill_start_step else 0.0,
+                                        pdist_temperature=optim.pdist_temperature,
                                         num_selected=1 if config.model.closed_book else None,
                                         select_by="retriever" if step < optim.rerank_warmup_steps else "reranker")
             if engine is not None:
@@ -145,7 +146,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window["loss"] += output.loss.item()
             window["lm_loss"] += output.lm_loss.item()
             window["pdist_loss"] += output.pdist_loss.item() if output.pdist_loss is not None else 0.0
-            window["tokens"] += int(inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum())
+            tokens = int(inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum())
+            window["tokens"] += tokens
+            since_report["tokens"] += tokens
             if output.rerank_scores is not None:
                 m = output.selected.shape[1]
                 reranked = torch.topk(output.rerank_scores.detach(), m, dim=1).indices.cpu()  # the reranker's top m, even while warming up
@@ -175,6 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window_start = time.perf_counter()
 
             if step % config.checkpoint.every_steps == 0 or step == optim.max_steps:
+                train_seconds = time.perf_counter() - since_report["start"]  # training only: evaluation and saving come after
                 shard_batches = dev_batches(dev_paths, os.path.join(config.data.dir, "tokenizer"), dev_tokenize, batch_size=optim.batch_size,
                                             limit_per_task=config.data.dev_limit_per_task, shard=(rank, world_size))
                 predictions = predict(module if engine is None else engine.module, shard_batches, tokenizer, max_new_tokens=config.data.answer_tokens,
@@ -186,6 +190,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 scores = score_predictions(predictions)
                 report = {"step": step, "resumed_from_step": resumed_from, "first_loss": first_loss,
                           "train_loss": since_report["loss"] / max(1, since_report["batches"]),
+                          "seconds_per_step": train_seconds / max(1, since_report["batches"] // optim.gradient_accumulation_steps),
+                          "tokens_per_second_per_worker": since_report["tokens"] / train_seconds,
                           "dev_em": scores["average"]["em"], "dev_f1": scores["average"]["f1"],
                           "dev_kilt_em": scores["average"]["kilt_em"],
                           **{f"dev_em/{task}": value["em"] for task, value in scores.items() if task != "average"}}
@@ -206,7 +212,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if world_size > 1:
                         dist.barrier()
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                since_report = {"loss": 0.0, "batches": 0}
+                since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
             if step >= optim.max_steps:
                 break
     if writer:

@@ -1,0 +1,33 @@
+"""The training config refuses settings that cannot run, before any worker starts."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from glimmer_ray.config import load_config
+from glimmer_ray.train.config import TrainConfig
+
+RECIPE = pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs" / "train_quickstart.yaml"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.rerank_warmup_steps=300", "optim.distill_start_step=200"],  # read first, then distil while reading the retriever's top m
+    ["optim.rerank_warmup_steps=300", "optim.distill_start_step=300"],
+    ["optim.rerank_warmup_steps=0", "optim.distill_start_step=0"],
+])
+def test_reading_and_distillation_curriculum_is_accepted(overrides):
+    load_config(TrainConfig, RECIPE, overrides).validate()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.rerank_warmup_steps=-1"], "rerank_warmup_steps must be >= 0"),
+    (["optim.rerank_warmup_steps=100", "optim.distill_start_step=101"], "must distil before it selects"),
+    (["optim.distill_start_step=-5", "optim.rerank_warmup_steps=10"], "distill_start_step"),
+    (["deepspeed.enabled=false", "scaling.num_workers=2"], "exactly one worker"),
+    (["model.num_selected=11"], "exceeds data.num_passages"),
+])
+def test_impossible_settings_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TrainConfig, RECIPE, overrides).validate()
