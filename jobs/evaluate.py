@@ -23,7 +23,7 @@ from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import prediction_record, write_jsonl
 from glimmer_ray.data.stream import TokenizeConfig
-from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
+from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
 from glimmer_ray.eval.metrics import covers_evidence
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -50,6 +50,7 @@ class EvaluateConfig:
     limit_per_task: int | None = None  # dev examples per task; null = all
     batch_size: int = 16  # examples per call
     output_dir: str = "outputs/quickstart/eval"  # predictions/ and metrics.json
+    teacher_recall: bool = True  # also the recall@m of the distillation teacher's ranking (one more pass over the dev set)
     flat_predictions: bool = False  # one model: predictions/<task>-dev-kilt.jsonl (KILT's layout) instead of predictions/<model>/
 
 
@@ -87,10 +88,22 @@ def main(config: EvaluateConfig) -> dict:
             folder = os.path.join(config.output_dir, "predictions") if config.flat_predictions else os.path.join(config.output_dir, "predictions", entry.name)
             write_jsonl(os.path.join(folder, f"{task}-dev-kilt.jsonl"),
                         (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
-        results["models"][entry.name] = {"scores": scores, "seconds": seconds, "examples_per_second": len(predictions) / seconds,
-                                         "num_selected": m, "closed_book": entry.closed_book,
-                                         "reranker_recall_at_m": None if entry.closed_book else _recall(predictions, "kept_pages"),
-                                         "retriever_recall_at_m": _retriever_recall(config, paths, m)}
+        retriever = _retriever_recall(config, paths, m)
+        teacher: dict[str, list] = {}
+        if not entry.closed_book and config.teacher_recall:
+            batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task)
+            for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
+                teacher.setdefault(selection["task"], []).append(selection)
+        results["models"][entry.name] = {
+            "scores": scores, "seconds": seconds, "examples_per_second": len(predictions) / seconds,
+            "num_selected": m, "closed_book": entry.closed_book,
+            "reranker_recall_at_m": None if entry.closed_book else _recall(predictions, "kept_pages"),
+            "retriever_recall_at_m": sum(retriever.values()) / max(1, len(retriever)),
+            "recall_at_m_by_task": {task: {"reranker": None if entry.closed_book else _recall(rows, "kept_pages"),
+                                           "retriever": retriever[task],
+                                           "teacher": _recall(teacher[task], "kept_pages") if task in teacher else None}
+                                    for task, rows in by_task.items()},
+        }
 
     # report
     tasks = list(config.tasks) + ["average"]
@@ -100,6 +113,16 @@ def main(config: EvaluateConfig) -> dict:
               + (f"{result['reranker_recall_at_m']:11.3f}" if result["reranker_recall_at_m"] is not None else f"{'-':>11}")
               + f"{result['retriever_recall_at_m']:10.3f}")
     print("(dev exact match per task; recall@m: kept passages cover a gold evidence set)")
+    print(f"\n{'recall@m':<14}" + "".join(f"{t[:8]:>9}" for t in config.tasks))
+    for name, result in results["models"].items():
+        if not result["closed_book"]:
+            by_task = result["recall_at_m_by_task"]
+            print(f"{name:<14}" + "".join(f"{by_task[t]['reranker']:9.3f}" for t in config.tasks))
+            print(f"{'  retriever':<14}" + "".join(f"{by_task[t]['retriever']:9.3f}" for t in config.tasks))
+            if config.teacher_recall:
+                print(f"{'  pdist teacher':<14}" + "".join(f"{by_task[t]['teacher']:9.3f}" for t in config.tasks))
+    print("(reranker: its top m; retriever: the first m retrieved; pdist teacher: the top m by the gold answer's likelihood,"
+          " each passage read alone -- the ranking distillation teaches)")
     os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
         json.dump(results, handle, indent=2)
@@ -107,17 +130,16 @@ def main(config: EvaluateConfig) -> dict:
     return results
 
 
-def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> float:
-    """Recall@m of the retriever's own top m passages on the same dev examples."""
+def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> dict[str, float]:
+    """Recall@m of the retriever's own top m passages on the same dev examples, per task."""
     import pyarrow.parquet as pq
 
-    hits = total = 0
-    for path in paths.values():
+    recall = {}
+    for task, path in paths.items():
         table = pq.read_table(path, columns=["provenance", "passage_pages"]).to_pylist()
-        for row in table[: config.limit_per_task] if config.limit_per_task else table:
-            hits += covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m])
-            total += 1
-    return hits / max(1, total)
+        rows = table[: config.limit_per_task] if config.limit_per_task else table
+        recall[task] = sum(covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows) / max(1, len(rows))
+    return recall
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ other retrieved pages), so KILT's R-precision, recall@k and gated scores apply t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -53,10 +54,8 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
     `memory` (a `MemoryStore` or `LRUMemoryCache`) supplies the passages' pre-computed memory instead
     of running the memory encoder over their tokens."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     predictions = []
-    try:
+    with _eval_mode(model):
         for batch in batches:
             inputs = model_inputs(batch, device, closed_book=closed_book, eos_token_id=tokenizer.eos_token_id)
             passage_memory = None
@@ -85,9 +84,41 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
                     "gold_pages": json.loads(batch["gold_pages"][row]),
                     "kept_pages": kept,
                 })
+    return predictions
+
+
+@torch.no_grad()
+def teacher_selection(model, batches, num_selected: int, device: torch.device | None = None) -> list[dict[str, Any]]:
+    """The m passages the perplexity-distillation teacher ranks highest: each passage read alone, scored by the
+    length-normalised log-likelihood of the gold answer (the pdist target). The reranker can learn no better
+    ranking than this from distillation; its recall@m against the retriever's tells whether the reader is yet
+    a teacher worth distilling. Returns one record per owned example with `task`, `gold_pages`, `kept_pages`."""
+    device = device or next(model.parameters()).device
+    selections = []
+    with _eval_mode(model):
+        for batch in batches:
+            inputs = model_inputs(batch, device)
+            target = model.passage_log_likelihood(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"],
+                                                  inputs["passage_mask"], None, inputs["labels"])  # [b, k]
+            order = torch.sort(target, dim=1, descending=True, stable=True).indices[:, :num_selected]  # [b, m], ties: retriever order
+            for row in range(target.shape[0]):
+                if "owned" in batch and not batch["owned"][row]:
+                    continue
+                pages = [str(p) for p in batch["passage_pages"][row]]
+                selections.append({"id": str(batch["id"][row]), "task": str(batch["task"][row]),
+                                   "gold_pages": json.loads(batch["gold_pages"][row]), "kept_pages": [pages[i] for i in order[row].tolist()]})
+    return selections
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Dropout off for the block; the model's training mode restored after it, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return predictions
 
 
 def stored_memory(memory, passage_keys: np.ndarray, passage_mask: torch.Tensor) -> torch.Tensor:

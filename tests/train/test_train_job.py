@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
@@ -46,7 +47,9 @@ def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainC
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path, load_job, stage):
     train = load_job("train")
-    config = _train_config(tiny_data, str(tmp_path), f"zero{stage}", **{"deepspeed.zero_stage": stage, "optim.max_steps": 8})
+    # with the curriculum: read the retriever's top m without distillation, then distil, then select by the reranker
+    config = _train_config(tiny_data, str(tmp_path), f"zero{stage}", **{"deepspeed.zero_stage": stage, "optim.max_steps": 8,
+                                                                      "optim.distill_start_step": 2, "optim.rerank_warmup_steps": 4})
     summary = train.main(config)
     metrics = summary["metrics"]
     assert metrics["step"] == 8 and metrics["resumed_from_step"] == 0
@@ -92,6 +95,14 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
         assert len(lines) == 5 and set(record) == {"id", "output"} and "answer" in record["output"][0]
     assert results["models"]["closed"]["reranker_recall_at_m"] is None
     assert 0.0 <= results["models"]["glimmer"]["reranker_recall_at_m"] <= 1.0
+    # per task: the retriever's own first m against nq's single gold page, the reranker's mean over tasks
+    glimmer = results["models"]["glimmer"]
+    by_task, m = glimmer["recall_at_m_by_task"], glimmer["num_selected"]
+    rows = pq.read_table(os.path.join(tiny_data, "retrieved", "nq-dev.parquet")).to_pylist()[:5]
+    assert by_task["nq"]["retriever"] == sum(json.loads(r["provenance"])[0][0] in r["passage_pages"][:m] for r in rows) / 5
+    assert sum(t["reranker"] for t in by_task.values()) / 6 == pytest.approx(glimmer["reranker_recall_at_m"])
+    assert all(0.0 <= t["teacher"] <= 1.0 for t in by_task.values())  # the distillation teacher's own top m
+    assert results["models"]["closed"]["recall_at_m_by_task"]["nq"]["reranker"] is None
     assert (tmp_path / "eval" / "metrics.json").exists()
 
 
