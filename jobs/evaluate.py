@@ -76,7 +76,7 @@ def main(config: EvaluateConfig) -> dict:
             store = MemoryStore(entry.memory)
             store.check_model(model, tokenizer)
         start = time.perf_counter()
-        batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task)
+        batches = list(dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task))
         predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, closed_book=entry.closed_book,
                               num_selected=entry.num_selected, device=torch.device("cpu"), memory=store)
         seconds = time.perf_counter() - start
@@ -91,7 +91,6 @@ def main(config: EvaluateConfig) -> dict:
         retriever = _retriever_recall(config, paths, m)
         teacher: dict[str, list] = {}
         if not entry.closed_book and config.teacher_recall:
-            batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task)
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
                 teacher.setdefault(selection["task"], []).append(selection)
         results["models"][entry.name] = {
