@@ -56,6 +56,8 @@ class OptimSection:
     freeze_memory: bool = False  # the frozen-memory ablation: memory layers not trained
     rerank_warmup_steps: int = 0  # for these first steps the decoder reads the retriever's top m (the reranker still distils)
     distill_start_step: int = 0  # before this step no perplexity distillation: the reader first learns to read (<= rerank_warmup_steps)
+    reader_warmup_steps: int = 0  # first steps reading only the retriever's first `reader_warmup_passages`: no reranking, no distillation
+    reader_warmup_passages: int = 1  # passages read during the reader warm-up (<= data.num_passages); k/p times cheaper steps
 
 
 @dataclass
@@ -131,6 +133,11 @@ class TrainConfig:
             raise ValueError("optim.max_steps and checkpoint.every_steps must be positive")
         if self.optim.rerank_warmup_steps < 0:
             raise ValueError(f"optim.rerank_warmup_steps must be >= 0, got {self.optim.rerank_warmup_steps}")
+        if self.optim.reader_warmup_steps < 0:
+            raise ValueError(f"optim.reader_warmup_steps must be >= 0, got {self.optim.reader_warmup_steps}")
+        if not 1 <= self.optim.reader_warmup_passages <= self.data.num_passages:
+            raise ValueError(f"optim.reader_warmup_passages must be between 1 and data.num_passages ({self.data.num_passages}), "
+                             f"got {self.optim.reader_warmup_passages}")
         if not 0 <= self.optim.distill_start_step <= self.optim.rerank_warmup_steps:
             raise ValueError(f"optim.distill_start_step ({self.optim.distill_start_step}) must be between 0 and optim.rerank_warmup_steps "
                              f"({self.optim.rerank_warmup_steps}): the reranker must distil before it selects")

@@ -2,6 +2,7 @@
 
     deepspeed_config   the DeepSpeed dict for ZeRO stage 1/2/3, offload and precision
     model_inputs       a numpy batch of the tokenised stream -> model keyword arguments
+    curriculum_step    a step's inputs and forward arguments: reader warm-up, distillation, reranker selection
     reranker_recall    share of examples whose kept passages cover their gold pages
 """
 
@@ -83,6 +84,34 @@ def model_inputs(batch: dict[str, np.ndarray], device: torch.device, closed_book
         inputs["passage_ids"] = torch.full((batch_size, 1, 1), eos_token_id, dtype=torch.long, device=device)
         inputs["passage_mask"] = torch.ones((batch_size, 1, 1), dtype=torch.long, device=device)
     return inputs
+
+
+def curriculum_step(inputs: dict[str, torch.Tensor], step: int, optim: Any, closed_book: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """The inputs and forward arguments of training step `step` (0-based) under the curriculum of `optim`
+    (an `OptimSection`), and whether it is a reader warm-up step:
+
+    - step < reader_warmup_steps: only the retriever's first `reader_warmup_passages` are read, all of them
+      (no scores to select by or distil): cheap steps in which a reader that cannot read yet learns to;
+    - from distill_start_step: perplexity distillation (weight pdist_weight, temperature pdist_temperature);
+    - step < rerank_warmup_steps: the decoder reads the retriever's first m, else the reranker's top m.
+
+    The closed-book baseline reads its one empty passage throughout and never distils.
+    """
+    reader_warmup = step < optim.reader_warmup_steps and not closed_book
+    if reader_warmup:
+        num_passages = optim.reader_warmup_passages
+        if not 1 <= num_passages <= inputs["passage_ids"].shape[1]:
+            raise ValueError(f"reader_warmup_passages must be between 1 and k = {inputs['passage_ids'].shape[1]}, got {num_passages}")
+        inputs = {**inputs, "passage_ids": inputs["passage_ids"][:, :num_passages], "passage_mask": inputs["passage_mask"][:, :num_passages]}
+    distil = step >= optim.distill_start_step and not reader_warmup and not closed_book
+    arguments = {
+        "pdist_weight": optim.pdist_weight if distil else 0.0,
+        "pdist_temperature": optim.pdist_temperature,
+        "num_selected": 1 if closed_book else optim.reader_warmup_passages if reader_warmup else None,
+        "select_by": "retriever" if reader_warmup or step < optim.rerank_warmup_steps else "reranker",
+    }
+    return inputs, arguments, reader_warmup
 
 
 def reranker_recall(selected: torch.Tensor, passage_pages: np.ndarray, gold_pages: np.ndarray) -> float:

@@ -44,7 +44,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers.optimization import Adafactor
 
     from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
-    from glimmer_ray.train.steps import deepspeed_config, model_inputs, reranker_recall, retriever_recall
+    from glimmer_ray.train.steps import curriculum_step, deepspeed_config, model_inputs, reranker_recall, retriever_recall
 
     import ray.train.torch
 
@@ -108,7 +108,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     zero3 = engine is not None and config.deepspeed.zero_stage == 3
     resumed_from = step
     skip = step * optim.gradient_accumulation_steps  # micro-batches already consumed: the data position
-    window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, "reranker_recall": 0.0, "retriever_recall": 0.0, "batches": 0}
+    window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, "reranker_recall": 0.0, "retriever_recall": 0.0, "batches": 0,
+              "ranked_batches": 0}
     window_start = time.perf_counter()
     micro_step = 0
     since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
@@ -129,10 +130,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     time.sleep(5)
                     os._exit(1)
             inputs = model_inputs(batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id)
-            output = (engine or module)(**inputs, pdist_weight=optim.pdist_weight if step >= optim.distill_start_step else 0.0,
-                                        pdist_temperature=optim.pdist_temperature,
-                                        num_selected=1 if config.model.closed_book else None,
-                                        select_by="retriever" if step < optim.rerank_warmup_steps else "reranker")
+            inputs, arguments, reader_warmup = curriculum_step(inputs, step, optim, closed_book=config.model.closed_book)
+            output = (engine or module)(**inputs, **arguments)
             if engine is not None:
                 engine.backward(output.loss)
                 engine.step()
@@ -149,11 +148,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tokens = int(inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum())
             window["tokens"] += tokens
             since_report["tokens"] += tokens
-            if output.rerank_scores is not None:
+            if output.rerank_scores is not None and not reader_warmup:
                 m = output.selected.shape[1]
                 reranked = torch.topk(output.rerank_scores.detach(), m, dim=1).indices.cpu()  # the reranker's top m, even while warming up
                 window["reranker_recall"] += reranker_recall(reranked, batch["passage_pages"], batch["gold_pages"])
                 window["retriever_recall"] += retriever_recall(m, batch["passage_pages"], batch["gold_pages"])
+                window["ranked_batches"] += 1
             window["batches"] += 1
             if micro_step % optim.gradient_accumulation_steps:
                 continue
@@ -166,7 +166,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             if step % config.log.every_steps == 0 and rank == 0:
                 seconds = time.perf_counter() - window_start
-                metrics = {key: window[key] / window["batches"] for key in ("loss", "lm_loss", "pdist_loss", "reranker_recall", "retriever_recall")}
+                metrics = {key: window[key] / window["batches"] for key in ("loss", "lm_loss", "pdist_loss")}
+                if window["ranked_batches"]:  # none during the reader warm-up: nothing is ranked
+                    metrics.update({key: window[key] / window["ranked_batches"] for key in ("reranker_recall", "retriever_recall")})
                 metrics["tokens_per_second_per_worker"] = window["tokens"] / seconds
                 metrics["seconds_per_step"] = seconds / (window["batches"] / optim.gradient_accumulation_steps)
                 print(f"[train] step {step}/{optim.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from glimmer_ray.train.steps import deepspeed_config, model_inputs, reranker_recall, retriever_recall
+from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.train.config import OptimSection
+from glimmer_ray.train.steps import curriculum_step, deepspeed_config, model_inputs, reranker_recall, retriever_recall
 
 
 def test_deepspeed_config_sections():
@@ -45,3 +47,48 @@ def test_closed_book_inputs_hold_no_passage():
     assert inputs["passage_ids"].shape == (2, 4, 5)
     closed = model_inputs(batch, torch.device("cpu"), closed_book=True, eos_token_id=1)
     assert closed["passage_ids"].tolist() == [[[1]], [[1]]] and closed["passage_mask"].shape == (2, 1, 1)
+
+
+def _inputs(num_passages=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    question_ids = torch.randint(2, 256, (2, 6), generator=generator)
+    passage_ids = torch.randint(2, 256, (2, num_passages, 9), generator=generator)
+    return {"question_ids": question_ids, "question_mask": torch.ones_like(question_ids), "passage_ids": passage_ids,
+            "passage_mask": torch.ones_like(passage_ids), "labels": torch.randint(2, 256, (2, 5), generator=generator)}
+
+
+def test_curriculum_reads_the_first_passage_then_distils_then_reranks(tiny_t5_dir):
+    """reader warm-up (steps 0-1): FiD over the retriever's first passage only, no distillation; steps 2-3:
+    distillation while the retriever's first m are read; from step 4 the reranker's top m."""
+    glimmer = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2).eval()
+    lumen = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5).eval()
+    optim = OptimSection(reader_warmup_steps=2, reader_warmup_passages=1, distill_start_step=2, rerank_warmup_steps=4, pdist_weight=0.5)
+    inputs = _inputs()
+
+    warm, arguments, reader_warmup = curriculum_step(inputs, 1, optim)
+    assert reader_warmup and warm["passage_ids"].shape == (2, 1, 9) and torch.equal(warm["passage_ids"][:, 0], inputs["passage_ids"][:, 0])
+    output = glimmer(**warm, **arguments)
+    first_only = lumen(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"][:, :1], inputs["passage_mask"][:, :1],
+                       labels=inputs["labels"])
+    torch.testing.assert_close(output.logits, first_only.logits, rtol=1e-5, atol=1e-4)
+    assert output.pdist_loss is None and output.loss.item() == pytest.approx(output.lm_loss.item())
+
+    distil, arguments, reader_warmup = curriculum_step(inputs, 2, optim)
+    output = glimmer(**distil, **arguments)
+    assert not reader_warmup and distil["passage_ids"].shape == (2, 4, 9)
+    assert output.selected.tolist() == [[0, 1], [0, 1]] and output.pdist_loss is not None
+    assert output.loss.item() == pytest.approx(output.lm_loss.item() + 0.5 * output.pdist_loss.item(), rel=1e-5)
+
+    rerank, arguments, _ = curriculum_step(inputs, 4, optim)
+    output = glimmer(**rerank, **arguments)
+    assert output.selected.tolist() == torch.topk(output.rerank_scores, 2, dim=1).indices.tolist()
+
+
+def test_closed_book_never_distils_and_reader_warmup_must_fit_k():
+    optim = OptimSection(reader_warmup_steps=10, reader_warmup_passages=3)
+    closed = model_inputs({key: value.numpy() for key, value in _inputs().items()}, torch.device("cpu"), closed_book=True, eos_token_id=1)
+    same, arguments, reader_warmup = curriculum_step(closed, 0, optim, closed_book=True)
+    assert not reader_warmup and same["passage_ids"].shape == (2, 1, 1)
+    assert arguments["num_selected"] == 1 and arguments["pdist_weight"] == 0.0
+    with pytest.raises(ValueError, match="reader_warmup_passages must be between 1 and k = 2"):
+        curriculum_step(_inputs(num_passages=2), 0, optim)

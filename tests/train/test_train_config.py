@@ -16,6 +16,8 @@ RECIPE = pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tra
     ["optim.rerank_warmup_steps=300", "optim.distill_start_step=200"],  # read first, then distil while reading the retriever's top m
     ["optim.rerank_warmup_steps=300", "optim.distill_start_step=300"],
     ["optim.rerank_warmup_steps=0", "optim.distill_start_step=0"],
+    ["optim.reader_warmup_steps=2000", "optim.reader_warmup_passages=1", "optim.distill_start_step=2000", "optim.rerank_warmup_steps=2150"],
+    ["optim.reader_warmup_steps=10", "optim.reader_warmup_passages=10"],  # all k passages: FiD steps before GLIMMER's
 ])
 def test_reading_and_distillation_curriculum_is_accepted(overrides):
     load_config(TrainConfig, RECIPE, overrides).validate()
@@ -25,6 +27,9 @@ def test_reading_and_distillation_curriculum_is_accepted(overrides):
     (["optim.rerank_warmup_steps=-1"], "rerank_warmup_steps must be >= 0"),
     (["optim.rerank_warmup_steps=100", "optim.distill_start_step=101"], "must distil before it selects"),
     (["optim.distill_start_step=-5", "optim.rerank_warmup_steps=10"], "distill_start_step"),
+    (["optim.reader_warmup_steps=-1"], "reader_warmup_steps must be >= 0"),
+    (["optim.reader_warmup_passages=0"], "reader_warmup_passages must be between 1 and data.num_passages"),
+    (["optim.reader_warmup_passages=11"], "reader_warmup_passages must be between 1 and data.num_passages"),
     (["deepspeed.enabled=false", "scaling.num_workers=2"], "exactly one worker"),
     (["model.num_selected=11"], "exceeds data.num_passages"),
 ])
