@@ -94,6 +94,13 @@ def main(config: BuildIndexConfig) -> dict:
     print(f"{'task':<10}" + "".join(f"{'R@' + str(k):>8}" for k in ks))
     for task, recalls in report["dev_recall"].items():
         print(f"{task:<10}" + "".join(f"{recalls[k]:8.3f}" for k in ks))
+    passage_ks = tuple(sorted({1, *ks}))
+    report["dev_passage_recall"] = {task: retrieval_recall(os.path.join(retrieved_dir, f"{task}-dev.parquet"), passage_ks, level="passage")
+                                    for task in config.tasks}
+    print("\nretriever recall@k on dev (passage level, the passages holding the gold evidence paragraphs among the top k)")
+    print(f"{'task':<10}" + "".join(f"{'R@' + str(k):>8}" for k in passage_ks))
+    for task, recalls in report["dev_passage_recall"].items():
+        print(f"{task:<10}" + "".join(f"{recalls[k]:8.3f}" for k in passage_ks))
     with open(os.path.join(root, "index_report.json"), "w") as handle:
         json.dump(report, handle, indent=2, default=str)
     print(f"wrote {os.path.join(root, 'index_report.json')}")

@@ -24,7 +24,7 @@ from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import prediction_record, write_jsonl
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
-from glimmer_ray.eval.metrics import covers_evidence
+from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
 
@@ -58,6 +58,11 @@ def _recall(predictions: list[dict], key: str) -> float:
     return sum(covers_evidence(p["gold_pages"], p[key]) for p in predictions) / max(1, len(predictions))
 
 
+def _passage_recall(records: list[dict], cutoff: int) -> float:
+    """Share of records whose first `cutoff` passages by their own ranking hold a complete gold evidence set."""
+    return sum(covers_passages(r["gold_passages"], r["reranked_passages"][:cutoff]) for r in records) / max(1, len(records))
+
+
 def main(config: EvaluateConfig) -> dict:
     # setup
     if config.flat_predictions and len(config.models) != 1:
@@ -89,6 +94,8 @@ def main(config: EvaluateConfig) -> dict:
             write_jsonl(os.path.join(folder, f"{task}-dev-kilt.jsonl"),
                         (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
         retriever = _retriever_recall(config, paths, m)
+        cutoffs = sorted({1, m})
+        retriever_passages = {cutoff: _retriever_recall(config, paths, cutoff, level="passage") for cutoff in cutoffs}
         teacher: dict[str, list] = {}
         if not entry.closed_book and config.teacher_recall:
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
@@ -102,6 +109,11 @@ def main(config: EvaluateConfig) -> dict:
                                            "retriever": retriever[task],
                                            "teacher": _recall(teacher[task], "kept_pages") if task in teacher else None}
                                     for task, rows in by_task.items()},
+            "passage_recall_by_task": {task: {str(cutoff): {
+                "reranker": _passage_recall(rows, cutoff) if rows[0]["reranked_passages"] else None,
+                "retriever": retriever_passages[cutoff][task],
+                "teacher": _passage_recall(teacher[task], cutoff) if task in teacher else None} for cutoff in cutoffs}
+                for task, rows in by_task.items()},
         }
 
     # report
@@ -120,8 +132,21 @@ def main(config: EvaluateConfig) -> dict:
             print(f"{'  retriever':<14}" + "".join(f"{by_task[t]['retriever']:9.3f}" for t in config.tasks))
             if config.teacher_recall:
                 print(f"{'  pdist teacher':<14}" + "".join(f"{by_task[t]['teacher']:9.3f}" for t in config.tasks))
-    print("(reranker: its top m; retriever: the first m retrieved; pdist teacher: the top m by the gold answer's likelihood,"
-          " each passage read alone -- the ranking distillation teaches)")
+    print("(page level, as KILT: the kept passages' pages cover a gold evidence set. reranker: its top m; retriever: the first m"
+          " retrieved; pdist teacher: the top m by the gold answer's likelihood, each passage read alone -- the ranking"
+          " distillation teaches)")
+    for name, result in results["models"].items():
+        if result["closed_book"] or next(iter(result["passage_recall_by_task"].values()))[str(result["num_selected"])]["reranker"] is None:
+            continue
+        print(f"\n{name + ': passage recall@':<24}" + "".join(f"{t[:8]:>9}" for t in config.tasks) + f"{'mean':>9}")
+        for cutoff in sorted({1, result["num_selected"]}):
+            for ranking in ("reranker", "retriever", "teacher"):
+                values = [result["passage_recall_by_task"][t][str(cutoff)][ranking] for t in config.tasks]
+                if None in values:
+                    continue
+                print(f"{f'  {ranking} @{cutoff}':<24}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / len(values):9.3f}")
+    print("(passage level: the first passages of each ranking hold the gold evidence paragraphs themselves -- the passages"
+          " the reader needs; two passages of the gold page are told apart)")
     os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
         json.dump(results, handle, indent=2)
@@ -129,15 +154,16 @@ def main(config: EvaluateConfig) -> dict:
     return results
 
 
-def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> dict[str, float]:
-    """Recall@m of the retriever's own top m passages on the same dev examples, per task."""
+def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int, level: str = "page") -> dict[str, float]:
+    """Recall@m of the retriever's own top m passages on the same dev examples, per task, at page or passage level."""
     import pyarrow.parquet as pq
 
+    gold, ranked, covers = ("provenance", "passage_pages", covers_evidence) if level == "page" else ("gold_passages", "passage_ids", covers_passages)
     recall = {}
     for task, path in paths.items():
-        table = pq.read_table(path, columns=["provenance", "passage_pages"]).to_pylist()
+        table = pq.read_table(path, columns=[gold, ranked]).to_pylist()
         rows = table[: config.limit_per_task] if config.limit_per_task else table
-        recall[task] = sum(covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows) / max(1, len(rows))
+        recall[task] = sum(covers(json.loads(row[gold]), row[ranked][:m]) for row in rows) / max(1, len(rows))
     return recall
 
 

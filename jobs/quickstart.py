@@ -133,7 +133,9 @@ def main(config: QuickstartConfig) -> dict:
             answer_tokens=train.data.answer_tokens, num_passages=train.data.num_passages, output_dir=root, flat_predictions=True))
     result = metrics["models"]["glimmer"]
     summary["stages"]["evaluate"] = {**summary["stages"].get("evaluate", {}), "seconds": time.perf_counter() - clock, "em": {t: s["em"] for t, s in result["scores"].items()},
-                                     "reranker_recall_at_m": result["reranker_recall_at_m"], "retriever_recall_at_m": result["retriever_recall_at_m"]}
+                                     "reranker_recall_at_m": result["reranker_recall_at_m"], "retriever_recall_at_m": result["retriever_recall_at_m"],
+                                     "passage_recall_at_1": {ranking: sum(r["1"][ranking] for r in result["passage_recall_by_task"].values())
+                                                             / len(result["passage_recall_by_task"]) for ranking in ("reranker", "retriever")}}
 
     # 6. serve and ask
     clock = _banner(6, "serve", f"Serve app on http://127.0.0.1:{config.port}, {config.questions} dev questions over HTTP")
@@ -153,7 +155,8 @@ def main(config: QuickstartConfig) -> dict:
     print(f"{'memory':<10}{stages['memory']['seconds']:9.1f}  {stages['memory']['passages']} passages, {(stages['memory']['bytes'] or 0) / 2**20:.1f} MiB")
     ems = stages["evaluate"]["em"]
     print(f"{'evaluate':<10}{stages['evaluate']['seconds']:9.1f}  EM " + " ".join(f"{t} {ems[t]:.3f}" for t in list(config.tasks) + ["average"])
-          + f"; reranker R@m {stages['evaluate']['reranker_recall_at_m']:.3f} vs retriever R@m {stages['evaluate']['retriever_recall_at_m']:.3f}")
+          + f"; reranker R@m {stages['evaluate']['reranker_recall_at_m']:.3f} vs retriever R@m {stages['evaluate']['retriever_recall_at_m']:.3f}"
+          + f"; passage R@1 reranker {stages['evaluate']['passage_recall_at_1']['reranker']:.3f} vs retriever {stages['evaluate']['passage_recall_at_1']['retriever']:.3f}")
     print(f"{'serve':<10}{stages['serve']['seconds']:9.1f}  {len(stages['serve']['answers'])} questions answered over HTTP")
     with open(os.path.join(root, "quickstart.json"), "w") as handle:
         json.dump(summary, handle, indent=2, default=str)

@@ -175,6 +175,36 @@ def gold_provenance(example: dict[str, Any]) -> list[list[str]]:
     return sets
 
 
+def gold_paragraphs(example: dict[str, Any]) -> list[list[tuple[str, int | None, int | None]]]:
+    """Gold evidence of each output with provenance at paragraph level: per evidence set, its items as
+    (wikipedia_id, start_paragraph_id, end_paragraph_id); paragraph ids are None where KILT gives none."""
+    sets = []
+    for output in example.get("output", []):
+        if "provenance" in output:
+            sets.append([(str(p["wikipedia_id"]), p.get("start_paragraph_id"), p.get("end_paragraph_id", p.get("start_paragraph_id")))
+                         for p in output["provenance"]])
+    return sets
+
+
+def gold_passages(evidence: list[list[tuple[str, int | None, int | None]]], passages_by_page: dict[str, list[tuple[int, int, str]]]
+                  ) -> list[list[list[str]]]:
+    """The passages holding each gold evidence item: per evidence set, per item, the ids of the passages of
+    its page whose paragraph range overlaps the item's (every passage of the page when the item names no
+    paragraph). `passages_by_page`: wikipedia_id -> [(start_paragraph_id, end_paragraph_id, passage_id)]."""
+    sets = []
+    for items in evidence:
+        covered = []
+        for page, start, end in items:
+            candidates = passages_by_page.get(str(page), [])
+            if start is None:
+                covered.append([pid for _, _, pid in candidates])
+            else:
+                last = start if end is None else end
+                covered.append([pid for first, final, pid in candidates if first <= last and start <= final])
+        sets.append(covered)
+    return sets
+
+
 # ---- passages ------------------------------------------------------------------------------
 
 

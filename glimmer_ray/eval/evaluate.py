@@ -73,8 +73,11 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
                 if "owned" in batch and not batch["owned"][row]:
                     continue
                 pages = [str(p) for p in batch["passage_pages"][row]]
+                keys = [str(p) for p in batch["passage_keys"][row]]
                 kept = [pages[i] for i in encoding.selected[row].tolist()] if not closed_book else []
                 ranked = list(dict.fromkeys(kept + pages))
+                order = (torch.sort(encoding.rerank_scores[row], descending=True, stable=True).indices.tolist()
+                         if encoding.rerank_scores is not None and not closed_book else [])
                 predictions.append({
                     "id": str(batch["id"][row]),
                     "task": str(batch["task"][row]),
@@ -82,7 +85,10 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
                     "pages": ranked,
                     "gold_answers": [str(a) for a in batch["answers"][row]],
                     "gold_pages": json.loads(batch["gold_pages"][row]),
+                    "gold_passages": json.loads(batch["gold_passages"][row]),
                     "kept_pages": kept,
+                    "kept_passages": [keys[i] for i in encoding.selected[row].tolist()] if not closed_book else [],
+                    "reranked_passages": [keys[i] for i in order],  # all k by rerank score (empty without a reranker)
                 })
     return predictions
 
@@ -92,7 +98,8 @@ def teacher_selection(model, batches, num_selected: int, device: torch.device | 
     """The m passages the perplexity-distillation teacher ranks highest: each passage read alone, scored by the
     length-normalised log-likelihood of the gold answer (the pdist target). The reranker can learn no better
     ranking than this from distillation; its recall@m against the retriever's tells whether the reader is yet
-    a teacher worth distilling. Returns one record per owned example with `task`, `gold_pages`, `kept_pages`."""
+    a teacher worth distilling. Returns one record per owned example with `task`, `gold_pages`, `kept_pages`, `gold_passages`
+    and `reranked_passages` (all k passage ids in the teacher's order)."""
     device = device or next(model.parameters()).device
     selections = []
     with _eval_mode(model):
@@ -100,13 +107,17 @@ def teacher_selection(model, batches, num_selected: int, device: torch.device | 
             inputs = model_inputs(batch, device)
             target = model.passage_log_likelihood(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"],
                                                   inputs["passage_mask"], None, inputs["labels"])  # [b, k]
-            order = torch.sort(target, dim=1, descending=True, stable=True).indices[:, :num_selected]  # [b, m], ties: retriever order
+            ranking = torch.sort(target, dim=1, descending=True, stable=True).indices  # [b, k], ties: retriever order
+            order = ranking[:, :num_selected]  # [b, m]
             for row in range(target.shape[0]):
                 if "owned" in batch and not batch["owned"][row]:
                     continue
                 pages = [str(p) for p in batch["passage_pages"][row]]
+                keys = [str(p) for p in batch["passage_keys"][row]]
                 selections.append({"id": str(batch["id"][row]), "task": str(batch["task"][row]),
-                                   "gold_pages": json.loads(batch["gold_pages"][row]), "kept_pages": [pages[i] for i in order[row].tolist()]})
+                                   "gold_pages": json.loads(batch["gold_pages"][row]), "kept_pages": [pages[i] for i in order[row].tolist()],
+                                   "gold_passages": json.loads(batch["gold_passages"][row]),
+                                   "reranked_passages": [keys[i] for i in ranking[row].tolist()]})
     return selections
 
 

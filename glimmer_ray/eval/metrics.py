@@ -155,6 +155,15 @@ def covers_evidence(gold_provenance: Sequence[Sequence[str]], pages: Iterable[st
     return any(set(map(str, evidence)) <= kept for evidence in gold_provenance if evidence)
 
 
+def covers_passages(gold_passages: Sequence[Sequence[Sequence[str]]], passage_ids: Iterable[str]) -> bool:
+    """Passage-level recall@m of kept passages: True when, for at least one gold evidence set, every item of it
+    (a provenance paragraph) is in one of `passage_ids`. `gold_passages` comes from `kilt.gold_passages`:
+    per evidence set, per item, the ids of the passages that hold it. Two passages of the gold page are
+    told apart here, unlike in the page-level `covers_evidence`."""
+    kept = {str(passage) for passage in passage_ids}
+    return any(items and all(kept.intersection(map(str, holders)) for holders in items) for items in gold_passages)
+
+
 # ---- per example and per task ---------------------------------------------------------------
 
 

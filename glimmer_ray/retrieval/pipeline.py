@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from glimmer_ray.data.kilt import chunk_page, gold_answers, gold_provenance, read_kilt_examples, read_knowledge_source
-from glimmer_ray.eval.metrics import recall_at_k
+from glimmer_ray.data.kilt import chunk_page, gold_answers, gold_paragraphs, gold_passages, gold_provenance, read_kilt_examples, read_knowledge_source
+from glimmer_ray.eval.metrics import covers_passages, recall_at_k
 from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex, default_encoder_path, index_manifest, new_faiss_index
 
 PASSAGE_COLUMNS = ("passage_id", "wikipedia_id", "title", "text", "start_paragraph_id", "end_paragraph_id")
@@ -141,8 +141,11 @@ class Retriever:
                 f"encoder {self.encoder.name} gives {self.encoder.dimension}-d vectors but the index at {index_dir} "
                 f"holds {self.index.manifest['dimension']}-d ones (built by {self.index.manifest['encoder']})"
             )
-        table = pq.read_table(passages_path, columns=["passage_id", "wikipedia_id", "title", "text"]).to_pydict()
+        table = pq.read_table(passages_path, columns=list(PASSAGE_COLUMNS)).to_pydict()
         self.passages = {pid: (wid, title, text) for pid, wid, title, text in zip(table["passage_id"], table["wikipedia_id"], table["title"], table["text"])}
+        self.passages_by_page: dict[str, list[tuple[int, int, str]]] = {}  # wikipedia_id -> paragraph ranges of its passages
+        for pid, wid, first, last in zip(table["passage_id"], table["wikipedia_id"], table["start_paragraph_id"], table["end_paragraph_id"]):
+            self.passages_by_page.setdefault(str(wid), []).append((int(first), int(last), pid))
         unknown = [pid for pid in self.index.passage_ids if pid not in self.passages]
         if unknown:
             raise ValueError(f"the index at {index_dir} holds {len(unknown)} passage ids missing from {passages_path} "
@@ -184,11 +187,18 @@ class RetrieveBatch:
         out["passage_pages"] = [r["pages"] for r in results]
         out["passage_titles"] = [r["titles"] for r in results]
         out["passage_texts"] = [r["texts"] for r in results]
+        gold = [gold_passages(json.loads(evidence), self.retriever.passages_by_page) for evidence in batch["evidence"]]
+        out["gold_passages"] = [json.dumps(sets) for sets in gold]
+        # the text of one passage per item of the first evidence set: what a gold-evidence reader warm-up reads
+        first = [[holders[0] for holders in sets[0] if holders] if sets else [] for sets in gold]
+        out["gold_titles"] = [[self.retriever.passages[p][1] for p in ids] for ids in first]
+        out["gold_texts"] = [[self.retriever.passages[p][2] for p in ids] for ids in first]
         return out
 
 
 def example_rows(path: str, task: str, split: str) -> list[dict[str, Any]]:
-    """Flatten a KILT task file into rows: id, task, split, input, answers, provenance (gold pages per output, JSON)."""
+    """Flatten a KILT task file into rows: id, task, split, input, answers, provenance (gold pages per output, JSON),
+    evidence (gold [page, start paragraph, end paragraph] items per output, JSON; retrieval turns it into `gold_passages`)."""
     examples, _ = read_kilt_examples(path)
     return [
         {
@@ -198,6 +208,7 @@ def example_rows(path: str, task: str, split: str) -> list[dict[str, Any]]:
             "input": example["input"],
             "answers": gold_answers(example),
             "provenance": json.dumps(gold_provenance(example)),
+            "evidence": json.dumps(gold_paragraphs(example)),
         }
         for example in examples
     ]
@@ -213,7 +224,9 @@ def retrieve_examples(
     concurrency: int = 1,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Attach the top-k passages (ids, scores, pages, titles, texts) to every row in one pass of an
+    """Attach the top-k passages (ids, scores, pages, titles, texts), the ids of the passages holding the gold
+    evidence (`gold_passages`, JSON: per evidence set, per item) and the titles and texts of one such passage per
+    item of the first evidence set (`gold_titles`, `gold_texts`) to every row in one pass of an
     actor pool; write `<task>-<split>.parquet` per group of rows (rows carry `task` and `split`), each in the
     order of `rows`."""
     if not rows:
@@ -250,12 +263,17 @@ def passage_recall(provenance: list[list[str]], passage_pages: list[str], k: int
     return recall_at_k(provenance, ranked, max(1, len(ranked)))
 
 
-def retrieval_recall(path: str, ks: tuple[int, ...] = (5, 10, 25)) -> dict[int, float]:
-    """Mean `passage_recall` at each k over a retrieved Parquet file."""
-    table = pq.read_table(path, columns=["provenance", "passage_pages"]).to_pydict()
+def retrieval_recall(path: str, ks: tuple[int, ...] = (5, 10, 25), level: str = "page") -> dict[int, float]:
+    """Mean recall at each k over a retrieved Parquet file: `passage_recall` (page level, KILT's) or, at
+    `level="passage"`, whether the top-k passages hold every gold evidence paragraph (`covers_passages`)."""
+    if level not in ("page", "passage"):
+        raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
+    columns = ["provenance", "passage_pages"] if level == "page" else ["gold_passages", "passage_ids"]
+    table = pq.read_table(path, columns=columns).to_pydict()
     totals = {k: 0.0 for k in ks}
-    for provenance, pages in zip(table["provenance"], table["passage_pages"]):
+    for gold, ranked in zip(*(table[column] for column in columns)):
         for k in ks:
-            totals[k] += passage_recall(json.loads(provenance), list(pages), k)
-    count = len(table["provenance"])
+            totals[k] += (passage_recall(json.loads(gold), list(ranked), k) if level == "page"
+                          else float(covers_passages(json.loads(gold), list(ranked)[:k])))
+    count = len(table[columns[0]])
     return {k: totals[k] / count for k in ks}

@@ -37,6 +37,7 @@ class DataSection:
     passage_tokens: int = 96  # lp
     answer_tokens: int = 16  # t
     num_passages: int = 10  # k retrieved passages read per example
+    evidence_passages: int = 2  # g gold evidence passages per example in the stream (read by a gold reader warm-up)
     rows_per_task: int | None = None  # rows of each task per epoch; null = the largest task's size
     dev_limit_per_task: int | None = 60  # dev examples per task at each evaluation; null = all
 
@@ -58,6 +59,7 @@ class OptimSection:
     distill_start_step: int = 0  # before this step no perplexity distillation: the reader first learns to read (<= rerank_warmup_steps)
     reader_warmup_steps: int = 0  # first steps reading only the retriever's first `reader_warmup_passages`: no reranking, no distillation
     reader_warmup_passages: int = 1  # passages read during the reader warm-up (<= data.num_passages); k/p times cheaper steps
+    reader_warmup_source: str = "retrieved"  # retrieved: the first reader_warmup_passages | gold: the data.evidence_passages gold evidence passages
 
 
 @dataclass
@@ -138,6 +140,10 @@ class TrainConfig:
         if not 1 <= self.optim.reader_warmup_passages <= self.data.num_passages:
             raise ValueError(f"optim.reader_warmup_passages must be between 1 and data.num_passages ({self.data.num_passages}), "
                              f"got {self.optim.reader_warmup_passages}")
+        if self.optim.reader_warmup_source not in ("retrieved", "gold"):
+            raise ValueError(f"optim.reader_warmup_source must be 'retrieved' or 'gold', got {self.optim.reader_warmup_source!r}")
+        if self.data.evidence_passages < 1:
+            raise ValueError(f"data.evidence_passages must be >= 1, got {self.data.evidence_passages}")
         if not 0 <= self.optim.distill_start_step <= self.optim.rerank_warmup_steps:
             raise ValueError(f"optim.distill_start_step ({self.optim.distill_start_step}) must be between 0 and optim.rerank_warmup_steps "
                              f"({self.optim.rerank_warmup_steps}): the reranker must distil before it selects")
@@ -156,4 +162,4 @@ def task_paths(config: TrainConfig, split: str) -> dict[str, str]:
 
 def tokenize_config(config: TrainConfig) -> TokenizeConfig:
     data = config.data
-    return TokenizeConfig(data.question_tokens, data.passage_tokens, data.answer_tokens, data.num_passages)
+    return TokenizeConfig(data.question_tokens, data.passage_tokens, data.answer_tokens, data.num_passages, data.evidence_passages)

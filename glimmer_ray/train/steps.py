@@ -3,7 +3,7 @@
     deepspeed_config   the DeepSpeed dict for ZeRO stage 1/2/3, offload and precision
     model_inputs       a numpy batch of the tokenised stream -> model keyword arguments
     curriculum_step    a step's inputs and forward arguments: reader warm-up, distillation, reranker selection
-    reranker_recall    share of examples whose kept passages cover their gold pages
+    reranker_recall    share of examples whose kept passages cover their gold pages (or gold passages)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glimmer_ray.eval.metrics import covers_evidence
+from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 
 
 def deepspeed_config(
@@ -70,6 +70,7 @@ def deepspeed_config(
 
 
 INPUT_KEYS = ("question_ids", "question_mask", "passage_ids", "passage_mask", "labels")
+EVIDENCE_KEYS = ("evidence_ids", "evidence_mask")  # the gold evidence passages, read only by a gold reader warm-up
 
 
 def model_inputs(batch: dict[str, np.ndarray], device: torch.device, closed_book: bool = False, eos_token_id: int = 1) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def model_inputs(batch: dict[str, np.ndarray], device: torch.device, closed_book
     `closed_book` replaces the k passages by one passage holding only `</s>`: the reader then sees the
     question alone (the closed-book baseline trained the same way).
     """
-    inputs = {key: torch.as_tensor(np.asarray(batch[key]), device=device) for key in INPUT_KEYS}
+    inputs = {key: torch.as_tensor(np.asarray(batch[key]), device=device) for key in INPUT_KEYS + EVIDENCE_KEYS if key in batch}
     if closed_book:
         batch_size = inputs["question_ids"].shape[0]
         inputs["passage_ids"] = torch.full((batch_size, 1, 1), eos_token_id, dtype=torch.long, device=device)
@@ -92,14 +93,22 @@ def curriculum_step(inputs: dict[str, torch.Tensor], step: int, optim: Any, clos
     (an `OptimSection`), and whether it is a reader warm-up step:
 
     - step < reader_warmup_steps: only the retriever's first `reader_warmup_passages` are read, all of them
-      (no scores to select by or distil): cheap steps in which a reader that cannot read yet learns to;
+      (no scores to select by or distil), or with `reader_warmup_source="gold"` the example's gold evidence
+      passages: cheap steps in which a reader that cannot read yet learns to;
     - from distill_start_step: perplexity distillation (weight pdist_weight, temperature pdist_temperature);
     - step < rerank_warmup_steps: the decoder reads the retriever's first m, else the reranker's top m.
 
     The closed-book baseline reads its one empty passage throughout and never distils.
     """
     reader_warmup = step < optim.reader_warmup_steps and not closed_book
-    if reader_warmup:
+    evidence = {key: inputs.pop(key) for key in EVIDENCE_KEYS if key in inputs}  # never a forward argument
+    num_passages = None
+    if reader_warmup and optim.reader_warmup_source == "gold":
+        if not evidence:
+            raise ValueError("reader_warmup_source 'gold' needs the stream's evidence_ids / evidence_mask (the gold evidence passages)")
+        inputs = {**inputs, "passage_ids": evidence["evidence_ids"], "passage_mask": evidence["evidence_mask"]}
+        num_passages = inputs["passage_ids"].shape[1]
+    elif reader_warmup:
         num_passages = optim.reader_warmup_passages
         if not 1 <= num_passages <= inputs["passage_ids"].shape[1]:
             raise ValueError(f"reader_warmup_passages must be between 1 and k = {inputs['passage_ids'].shape[1]}, got {num_passages}")
@@ -108,26 +117,30 @@ def curriculum_step(inputs: dict[str, torch.Tensor], step: int, optim: Any, clos
     arguments = {
         "pdist_weight": optim.pdist_weight if distil else 0.0,
         "pdist_temperature": optim.pdist_temperature,
-        "num_selected": 1 if closed_book else optim.reader_warmup_passages if reader_warmup else None,
+        "num_selected": 1 if closed_book else num_passages if reader_warmup else None,
         "select_by": "retriever" if reader_warmup or step < optim.rerank_warmup_steps else "reranker",
     }
     return inputs, arguments, reader_warmup
 
 
-def reranker_recall(selected: torch.Tensor, passage_pages: np.ndarray, gold_pages: np.ndarray) -> float:
-    """Mean over examples: 1 when the pages of the kept passages hold a complete gold evidence set.
+def reranker_recall(selected: torch.Tensor, candidates: np.ndarray, gold: np.ndarray, level: str = "page") -> float:
+    """Mean over examples: 1 when the kept passages cover a complete gold evidence set.
 
-    selected [b, m] indices into the k passages; passage_pages [b] lists of page ids; gold_pages [b]
-    JSON lists of evidence sets (each a list of page ids).
+    selected [b, m] indices into the k passages. At `level="page"` (KILT's granularity) candidates [b] are
+    the k passages' page ids and gold [b] JSON lists of evidence sets (page ids); at `level="passage"`
+    candidates are the k passage ids and gold the `gold_passages` JSON (per evidence set, per item, the
+    passages holding it), so the passage of the gold page that holds the fact must be among the kept.
     """
+    if level not in ("page", "passage"):
+        raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
+    covers = covers_evidence if level == "page" else covers_passages
     hits = 0
-    for row, pages, gold in zip(selected.tolist(), passage_pages, gold_pages):
-        hits += covers_evidence(json.loads(gold) if isinstance(gold, str) else gold, [pages[i] for i in row])
+    for row, ids, evidence in zip(selected.tolist(), candidates, gold):
+        hits += covers(json.loads(evidence) if isinstance(evidence, str) else evidence, [ids[i] for i in row])
     return hits / max(1, len(selected))
 
 
-def retriever_recall(num_selected: int, passage_pages: np.ndarray, gold_pages: np.ndarray) -> float:
+def retriever_recall(num_selected: int, candidates: np.ndarray, gold: np.ndarray, level: str = "page") -> float:
     """The same measure for the retriever's own top-m (the first m of the k retrieved)."""
-    batch_size = len(passage_pages)
-    first = torch.arange(num_selected).expand(batch_size, num_selected)
-    return reranker_recall(first, passage_pages, gold_pages)
+    first = torch.arange(num_selected).expand(len(candidates), num_selected)
+    return reranker_recall(first, candidates, gold, level)

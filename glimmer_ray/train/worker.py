@@ -108,16 +108,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     zero3 = engine is not None and config.deepspeed.zero_stage == 3
     resumed_from = step
     skip = step * optim.gradient_accumulation_steps  # micro-batches already consumed: the data position
-    window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, "reranker_recall": 0.0, "retriever_recall": 0.0, "batches": 0,
-              "ranked_batches": 0}
+    recall_keys = ("reranker_recall", "retriever_recall", "reranker_passage_recall", "retriever_passage_recall")
+    window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, **dict.fromkeys(recall_keys, 0.0), "batches": 0, "ranked_batches": 0}
     window_start = time.perf_counter()
     micro_step = 0
     since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
+    started = False  # the clocks start at the first batch: the stream's and DeepSpeed's start-up are not step time
     while step < optim.max_steps:
         for batch in shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy", drop_last=True):
             if skip > 0:
                 skip -= 1
                 continue
+            if not started:
+                started = True
+                window_start = since_report["start"] = time.perf_counter()
             if config.failure.fail_at_step == step and rank == config.failure.fail_rank:
                 marker = os.path.join(run_dir, ".fault_injected")
                 if not os.path.exists(marker):
@@ -153,6 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 reranked = torch.topk(output.rerank_scores.detach(), m, dim=1).indices.cpu()  # the reranker's top m, even while warming up
                 window["reranker_recall"] += reranker_recall(reranked, batch["passage_pages"], batch["gold_pages"])
                 window["retriever_recall"] += retriever_recall(m, batch["passage_pages"], batch["gold_pages"])
+                window["reranker_passage_recall"] += reranker_recall(reranked, batch["passage_keys"], batch["gold_passages"], level="passage")
+                window["retriever_passage_recall"] += retriever_recall(m, batch["passage_keys"], batch["gold_passages"], level="passage")
                 window["ranked_batches"] += 1
             window["batches"] += 1
             if micro_step % optim.gradient_accumulation_steps:
@@ -168,7 +174,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 seconds = time.perf_counter() - window_start
                 metrics = {key: window[key] / window["batches"] for key in ("loss", "lm_loss", "pdist_loss")}
                 if window["ranked_batches"]:  # none during the reader warm-up: nothing is ranked
-                    metrics.update({key: window[key] / window["ranked_batches"] for key in ("reranker_recall", "retriever_recall")})
+                    metrics.update({key: window[key] / window["ranked_batches"] for key in recall_keys})
                 metrics["tokens_per_second_per_worker"] = window["tokens"] / seconds
                 metrics["seconds_per_step"] = seconds / (window["batches"] / optim.gradient_accumulation_steps)
                 print(f"[train] step {step}/{optim.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

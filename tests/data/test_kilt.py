@@ -10,6 +10,8 @@ from glimmer_ray.data.kilt import (
     KiltFormatError,
     chunk_page,
     gold_answers,
+    gold_paragraphs,
+    gold_passages,
     gold_provenance,
     prediction_record,
     read_kilt_examples,
@@ -101,6 +103,19 @@ def test_chunking_keeps_pages_paragraphs_and_word_limit():
     assert " ".join(p.text for p in passages).split() == " ".join(page["text"][1:]).split()
     with pytest.raises(ValueError):
         chunk_page(page, 0)
+
+
+def test_gold_passages_are_the_passages_holding_the_provenance_paragraphs():
+    page = {"wikipedia_id": "12", "wikipedia_title": "Ann Smith",
+            "text": ["Ann Smith", "one two three", "four five", "a " * 12 + "end", "six"]}
+    by_page = {}
+    for passage in chunk_page(page, max_words=5):  # 12_0 = paragraphs 1-2, 12_1..12_3 = paragraph 3 (12_3 also 4)
+        by_page.setdefault(passage.wikipedia_id, []).append((passage.start_paragraph_id, passage.end_paragraph_id, passage.passage_id))
+    evidence = gold_paragraphs(EXAMPLE)
+    assert evidence == [[("12", 1, 1)], [("12", None, None), ("40", None, None)]]  # the output without provenance adds no set
+    assert gold_passages(evidence, by_page) == [[["12_0"]], [["12_0", "12_1", "12_2", "12_3"], []]]  # page 40 is not in the corpus
+    assert gold_passages([[("12", 3, 3)]], by_page) == [[["12_1", "12_2", "12_3"]]]  # a paragraph cut into windows
+    assert gold_passages([[("12", 2, 4)]], by_page) == [[["12_0", "12_1", "12_2", "12_3"]]]  # a range overlapping several
 
 
 def test_predictions_in_kilt_submission_format(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from glimmer_ray.eval.metrics import (
     average,
+    covers_passages,
     exact_match,
     f1,
     normalize_answer,
@@ -100,3 +101,12 @@ def test_accuracy_is_kilts_strict_match_and_empty_guesses_score_nothing():
     # KILT skips an empty guess: even against the gold "The" (normalised to "") it scores 0
     empty = score_example("", ["The"])
     assert empty == {"em": 0.0, "f1": 0.0, "accuracy": 0.0, "rougel": 0.0}
+
+
+def test_covers_passages_needs_every_item_of_one_evidence_set():
+    two_hop = [[["a_0", "a_1"], ["b_2"]]]  # one set: an item held by a_0 or a_1, another by b_2
+    assert covers_passages(two_hop, ["a_1", "b_2"]) and covers_passages(two_hop, ["b_2", "x", "a_0"])
+    assert not covers_passages(two_hop, ["a_0", "a_1"]) and not covers_passages(two_hop, ["b_0"])
+    either = [[["a_0"]], [["c_3"]]]  # two outputs, each its own evidence set
+    assert covers_passages(either, ["c_3"]) and not covers_passages(either, ["a_1"])
+    assert not covers_passages([], ["a_0"]) and not covers_passages([[]], ["a_0"])  # no evidence: never covered

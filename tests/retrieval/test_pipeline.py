@@ -12,8 +12,9 @@ import pytest
 
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_knowledge_source
-from glimmer_ray.data.stream import TokenizeConfig, mixed_task_dataset, tokenized_dataset
+from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig, mixed_task_dataset, passage_text, tokenized_dataset
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
+from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex
 from glimmer_ray.retrieval.pipeline import (
     build_passage_index,
@@ -81,6 +82,31 @@ def test_recall_is_kilt_recall_over_passage_pages(prepared):
     assert single_hop[K] >= single_hop[1] > 0.5  # names in the question: dense retrieval finds the page
 
 
+def test_gold_passages_hold_the_answers_and_rank_like_the_pages(prepared):
+    root, _, _, _ = prepared
+    passages = {row["passage_id"]: row for row in pq.read_table(root / "passages.parquet").to_pylist()}
+    for task in ("nq", "zsre", "hotpotqa"):
+        for row in pq.read_table(root / "retrieved" / f"{task}-dev.parquet").to_pylist():
+            evidence = json.loads(row["gold_passages"])
+            assert len(evidence) == 1 and all(holders for holders in evidence[0])
+            pages = json.loads(row["provenance"])[0]
+            assert {passages[p]["wikipedia_id"] for holders in evidence[0] for p in holders} == set(pages)
+            if task != "hotpotqa":  # one-hop: the answer is written in the gold passage (two-hop: in the second page's)
+                assert any(row["answers"][0] in passages[p]["text"] for p in evidence[0][0])
+            # the gold-evidence warm-up reads one holder of each item, titled as the retrieved passages are
+            assert row["gold_texts"] == [passages[holders[0]]["text"] for holders in evidence[0]]
+            assert row["gold_titles"] == [passages[holders[0]]["title"] for holders in evidence[0]]
+            # a passage-level hit implies a page-level hit
+            kept = row["passage_ids"][:2]
+            assert not covers_passages(evidence, kept) or covers_evidence([pages], [passages[p]["wikipedia_id"] for p in kept])
+        path = str(root / "retrieved" / f"{task}-dev.parquet")
+        table = pq.read_table(path).to_pydict()
+        manual = np.mean([covers_passages(json.loads(g), list(ids)[:2]) for g, ids in zip(table["gold_passages"], table["passage_ids"])])
+        by_passage, by_page = retrieval_recall(path, (2, K), level="passage"), retrieval_recall(path, (2, K))
+        assert by_passage[2] == pytest.approx(manual)
+        assert by_passage[2] <= by_page[2] and by_passage[K] <= by_page[K]
+
+
 def test_tasks_are_mixed_uniformly(prepared):
     root, _, _, _ = prepared
     paths = {task: str(root / "retrieved" / f"{task}-train.parquet") for task in ("nq", "fever")}
@@ -99,5 +125,23 @@ def test_tokenized_stream_has_fixed_shapes(prepared):
     batch = next(iter(stream.iter_batches(batch_size=12, batch_format="numpy")))
     assert batch["question_ids"].shape == (12, 24) and batch["passage_ids"].shape == (12, K, 64)
     assert batch["labels"].shape == (12, 8) and batch["passage_mask"].sum(-1).min() > 0
+    assert batch["evidence_ids"].shape == (12, 2, 64) and batch["evidence_mask"].sum(-1).min() > 0
+    for task, evidence in zip(batch["task"], batch["evidence_ids"]):  # one-hop evidence is repeated up to g = 2, two-hop is not
+        assert (task == "hotpotqa") != bool((evidence[0] == evidence[1]).all())
+
+
+def test_examples_without_evidence_warm_up_on_the_first_retrieved_passages(prepared):
+    root, _, _, _ = prepared
+    rows = pq.read_table(root / "retrieved" / "nq-dev.parquet").to_pylist()[:3]
+    rows[0]["gold_titles"], rows[0]["gold_texts"] = [], []
+    batch = {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
+    tokenize = TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K, evidence_passages=2))
+    tokenized = tokenize(batch)
+    assert (tokenized["evidence_ids"][0] == tokenized["passage_ids"][0, :2]).all()
+    gold, _ = tokenize._encode([passage_text(rows[1]["gold_titles"][0], rows[1]["gold_texts"][0])], 64)
+    assert (tokenized["evidence_ids"][1] == gold).all()  # row 1: its gold passage, twice
+    del batch["gold_titles"]
+    with pytest.raises(ValueError, match="no 'gold_titles' column"):
+        TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(batch)
     assert ((batch["labels"] == -100) | (batch["labels"] >= 0)).all() and (batch["labels"] == 1).any(axis=1).all()  # </s> ends every answer
     assert stream.count() == 4 * len(synthkilt.TASKS)

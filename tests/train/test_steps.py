@@ -37,6 +37,20 @@ def test_reranker_recall_needs_a_complete_evidence_set():
     assert retriever_recall(2, pages, gold) == 0.0 and retriever_recall(4, pages, gold) == 1.0
 
 
+def test_passage_recall_needs_the_passage_that_holds_the_fact():
+    # two passages of page p; the fact sits in p_1 only. Page level counts either, passage level only p_1.
+    pages = np.array([["p", "p", "q"]], dtype=object)
+    keys = np.array([["p_0", "p_1", "q_0"]], dtype=object)
+    gold_pages = np.array([json.dumps([["p"]])], dtype=object)
+    gold_passages = np.array([json.dumps([[["p_1"]]])], dtype=object)
+    assert reranker_recall(torch.tensor([[0]]), pages, gold_pages) == 1.0
+    assert reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="passage") == 0.0
+    assert reranker_recall(torch.tensor([[1]]), keys, gold_passages, level="passage") == 1.0
+    assert retriever_recall(1, keys, gold_passages, level="passage") == 0.0 and retriever_recall(2, keys, gold_passages, level="passage") == 1.0
+    with pytest.raises(ValueError, match="level"):
+        reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="paragraph")
+
+
 def test_closed_book_inputs_hold_no_passage():
     batch = {
         "question_ids": np.ones((2, 3), dtype=np.int64), "question_mask": np.ones((2, 3), dtype=np.int64),
@@ -82,6 +96,28 @@ def test_curriculum_reads_the_first_passage_then_distils_then_reranks(tiny_t5_di
     rerank, arguments, _ = curriculum_step(inputs, 4, optim)
     output = glimmer(**rerank, **arguments)
     assert output.selected.tolist() == torch.topk(output.rerank_scores, 2, dim=1).indices.tolist()
+
+
+def test_gold_reader_warmup_reads_the_evidence_passages_then_the_retrieved_ones(tiny_t5_dir):
+    glimmer = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2).eval()
+    lumen = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5).eval()
+    optim = OptimSection(reader_warmup_steps=1, reader_warmup_source="gold", pdist_weight=1.0)
+    inputs = _inputs()
+    evidence = torch.randint(2, 256, (2, 2, 7), generator=torch.Generator().manual_seed(1))
+    inputs = {**inputs, "evidence_ids": evidence, "evidence_mask": torch.ones_like(evidence)}
+
+    warm, arguments, reader_warmup = curriculum_step(inputs, 0, optim)
+    assert reader_warmup and set(warm) == {"question_ids", "question_mask", "passage_ids", "passage_mask", "labels"}
+    assert torch.equal(warm["passage_ids"], evidence) and arguments["num_selected"] == 2 and arguments["pdist_weight"] == 0.0
+    output = glimmer(**warm, **arguments)
+    gold_only = lumen(inputs["question_ids"], inputs["question_mask"], evidence, torch.ones_like(evidence), labels=inputs["labels"])
+    torch.testing.assert_close(output.logits, gold_only.logits, rtol=1e-5, atol=1e-4)
+
+    after, arguments, reader_warmup = curriculum_step(inputs, 1, optim)  # the evidence is dropped, the k retrieved are read
+    assert not reader_warmup and "evidence_ids" not in after and torch.equal(after["passage_ids"], inputs["passage_ids"])
+    assert glimmer(**after, **arguments).pdist_loss is not None
+    with pytest.raises(ValueError, match="needs the stream's evidence_ids"):
+        curriculum_step(_inputs(), 0, optim)
 
 
 def test_closed_book_never_distils_and_reader_warmup_must_fit_k():

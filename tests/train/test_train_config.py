@@ -18,6 +18,7 @@ RECIPE = pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tra
     ["optim.rerank_warmup_steps=0", "optim.distill_start_step=0"],
     ["optim.reader_warmup_steps=2000", "optim.reader_warmup_passages=1", "optim.distill_start_step=2000", "optim.rerank_warmup_steps=2150"],
     ["optim.reader_warmup_steps=10", "optim.reader_warmup_passages=10"],  # all k passages: FiD steps before GLIMMER's
+    ["optim.reader_warmup_steps=10", "optim.reader_warmup_source=gold", "data.evidence_passages=1"],
 ])
 def test_reading_and_distillation_curriculum_is_accepted(overrides):
     load_config(TrainConfig, RECIPE, overrides).validate()
@@ -30,6 +31,8 @@ def test_reading_and_distillation_curriculum_is_accepted(overrides):
     (["optim.reader_warmup_steps=-1"], "reader_warmup_steps must be >= 0"),
     (["optim.reader_warmup_passages=0"], "reader_warmup_passages must be between 1 and data.num_passages"),
     (["optim.reader_warmup_passages=11"], "reader_warmup_passages must be between 1 and data.num_passages"),
+    (["optim.reader_warmup_source=oracle"], "reader_warmup_source must be 'retrieved' or 'gold'"),
+    (["data.evidence_passages=0"], "evidence_passages must be >= 1"),
     (["deepspeed.enabled=false", "scaling.num_workers=2"], "exactly one worker"),
     (["model.num_selected=11"], "exceeds data.num_passages"),
 ])

@@ -105,6 +105,13 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
     assert sum(t["reranker"] for t in by_task.values()) / 6 == pytest.approx(glimmer["reranker_recall_at_m"])
     assert all(0.0 <= t["teacher"] <= 1.0 for t in by_task.values())  # the distillation teacher's own top m
     assert results["models"]["closed"]["recall_at_m_by_task"]["nq"]["reranker"] is None
+    # passage level: the retriever's first passage against the passages holding nq's gold paragraph; never above page level
+    passages = glimmer["passage_recall_by_task"]
+    assert passages["nq"]["1"]["retriever"] == sum(r["passage_ids"][0] in json.loads(r["gold_passages"])[0][0] for r in rows) / 5
+    for task, at in passages.items():
+        assert at[str(m)]["reranker"] <= by_task[task]["reranker"] and at[str(m)]["retriever"] <= by_task[task]["retriever"]
+        assert at["1"]["reranker"] <= at[str(m)]["reranker"] and 0.0 <= at["1"]["teacher"] <= at[str(m)]["teacher"] <= 1.0
+    assert results["models"]["closed"]["passage_recall_by_task"]["nq"]["1"]["reranker"] is None
     assert (tmp_path / "eval" / "metrics.json").exists()
 
 
