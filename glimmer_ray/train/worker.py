@@ -152,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tokens = int(inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum())
             window["tokens"] += tokens
             since_report["tokens"] += tokens
-            if output.rerank_scores is not None and not reader_warmup:
+            if output.rerank_scores is not None and not reader_warmup and not config.model.closed_book:  # closed book ranks nothing
                 m = output.selected.shape[1]
                 reranked = torch.topk(output.rerank_scores.detach(), m, dim=1).indices.cpu()  # the reranker's top m, even while warming up
                 window["reranker_recall"] += reranker_recall(reranked, batch["passage_pages"], batch["gold_pages"])
