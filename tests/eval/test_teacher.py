@@ -25,6 +25,8 @@ def _batch(batch_size: int = 3, num_passages: int = 5, seed: int = 0) -> dict[st
         "labels": labels,
         "passage_pages": np.array([[f"page{i}-{j}" for j in range(num_passages)] for i in range(batch_size)], dtype=object),
         "gold_pages": np.array([json.dumps([[f"page{i}-2"]]) for i in range(batch_size)]),
+        "passage_keys": np.array([[f"page{i}-{j}_0" for j in range(num_passages)] for i in range(batch_size)], dtype=object),
+        "gold_passages": np.array([json.dumps([[[f"page{i}-2_0"]]]) for i in range(batch_size)]),
     }
 
 
@@ -39,9 +41,11 @@ def test_teacher_keeps_the_passages_that_alone_best_explain_the_answer(tiny_t5_d
         alone = [model.passage_log_likelihood(inputs["question_ids"][row : row + 1], inputs["question_mask"][row : row + 1],
                                               inputs["passage_ids"][row : row + 1, i : i + 1], inputs["passage_mask"][row : row + 1, i : i + 1],
                                               None, inputs["labels"][row : row + 1]).item() for i in range(5)]
-        best = np.argsort(alone)[::-1][:2]
-        assert selection["kept_pages"] == [f"page{row}-{i}" for i in best]
+        order = np.argsort(alone, kind="stable")[::-1]
+        assert selection["kept_pages"] == [f"page{row}-{i}" for i in order[:2]]
+        assert selection["reranked_passages"] == [f"page{row}-{i}_0" for i in order]  # all k, for passage recall at any cut-off
         assert selection["id"] == f"q{row}" and selection["gold_pages"] == [[f"page{row}-2"]]
+        assert selection["gold_passages"] == [[[f"page{row}-2_0"]]]
     assert all(len(s["kept_pages"]) == 2 for s in selections) and len(selections) == 3
 
 

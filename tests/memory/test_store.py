@@ -286,7 +286,7 @@ def test_evaluation_reads_stored_memory_and_refuses_other_tokenisation(artifacts
     inputs, keys = _example_batch(artifacts)
     batch = {name: tensor.numpy() for name, tensor in inputs.items()}
     batch.update({"id": np.array(["a", "b"]), "task": np.array(["nq", "tqa"]), "answers": np.array([["x"], ["y"]], dtype=object),
-                  "gold_pages": np.array(["[]", "[]"]), "passage_keys": np.array(keys, dtype=object),
+                  "gold_pages": np.array(["[]", "[]"]), "gold_passages": np.array(["[]", "[]"]), "passage_keys": np.array(keys, dtype=object),
                   "passage_pages": np.array([[k.split("_")[0] for k in group] for group in keys], dtype=object)})
     from_tokens = predict(model, [batch], tokenizer, max_new_tokens=4)
     from_store = predict(model, [batch], tokenizer, max_new_tokens=4, memory=LRUMemoryCache(store, 1 << 20))
