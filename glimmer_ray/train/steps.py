@@ -101,7 +101,8 @@ def curriculum_step(inputs: dict[str, torch.Tensor], step: int, optim: Any, clos
     The closed-book baseline reads its one empty passage throughout and never distils.
     """
     reader_warmup = step < optim.reader_warmup_steps and not closed_book
-    evidence = {key: inputs.pop(key) for key in EVIDENCE_KEYS if key in inputs}  # never a forward argument
+    evidence = {key: inputs[key] for key in EVIDENCE_KEYS if key in inputs}
+    inputs = {key: value for key, value in inputs.items() if key not in EVIDENCE_KEYS}  # never a forward argument
     num_passages = None
     if reader_warmup and optim.reader_warmup_source == "gold":
         if not evidence:

@@ -113,6 +113,7 @@ def test_gold_reader_warmup_reads_the_evidence_passages_then_the_retrieved_ones(
     gold_only = lumen(inputs["question_ids"], inputs["question_mask"], evidence, torch.ones_like(evidence), labels=inputs["labels"])
     torch.testing.assert_close(output.logits, gold_only.logits, rtol=1e-5, atol=1e-4)
 
+    assert "evidence_ids" in inputs  # the caller's inputs are left as they were
     after, arguments, reader_warmup = curriculum_step(inputs, 1, optim)  # the evidence is dropped, the k retrieved are read
     assert not reader_warmup and "evidence_ids" not in after and torch.equal(after["passage_ids"], inputs["passage_ids"])
     assert glimmer(**after, **arguments).pdist_loss is not None
