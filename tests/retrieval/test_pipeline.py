@@ -128,6 +128,8 @@ def test_tokenized_stream_has_fixed_shapes(prepared):
     assert batch["evidence_ids"].shape == (12, 2, 64) and batch["evidence_mask"].sum(-1).min() > 0
     for task, evidence in zip(batch["task"], batch["evidence_ids"]):  # one-hop evidence is repeated up to g = 2, two-hop is not
         assert (task == "hotpotqa") != bool((evidence[0] == evidence[1]).all())
+    assert ((batch["labels"] == -100) | (batch["labels"] >= 0)).all() and (batch["labels"] == 1).any(axis=1).all()  # </s> ends every answer
+    assert stream.count() == 4 * len(synthkilt.TASKS)
 
 
 def test_examples_without_evidence_warm_up_on_the_first_retrieved_passages(prepared):
@@ -143,5 +145,3 @@ def test_examples_without_evidence_warm_up_on_the_first_retrieved_passages(prepa
     del batch["gold_titles"]
     with pytest.raises(ValueError, match="no 'gold_titles' column"):
         TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(batch)
-    assert ((batch["labels"] == -100) | (batch["labels"] >= 0)).all() and (batch["labels"] == 1).any(axis=1).all()  # </s> ends every answer
-    assert stream.count() == 4 * len(synthkilt.TASKS)
