@@ -10,7 +10,7 @@ function and `ray.train.get_dataset_shard` can split it across workers:
     gold_passages json       ids of the passages holding each gold evidence item (passage level)
     passage_pages [k] str    passage_keys   [k] str   page and passage ids of the k passages
     evidence_ids  [g, lp]    evidence_mask  [g, lp]   the gold evidence passages (repeated up to g; the first g
-                                                      retrieved where an example has no evidence), for a reader warm-up
+                                                      retrieved where an example has no evidence), when g > 0
 
 Uniform task sampling as the paper trains: every task contributes the same number of rows to an
 epoch (`rows_per_task`, default the largest task's size), smaller tasks repeated, all shuffled.
@@ -33,7 +33,7 @@ class TokenizeConfig:
     passage_tokens: int = 304  # lp (the paper: 304)
     answer_tokens: int = 32  # t
     num_passages: int = 25  # k passages per example
-    evidence_passages: int = 2  # g gold evidence passages per example (a two-hop evidence set has two)
+    evidence_passages: int = 0  # g gold evidence passages per example (a two-hop evidence set has two); 0 = none tokenised
 
 
 def question_text(task: str, text: str) -> str:
@@ -66,16 +66,10 @@ class TokenizeBatch:
                 raise ValueError(f"example {batch['id'][row]} has {len(titles)} retrieved passages, fewer than k = {config.num_passages}")
             texts.extend(passage_text(title, body) for title, body in zip(titles[: config.num_passages], bodies[: config.num_passages]))
         passage_ids, passage_mask = self._encode(texts, config.passage_tokens)
-        gold_titles = _required(batch, "gold_titles")
-        evidence = []
-        for row in range(size):
-            pairs = list(zip(gold_titles[row], batch["gold_texts"][row])) or list(zip(batch["passage_titles"][row], batch["passage_texts"][row]))
-            evidence.extend(passage_text(title, body) for title, body in (pairs * config.evidence_passages)[: config.evidence_passages])
-        evidence_ids, evidence_mask = self._encode(evidence, config.passage_tokens)
         answers = [list(a)[0] if len(a) else "" for a in batch["answers"]]
         label_ids, label_mask = self._encode(answers, config.answer_tokens)
         labels = np.where(label_mask == 1, label_ids, -100)
-        return {
+        tokenized = {
             "id": batch["id"],
             "task": batch["task"],
             "gold_pages": batch["provenance"],
@@ -87,9 +81,17 @@ class TokenizeBatch:
             "passage_pages": np.array([list(p)[: config.num_passages] for p in batch["passage_pages"]], dtype=object),
             "passage_keys": np.array([list(p)[: config.num_passages] for p in batch["passage_ids"]], dtype=object),
             "labels": labels,
-            "evidence_ids": evidence_ids.reshape(size, config.evidence_passages, config.passage_tokens),
-            "evidence_mask": evidence_mask.reshape(size, config.evidence_passages, config.passage_tokens),
         }
+        if config.evidence_passages:  # only for a gold reader warm-up: g more passages to tokenise per example
+            gold_titles = _required(batch, "gold_titles")
+            evidence = []
+            for row in range(size):
+                pairs = list(zip(gold_titles[row], batch["gold_texts"][row])) or list(zip(batch["passage_titles"][row], batch["passage_texts"][row]))
+                evidence.extend(passage_text(title, body) for title, body in (pairs * config.evidence_passages)[: config.evidence_passages])
+            evidence_ids, evidence_mask = self._encode(evidence, config.passage_tokens)
+            tokenized["evidence_ids"] = evidence_ids.reshape(size, config.evidence_passages, config.passage_tokens)
+            tokenized["evidence_mask"] = evidence_mask.reshape(size, config.evidence_passages, config.passage_tokens)
+        return tokenized
 
 
 def _required(batch: dict[str, np.ndarray], name: str) -> np.ndarray:

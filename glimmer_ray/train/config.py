@@ -162,4 +162,5 @@ def task_paths(config: TrainConfig, split: str) -> dict[str, str]:
 
 def tokenize_config(config: TrainConfig) -> TokenizeConfig:
     data = config.data
-    return TokenizeConfig(data.question_tokens, data.passage_tokens, data.answer_tokens, data.num_passages, data.evidence_passages)
+    evidence = data.evidence_passages if config.optim.reader_warmup_source == "gold" and config.optim.reader_warmup_steps else 0
+    return TokenizeConfig(data.question_tokens, data.passage_tokens, data.answer_tokens, data.num_passages, evidence)

@@ -6,6 +6,7 @@ Everything comes from the `TrainConfig` passed as `train_loop_config`; no module
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -104,7 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     dev_paths = task_paths(config, "dev")
-    dev_tokenize = tokenize_config(config)
+    dev_tokenize = dataclasses.replace(tokenize_config(config), evidence_passages=0)  # dev reads what was retrieved only
     zero3 = engine is not None and config.deepspeed.zero_stage == 3
     resumed_from = step
     skip = step * optim.gradient_accumulation_steps  # micro-batches already consumed: the data position

@@ -119,7 +119,7 @@ def test_tasks_are_mixed_uniformly(prepared):
 
 def test_tokenized_stream_has_fixed_shapes(prepared):
     root, _, _, _ = prepared
-    config = TokenizeConfig(question_tokens=24, passage_tokens=64, answer_tokens=8, num_passages=K)
+    config = TokenizeConfig(question_tokens=24, passage_tokens=64, answer_tokens=8, num_passages=K, evidence_passages=2)
     paths = {task: str(root / "retrieved" / f"{task}-dev.parquet") for task in synthkilt.TASKS}
     stream = tokenized_dataset(paths, str(root / "tokenizer"), config, rows_per_task=4, batch_size=8)
     batch = next(iter(stream.iter_batches(batch_size=12, batch_format="numpy")))
@@ -142,6 +142,7 @@ def test_examples_without_evidence_warm_up_on_the_first_retrieved_passages(prepa
     assert (tokenized["evidence_ids"][0] == tokenized["passage_ids"][0, :2]).all()
     gold, _ = tokenize._encode([passage_text(rows[1]["gold_titles"][0], rows[1]["gold_texts"][0])], 64)
     assert (tokenized["evidence_ids"][1] == gold).all()  # row 1: its gold passage, twice
+    assert "evidence_ids" not in TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(batch)  # g = 0: none
     del batch["gold_titles"]
     with pytest.raises(ValueError, match="no 'gold_titles' column"):
-        TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(batch)
+        tokenize(batch)

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from glimmer_ray.config import load_config
-from glimmer_ray.train.config import TrainConfig
+from glimmer_ray.train.config import TrainConfig, tokenize_config
 
 RECIPE = pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs" / "train_quickstart.yaml"
 
@@ -39,3 +39,10 @@ def test_reading_and_distillation_curriculum_is_accepted(overrides):
 def test_impossible_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(TrainConfig, RECIPE, overrides).validate()
+
+
+def test_the_stream_tokenises_gold_evidence_only_for_a_gold_reader_warmup():
+    gold = load_config(TrainConfig, RECIPE, ["optim.reader_warmup_steps=10", "optim.reader_warmup_source=gold", "data.evidence_passages=2"])
+    assert tokenize_config(gold).evidence_passages == 2
+    for overrides in (["optim.reader_warmup_steps=10"], ["optim.reader_warmup_steps=0", "optim.reader_warmup_source=gold"]):
+        assert tokenize_config(load_config(TrainConfig, RECIPE, overrides)).evidence_passages == 0

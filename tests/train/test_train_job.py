@@ -47,11 +47,12 @@ def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainC
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path, load_job, stage):
     train = load_job("train")
-    # with the curriculum: read the retriever's first passage, then its top m without distillation, then distil,
-    # then select by the reranker
+    # with the curriculum: read the retriever's first passage (ZeRO-3: the gold evidence passages), then its top m
+    # without distillation, then distil, then select by the reranker
     config = _train_config(tiny_data, str(tmp_path), f"zero{stage}", **{"deepspeed.zero_stage": stage, "optim.max_steps": 8,
                                                                       "optim.reader_warmup_steps": 1, "optim.distill_start_step": 2,
-                                                                      "optim.rerank_warmup_steps": 4})
+                                                                      "optim.rerank_warmup_steps": 4,
+                                                                      "optim.reader_warmup_source": "gold" if stage == 3 else "retrieved"})
     summary = train.main(config)
     metrics = summary["metrics"]
     assert metrics["step"] == 8 and metrics["resumed_from_step"] == 0
