@@ -87,7 +87,6 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
                     "gold_pages": json.loads(batch["gold_pages"][row]),
                     "gold_passages": json.loads(batch["gold_passages"][row]),
                     "kept_pages": kept,
-                    "kept_passages": [keys[i] for i in encoding.selected[row].tolist()] if not closed_book else [],
                     "reranked_passages": [keys[i] for i in order],  # all k by rerank score (empty without a reranker)
                 })
     return predictions
