@@ -10,6 +10,7 @@ to `<output_dir>/metrics.json`. A model trained closed-book (`closed_book: true`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import prediction_record, write_jsonl
 from glimmer_ray.data.stream import TokenizeConfig
-from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
+from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions, teacher_selection
 from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -36,6 +37,7 @@ class ModelEntry:
     closed_book: bool = False  # read no passages (the closed-book baseline)
     num_selected: int | None = None  # m override for this evaluation; null = the model's
     memory: str | None = None  # memory store (jobs/build_memory.py) read instead of encoding passages; null = encode
+    reads: str = "retrieved"  # retrieved: the k retrieved, reranked to m | gold: the gold evidence passages alone (oracle: the reader, retrieval and reranking aside)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class EvaluateConfig:
     passage_tokens: int = 96  # as trained
     answer_tokens: int = 12  # greedy answer length, at most
     num_passages: int = 10  # k
+    evidence_passages: int = 2  # g gold evidence passages a `reads: gold` model reads (two-hop evidence has two)
     limit_per_task: int | None = None  # dev examples per task; null = all
     batch_size: int = 16  # examples per call
     output_dir: str = "outputs/quickstart/eval"  # predictions/ and metrics.json
@@ -69,21 +72,34 @@ def main(config: EvaluateConfig) -> dict:
         raise SystemExit("flat_predictions needs exactly one model (their predictions would overwrite each other)")
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
+    for entry in config.models:
+        if entry.reads not in ("retrieved", "gold"):
+            raise SystemExit(f"model {entry.name}: reads must be 'retrieved' or 'gold', got {entry.reads!r}")
+        if entry.reads == "gold" and (entry.closed_book or entry.memory or entry.num_selected):
+            raise SystemExit(f"model {entry.name}: reads 'gold' reads all g evidence passages from their tokens "
+                             "(no closed_book, memory or num_selected)")
+    if any(entry.reads == "gold" for entry in config.models) and config.evidence_passages < 1:
+        raise SystemExit(f"evidence_passages must be >= 1 for a model that reads the gold evidence, got {config.evidence_passages}")
     results: dict = {"config": to_dict(config), "models": {}}
 
     # loop: every model answers the same examples
     for entry in config.models:
         model = GlimmerForConditionalGeneration.from_pretrained(entry.path).eval()
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
-        m = entry.num_selected or model.config.num_selected or config.num_passages
+        gold = entry.reads == "gold"
+        m = config.evidence_passages if gold else entry.num_selected or model.config.num_selected or config.num_passages
         store = None
         if entry.memory:
             store = MemoryStore(entry.memory)
             store.check_model(model, tokenizer)
         start = time.perf_counter()
-        batches = list(dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task))
+        batches = list(dev_batches(paths, os.path.join(config.data_dir, "tokenizer"),
+                                   dataclasses.replace(tokenize, evidence_passages=config.evidence_passages if gold else 0),
+                                   config.batch_size, config.limit_per_task))
+        if gold:
+            batches = [read_gold_evidence(batch) for batch in batches]
         predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, closed_book=entry.closed_book,
-                              num_selected=entry.num_selected, device=torch.device("cpu"), memory=store)
+                              num_selected=m if gold else entry.num_selected, device=torch.device("cpu"), memory=store)
         seconds = time.perf_counter() - start
         scores = score_predictions(predictions)
         by_task: dict[str, list] = {}
@@ -97,20 +113,20 @@ def main(config: EvaluateConfig) -> dict:
         cutoffs = sorted({1, m})
         retriever_passages = {cutoff: _retriever_recall(config, paths, cutoff, level="passage") for cutoff in cutoffs}
         teacher: dict[str, list] = {}
-        if not entry.closed_book and config.teacher_recall:
+        if not entry.closed_book and not gold and config.teacher_recall:
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
                 teacher.setdefault(selection["task"], []).append(selection)
         results["models"][entry.name] = {
             "scores": scores, "seconds": seconds, "examples_per_second": len(predictions) / seconds,
-            "num_selected": m, "closed_book": entry.closed_book,
-            "reranker_recall_at_m": None if entry.closed_book else _recall(predictions, "kept_pages"),
+            "num_selected": m, "closed_book": entry.closed_book, "reads": entry.reads,
+            "reranker_recall_at_m": None if entry.closed_book or gold else _recall(predictions, "kept_pages"),
             "retriever_recall_at_m": sum(retriever.values()) / max(1, len(retriever)),
-            "recall_at_m_by_task": {task: {"reranker": None if entry.closed_book else _recall(rows, "kept_pages"),
+            "recall_at_m_by_task": {task: {"reranker": None if entry.closed_book or gold else _recall(rows, "kept_pages"),
                                            "retriever": retriever[task],
                                            "teacher": _recall(teacher[task], "kept_pages") if task in teacher else None}
                                     for task, rows in by_task.items()},
             "passage_recall_by_task": {task: {str(cutoff): {
-                "reranker": _passage_recall(rows, cutoff) if rows[0]["reranked_passages"] else None,
+                "reranker": _passage_recall(rows, cutoff) if rows[0]["reranked_passages"] and not gold else None,
                 "retriever": retriever_passages[cutoff][task],
                 "teacher": _passage_recall(teacher[task], cutoff) if task in teacher else None} for cutoff in cutoffs}
                 for task, rows in by_task.items()},
@@ -123,10 +139,11 @@ def main(config: EvaluateConfig) -> dict:
         print(f"{name:<14}" + "".join(f"{result['scores'][t]['em']:9.3f}" for t in tasks)
               + (f"{result['reranker_recall_at_m']:11.3f}" if result["reranker_recall_at_m"] is not None else f"{'-':>11}")
               + f"{result['retriever_recall_at_m']:10.3f}")
-    print("(dev exact match per task; recall@m: kept passages cover a gold evidence set)")
+    print("(dev exact match per task; recall@m: kept passages cover a gold evidence set; a model that reads 'gold' read the"
+          " gold evidence passages alone: how well it reads, retrieval and reranking aside)")
     print(f"\n{'recall@m':<14}" + "".join(f"{t[:8]:>9}" for t in config.tasks))
     for name, result in results["models"].items():
-        if not result["closed_book"]:
+        if result["reranker_recall_at_m"] is not None:
             by_task = result["recall_at_m_by_task"]
             print(f"{name:<14}" + "".join(f"{by_task[t]['reranker']:9.3f}" for t in config.tasks))
             print(f"{'  retriever':<14}" + "".join(f"{by_task[t]['retriever']:9.3f}" for t in config.tasks))

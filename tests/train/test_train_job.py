@@ -4,6 +4,7 @@ resumes from the last checkpoint and the run completes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -84,7 +85,8 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
     # trained closed-book (the baseline path: one empty passage, m = 1), evaluated both ways
     summary = train.main(_train_config(tiny_data, str(tmp_path), "for-eval", **{"optim.max_steps": 2, "checkpoint.every_steps": 2, "model.closed_book": "true"}))
     config = evaluate.EvaluateConfig(
-        models=[evaluate.ModelEntry("glimmer", summary["export_dir"]), evaluate.ModelEntry("closed", summary["export_dir"], closed_book=True)],
+        models=[evaluate.ModelEntry("glimmer", summary["export_dir"]), evaluate.ModelEntry("closed", summary["export_dir"], closed_book=True),
+                evaluate.ModelEntry("oracle", summary["export_dir"], reads="gold")],
         data_dir=tiny_data, question_tokens=24, passage_tokens=48, answer_tokens=6, num_passages=4, limit_per_task=5,
         output_dir=str(tmp_path / "eval"),
     )
@@ -113,6 +115,14 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
         assert at[str(m)]["reranker"] <= by_task[task]["reranker"] and at[str(m)]["retriever"] <= by_task[task]["retriever"]
         assert at["1"]["reranker"] <= at[str(m)]["reranker"] and 0.0 <= at["1"]["teacher"] <= at[str(m)]["teacher"] <= 1.0
     assert results["models"]["closed"]["passage_recall_by_task"]["nq"]["1"]["reranker"] is None
+    # the oracle reads the g = 2 gold evidence passages alone: its predictions name their pages first, no recall is claimed
+    oracle = results["models"]["oracle"]
+    assert oracle["num_selected"] == 2 and oracle["reranker_recall_at_m"] is None and oracle["scores"]["nq"]["count"] == 5
+    assert oracle["passage_recall_by_task"]["nq"]["1"]["reranker"] is None and oracle["recall_at_m_by_task"]["nq"]["teacher"] is None
+    assert all(0.0 <= oracle["scores"][task]["em"] <= 1.0 for task in oracle["scores"])
+    assert oracle["scores"]["nq"]["rprec"] == 1.0  # nq's one gold page is the page of the passages read
+    with pytest.raises(SystemExit, match="reads must be"):
+        evaluate.main(dataclasses.replace(config, models=[evaluate.ModelEntry("x", summary["export_dir"], reads="oracle")]))
     assert (tmp_path / "eval" / "metrics.json").exists()
 
 
