@@ -42,6 +42,8 @@ def main(config: TrainConfig) -> dict:
                          "lower scaling.resources_per_worker.CPU (e.g. 0.5) or add CPUs")
     train_dataset = tokenized_dataset(task_paths(config, "train"), os.path.join(config.data.dir, "tokenizer"), tokenize_config(config),
                                       rows_per_task=config.data.rows_per_task, seed=config.seed)
+    if config.data.cache:  # one pass of read, shuffle and tokenisation; every later epoch reads the object store
+        train_dataset = train_dataset.materialize()
     storage = config.checkpoint.storage_path
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -13,7 +13,10 @@ function and `ray.train.get_dataset_shard` can split it across workers:
                                                       retrieved where an example has no evidence), when g > 0
 
 Uniform task sampling as the paper trains: every task contributes the same number of rows to an
-epoch (`rows_per_task`, default the largest task's size), smaller tasks repeated, all shuffled.
+epoch (`rows_per_task`, default the largest task's size), smaller tasks repeated, all shuffled. The
+order is fixed by the seed, the same in every epoch, so a resumed run finds its data position by
+skipping the batches it had consumed; `Dataset.materialize()` (the train job's `data.cache`) then
+costs nothing in randomness and spares each later epoch the read, shuffle and tokenisation.
 """
 
 from __future__ import annotations

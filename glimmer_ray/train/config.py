@@ -15,7 +15,7 @@ from glimmer_ray.data.stream import TokenizeConfig
 
 @dataclass
 class ModelSection:
-    checkpoint: str | None = None  # T5 checkpoint directory; null = random T5.1.1 of the shape below
+    checkpoint: str | None = None  # T5 checkpoint directory, or a GLIMMER export to continue from; null = random T5.1.1 of the shape below
     d_model: int = 64  # random init: width d
     num_layers: int = 4  # random init: L, encoder and decoder each
     num_heads: int = 4  # random init: attention heads
@@ -40,6 +40,7 @@ class DataSection:
     evidence_passages: int = 2  # g gold evidence passages per example in the stream (read by a gold reader warm-up)
     rows_per_task: int | None = None  # rows of each task per epoch; null = the largest task's size
     dev_limit_per_task: int | None = 60  # dev examples per task at each evaluation; null = all
+    cache: bool = True  # materialise the tokenised stream once in the object store (epochs re-read it); false: re-read and re-tokenise every epoch (data larger than the object store)
 
 
 @dataclass

@@ -19,13 +19,22 @@ from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
 
 
 def build_model(config: TrainConfig, vocab_size: int):
-    """GLIMMER from a T5 checkpoint, or from a random T5.1.1 of the configured shape (same on every rank)."""
-    from glimmer_ray.model import GlimmerForConditionalGeneration
+    """GLIMMER from a T5 checkpoint, from a GLIMMER checkpoint (a run continued: an earlier export), or from
+    a random T5.1.1 of the configured shape (the same on every rank)."""
+    from transformers import AutoConfig
+
+    from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
     from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 
     section = config.model
     options = dict(live_proportion=section.live_proportion, rerank_proportion=section.rerank_proportion,
                    num_selected=section.num_selected, scoring=section.scoring, separate_question_encoder=section.separate_question_encoder)
+    saved = AutoConfig.from_pretrained(section.checkpoint) if section.checkpoint else None
+    if saved is not None and saved.model_type == GlimmerConfig.model_type:
+        if saved.separate_question_encoder != section.separate_question_encoder:
+            raise ValueError(f"{section.checkpoint} was trained with separate_question_encoder={saved.separate_question_encoder}; "
+                             f"set model.separate_question_encoder to match (a question encoder cannot be added or dropped mid-training)")
+        return GlimmerForConditionalGeneration.from_pretrained(section.checkpoint, **options)  # the split and m as configured now
     if section.checkpoint:
         return GlimmerForConditionalGeneration.from_t5(section.checkpoint, **options)
     t5_config = t5_1_1_config(vocab_size=vocab_size, d_model=section.d_model, num_layers=section.num_layers,
@@ -54,7 +63,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.data.dir, "tokenizer"))
-    model = build_model(config, vocab_size=len(tokenizer)).to(device)
+    model = build_model(config, vocab_size=len(tokenizer)).to(device).train()  # from_pretrained leaves a model in eval mode: dropout back on
     if config.optim.freeze_memory:
         for block in model.memory_blocks:
             block.requires_grad_(False)

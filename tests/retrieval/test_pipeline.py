@@ -117,6 +117,17 @@ def test_tasks_are_mixed_uniformly(prepared):
     assert counts == {"nq": 25, "fever": 25}
 
 
+def test_every_epoch_streams_the_same_order_materialised_or_not(prepared):
+    # a resumed run finds its data position by skipping the batches it consumed: that needs this order,
+    # re-executed each epoch or read back from the object store (the train job's data.cache)
+    root, _, _, _ = prepared
+    paths = {task: str(root / "retrieved" / f"{task}-train.parquet") for task in ("nq", "fever")}
+    dataset = mixed_task_dataset(paths, rows_per_task=25, seed=0)
+    first = dataset.to_pandas()["id"].tolist()
+    assert dataset.to_pandas()["id"].tolist() == first and dataset.materialize().to_pandas()["id"].tolist() == first
+    assert mixed_task_dataset(paths, rows_per_task=25, seed=1).to_pandas()["id"].tolist() != first
+
+
 def test_tokenized_stream_has_fixed_shapes(prepared):
     root, _, _, _ = prepared
     config = TokenizeConfig(question_tokens=24, passage_tokens=64, answer_tokens=8, num_passages=K, evidence_passages=2)
