@@ -13,7 +13,8 @@ from glimmer_ray.data import synthkilt
 
 pytestmark = pytest.mark.ray
 FAST_TRAINING = ["optim.max_steps=4", "checkpoint.every_steps=4", "log.every_steps=2", "data.dev_limit_per_task=4",
-                 "scaling.num_workers=1", "deepspeed.enabled=false", "data.num_passages=4", "model.num_selected=2"]
+                 "scaling.num_workers=1", "deepspeed.enabled=false", "data.num_passages=4", "model.num_selected=2",
+                 "data.cache=false"]  # materialising the stream costs more than these 4 steps; tests/train covers it
 FAST_PRETRAINING = ["steps=6", "d_model=32", "batch_size=4", "num_cpus=1", "log_every_steps=3"]
 
 
