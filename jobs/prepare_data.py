@@ -43,6 +43,7 @@ class PrepareConfig:
     kilt_dir: str | None = None  # source=kilt: knowledge.jsonl and <task>-{train,dev}-kilt.jsonl
     scale: str = "quickstart"  # synthkilt size: tiny | quickstart | small | medium | large
     seed: int = 0  # synthkilt seed
+    facts_seed: int | None = None  # synthkilt: null, or re-deal the seed world's facts (a counterfactual twin for pre-training)
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))  # task names (file prefixes)
     max_words: int = 200  # words per passage (the paper: 200)
     tokenizer_vocab_size: int = 4000  # synthkilt tokenizer vocabulary (source=kilt brings the checkpoint's)
@@ -68,10 +69,12 @@ def main(config: PrepareConfig) -> dict:
     if build_index.run_stage("data", os.path.join(data_dir, "manifest.json"), config.overwrite):
         start = time.perf_counter()
         if config.source == "synthkilt":
-            manifest = synthkilt.generate(data_dir, config.scale, config.seed)
+            manifest = synthkilt.generate(data_dir, config.scale, config.seed, facts_seed=config.facts_seed)
         elif config.source == "kilt":
             if not config.kilt_dir:
                 raise SystemExit("source=kilt needs kilt_dir")
+            if config.facts_seed is not None:
+                raise SystemExit("facts_seed re-deals SynthKILT's generated facts; with source=kilt leave it null")
             os.makedirs(data_dir, exist_ok=True)
             names = ["knowledge.jsonl"] + [f"{t}-{s}-kilt.jsonl" for t in config.tasks for s in ("train", "dev")]
             for name in names:

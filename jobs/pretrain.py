@@ -29,6 +29,7 @@ from glimmer_ray.train.pretrain import pretrain_t5
 class PretrainConfig:
     data_dir: str = "outputs/quickstart"  # jobs/prepare_data.py output (passages.parquet, tokenizer/)
     output_dir: str = "outputs/quickstart/t5-pretrained"  # Hugging Face T5 checkpoint written here
+    tokenizer_dir: str | None = None  # null = data_dir/tokenizer; pre-training on another corpus: the fine-tuning data's tokenizer
     d_model: int = 64  # width d
     num_layers: int = 6  # L, encoder and decoder each
     num_heads: int = 4  # attention heads
@@ -53,9 +54,10 @@ class PretrainConfig:
 def main(config: PretrainConfig) -> dict:
     # setup
     config.data_dir, config.output_dir = os.path.abspath(config.data_dir), os.path.abspath(config.output_dir)
-    for needed in ("passages.parquet", "tokenizer"):
-        if not os.path.exists(os.path.join(config.data_dir, needed)):
-            raise SystemExit(f"{os.path.join(config.data_dir, needed)} is missing: run jobs/prepare_data.py first")
+    config.tokenizer_dir = os.path.abspath(config.tokenizer_dir or os.path.join(config.data_dir, "tokenizer"))
+    for needed in (os.path.join(config.data_dir, "passages.parquet"), config.tokenizer_dir):
+        if not os.path.exists(needed):
+            raise SystemExit(f"{needed} is missing: run jobs/prepare_data.py first")
     if os.path.exists(os.path.join(config.output_dir, "pretrain.json")) and not config.overwrite:
         print(f"[pretrain] reusing {config.output_dir}")
         with open(os.path.join(config.output_dir, "pretrain.json")) as handle:

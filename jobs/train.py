@@ -27,13 +27,14 @@ from ray.train.torch import TorchTrainer
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data.stream import tokenized_dataset
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
-from glimmer_ray.train.worker import train_loop_per_worker
+from glimmer_ray.train.worker import check_checkpoint_tokenizer, train_loop_per_worker
 
 
 def main(config: TrainConfig) -> dict:
     # setup
     config.validate()
     config.resolve_paths()
+    check_checkpoint_tokenizer(config.model.checkpoint, os.path.join(config.data.dir, "tokenizer"))
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
     worker_cpus = config.scaling.num_workers * config.scaling.resources_per_worker.get("CPU", 1)
     if worker_cpus > ray.cluster_resources().get("CPU", 0) - 1:

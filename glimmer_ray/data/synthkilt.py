@@ -105,6 +105,21 @@ class _World:
             organization["founder"] = rng.choice(self.people)["name"]
         self.by_name = {e["name"]: e for e in self.countries + self.cities + self.organizations + self.people}
 
+    def redeal_facts(self, rng: random.Random) -> None:
+        """Deal each attribute's values out again among the entities of its type: the same names, words and
+        distribution of facts, but (almost) every fact about an entity changed. Capitals are redrawn among
+        each country's cities, so the world stays consistent."""
+        for group, attributes in ((self.countries, ("currency", "language")), (self.cities, ("country", "founded", "river")),
+                                  (self.people, ("born", "birthplace", "occupation", "employer")),
+                                  (self.organizations, ("founded", "headquarters", "industry", "founder"))):
+            for attribute in attributes:
+                values = [entity[attribute] for entity in group]
+                rng.shuffle(values)
+                for entity, value in zip(group, values):
+                    entity[attribute] = value
+        for country in self.countries:  # the shuffle keeps every country's number of cities (at least one)
+            country["capital"] = rng.choice([c["name"] for c in self.cities if c["country"] == country["name"]])
+
     def _name(self, low: int, high: int) -> str:
         while True:
             syllables = self.rng.randint(low, high)
@@ -281,11 +296,15 @@ class _Generator:
 _PLURAL = {"person": "people", "city": "cities", "organization": "organizations", "country": "countries"}
 
 
-def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int = 0, dev_fraction: float = 0.2) -> dict[str, Any]:
+def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int = 0, dev_fraction: float = 0.2,
+             facts_seed: int | None = None) -> dict[str, Any]:
     """Write the knowledge source, the train/dev sets of every task and a manifest to `output_dir`.
 
     Layout: `knowledge.jsonl`, `<task>-train-kilt.jsonl`, `<task>-dev-kilt.jsonl`, `manifest.json`.
-    The same (scale, seed, VERSION) always gives byte-identical files. Returns the manifest.
+    The same (scale, seed, facts_seed, VERSION) always gives byte-identical files. Returns the manifest.
+    `facts_seed` re-deals the facts of seed's world (`_World.redeal_facts`): a counterfactual twin with the
+    same entities and text, whose pages make a pre-training corpus that teaches the language and the names
+    but none of the benchmark's facts, so a reader fine-tuned from it can only answer by reading.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
@@ -294,6 +313,8 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
     sizes = SCALES[scale]
     rng = random.Random(f"synthkilt-{VERSION}-{seed}")
     world = _World(sizes, rng)
+    if facts_seed is not None:
+        world.redeal_facts(random.Random(f"synthkilt-facts-{VERSION}-{facts_seed}"))
 
     pages, paragraph_of = {}, {}
     entities = world.countries + world.cities + world.organizations + world.people
@@ -321,6 +342,7 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
         "version": VERSION,
         "scale": scale,
         "seed": seed,
+        "facts_seed": facts_seed,
         "tasks": list(TASKS),
         "records": files,
         "sha256": {name: _sha256(os.path.join(output_dir, name)) for name in files},

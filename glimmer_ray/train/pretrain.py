@@ -95,6 +95,7 @@ class DenoisingBatches:
 def pretrain_t5(
     data_dir: str,
     output_dir: str,
+    tokenizer_dir: str | None = None,
     d_model: int = 64,
     num_layers: int = 6,
     num_heads: int = 4,
@@ -113,9 +114,9 @@ def pretrain_t5(
     log_every_steps: int = 50,
     seed: int = 0,
 ) -> dict:
-    """Pre-train a random T5.1.1 on `data_dir`'s passages (passages.parquet, tokenizer/) and save it with the
-    tokenizer to `output_dir` (written under a temporary name, renamed when complete). Returns the summary,
-    also saved as `output_dir/pretrain.json`."""
+    """Pre-train a random T5.1.1 on `data_dir`'s passages (passages.parquet), tokenised by `tokenizer_dir`
+    (default `data_dir/tokenizer`), and save it with the tokenizer to `output_dir` (written under a temporary
+    name, renamed when complete). Returns the summary, also saved as `output_dir/pretrain.json`."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
@@ -124,7 +125,7 @@ def pretrain_t5(
 
     torch.set_num_threads(max(1, num_cpus))
     device = torch.device("cuda" if use_gpu else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(data_dir, "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or os.path.join(data_dir, "tokenizer"))
     passages = pq.read_table(os.path.join(data_dir, "passages.parquet"), columns=["title", "text"]).to_pylist()
     encoded = tokenizer([passage_text(p["title"], p["text"]) for p in passages], add_special_tokens=False)["input_ids"]
     encoded = [ids[: max_tokens - 1] for ids in encoded]

@@ -42,6 +42,22 @@ def build_model(config: TrainConfig, vocab_size: int):
     return GlimmerForConditionalGeneration.from_t5(random_t5(t5_config, seed=config.seed).train(), **options)
 
 
+def check_checkpoint_tokenizer(checkpoint: str | None, tokenizer_dir: str) -> None:
+    """Refuse a checkpoint saved with another tokenizer than the training data's: its token ids would name
+    other words (a pre-training corpus tokenised by its own tokenizer, say). Checkpoints without a saved
+    tokenizer (a bare T5 download) are trusted."""
+    if not checkpoint or not any(os.path.exists(os.path.join(checkpoint, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+
+    saved, data = AutoTokenizer.from_pretrained(checkpoint).get_vocab(), AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()
+    if saved != data:
+        differ = len(set(saved.items()) ^ set(data.items())) // 2
+        raise ValueError(f"{checkpoint} was saved with another tokenizer than {tokenizer_dir} (about {differ} of {len(data)} token ids "
+                         f"differ); pre-train with that tokenizer (jobs/pretrain.py tokenizer_dir={tokenizer_dir}) or prepare the data with "
+                         "the checkpoint's")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One training worker: everything comes from `loop_config` (the TrainConfig as a dict)."""
     config = from_dict(TrainConfig, loop_config)

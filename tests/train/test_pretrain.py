@@ -80,6 +80,13 @@ def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_
     assert "model.safetensors" in files and "pretrain.json" in files
     glimmer = GlimmerForConditionalGeneration.from_t5(str(tmp_path / "t5"), live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
     assert glimmer.config.d_model == 32 and glimmer.config.vocab_size == len(AutoTokenizer.from_pretrained(tmp_path / "t5"))
+    # another corpus, tokenised by the fine-tuning data's tokenizer (tokenizer_dir), which the checkpoint carries
+    other = tmp_path / "other"
+    save_tokenizer(train_t5_tokenizer([p["wikipedia_title"] for p in pages], vocab_size=200), other / "tokenizer")
+    pretrain_t5(**{**{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")},
+                   "output_dir": str(tmp_path / "t5-other"), "tokenizer_dir": str(other / "tokenizer"), "steps": 2})
+    assert (AutoTokenizer.from_pretrained(tmp_path / "t5-other").get_vocab() == AutoTokenizer.from_pretrained(other / "tokenizer").get_vocab()
+            != AutoTokenizer.from_pretrained(data / "tokenizer").get_vocab())
     # a finished checkpoint is reused, an absent data directory refused
     assert job.main(config)["final_loss"] == summary["final_loss"]
     with pytest.raises(SystemExit, match="prepare_data"):

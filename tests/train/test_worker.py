@@ -11,7 +11,8 @@ from glimmer_ray.config import load_config
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig
-from glimmer_ray.train.worker import build_model
+from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
+from glimmer_ray.train.worker import build_model, check_checkpoint_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,3 +46,18 @@ def test_a_t5_checkpoint_gets_a_fresh_scoring_head(tmp_path):
     model = build_model(_config(**{"model.checkpoint": tmp_path / "t5"}), vocab_size=64)
     assert torch.equal(model.memory_blocks[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight)
     assert model.config.num_selected == 3
+
+
+def test_a_checkpoint_saved_with_another_tokenizer_is_refused(tmp_path):
+    texts = ["Brae Kor was born in Tesh.", "Tesh is a city in Vorn.", "nq: title: context:"]
+    data_tokenizer = save_tokenizer(train_t5_tokenizer(texts, vocab_size=120), tmp_path / "data" / "tokenizer")
+    t5 = random_t5(t5_1_1_config(vocab_size=120, d_model=32, num_layers=2, num_heads=2), seed=3)
+    t5.save_pretrained(tmp_path / "bare")
+    check_checkpoint_tokenizer(str(tmp_path / "bare"), data_tokenizer)  # no tokenizer saved: trusted
+    t5.save_pretrained(tmp_path / "same")
+    train_t5_tokenizer(texts, vocab_size=120).save_pretrained(tmp_path / "same")
+    check_checkpoint_tokenizer(str(tmp_path / "same"), data_tokenizer)
+    t5.save_pretrained(tmp_path / "other")
+    train_t5_tokenizer(texts + ["Quaeth Drinx founded the Zoum Works."], vocab_size=120).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="another tokenizer.*tokenizer_dir="):
+        check_checkpoint_tokenizer(str(tmp_path / "other"), data_tokenizer)
