@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data.stream import tokenized_dataset
-from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
+from glimmer_ray.train.config import TrainConfig, tokenize_config, train_paths
 from glimmer_ray.train.worker import check_checkpoint_tokenizer, train_loop_per_worker
 
 
@@ -41,7 +41,7 @@ def main(config: TrainConfig) -> dict:
         raise SystemExit(f"{config.scaling.num_workers} workers x {config.scaling.resources_per_worker.get('CPU', 1)} CPU leave no CPU of the "
                          f"cluster's {ray.cluster_resources().get('CPU', 0):.0f} for the Ray Data stream, which would then hang; "
                          "lower scaling.resources_per_worker.CPU (e.g. 0.5) or add CPUs")
-    train_dataset = tokenized_dataset(task_paths(config, "train"), os.path.join(config.data.dir, "tokenizer"), tokenize_config(config),
+    train_dataset = tokenized_dataset(train_paths(config), os.path.join(config.data.dir, "tokenizer"), tokenize_config(config),
                                       rows_per_task=config.data.rows_per_task, seed=config.seed)
     if config.data.cache:  # one pass of read, shuffle and tokenisation; every later epoch reads the object store
         train_dataset = train_dataset.materialize()

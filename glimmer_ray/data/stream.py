@@ -115,8 +115,9 @@ def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_dir: str, config: Toke
     return _cached_tokenizer(tokenizer_dir, config)(batch)
 
 
-def mixed_task_dataset(paths_by_task: dict[str, str], rows_per_task: int | None = None, seed: int = 0) -> ray.data.Dataset:
-    """Union of the tasks' retrieved Parquet files with every task at `rows_per_task` rows, shuffled."""
+def mixed_task_dataset(paths_by_task: dict[str, str | list[str]], rows_per_task: int | None = None, seed: int = 0) -> ray.data.Dataset:
+    """Union of the tasks' retrieved Parquet files (one or several per task) with every task at `rows_per_task`
+    rows, shuffled."""
     if not paths_by_task:
         raise ValueError("no task files given")
     datasets = {task: ray.data.read_parquet(path) for task, path in sorted(paths_by_task.items())}
@@ -135,7 +136,7 @@ def mixed_task_dataset(paths_by_task: dict[str, str], rows_per_task: int | None 
 
 
 def tokenized_dataset(
-    paths_by_task: dict[str, str],
+    paths_by_task: dict[str, str | list[str]],
     tokenizer_dir: str,
     config: TokenizeConfig,
     rows_per_task: int | None = None,

@@ -32,6 +32,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     dir: str = "outputs/quickstart"  # output of jobs/prepare_data.py (retrieved/, tokenizer/)
+    train_dirs: list[str] = field(default_factory=list)  # more prepare_data outputs whose train files join dir's, read with dir's tokenizer: counterfactual twins (facts_seed) ask the same questions with other answers, which only reading can give
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))  # trained and evaluated
     question_tokens: int = 48  # lq
     passage_tokens: int = 96  # lp
@@ -120,6 +121,7 @@ class TrainConfig:
     def resolve_paths(self) -> None:
         """Make local paths absolute: Ray workers do not share the driver's working directory."""
         self.data.dir = os.path.abspath(self.data.dir)
+        self.data.train_dirs = [os.path.abspath(d) for d in self.data.train_dirs]
         if self.model.checkpoint:
             self.model.checkpoint = os.path.abspath(self.model.checkpoint)
         if "://" not in self.checkpoint.storage_path:
@@ -152,13 +154,19 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
 
 
-def task_paths(config: TrainConfig, split: str) -> dict[str, str]:
-    """The retrieved Parquet file of every configured task for `split`."""
-    paths = {task: os.path.join(config.data.dir, "retrieved", f"{task}-{split}.parquet") for task in config.data.tasks}
+def task_paths(config: TrainConfig, split: str, directory: str | None = None) -> dict[str, str]:
+    """The retrieved Parquet file of every configured task for `split` in `directory` (default data.dir)."""
+    paths = {task: os.path.join(directory or config.data.dir, "retrieved", f"{task}-{split}.parquet") for task in config.data.tasks}
     missing = [path for path in paths.values() if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"retrieved data missing: {missing[0]} (run jobs/prepare_data.py first)")
     return paths
+
+
+def train_paths(config: TrainConfig) -> dict[str, list[str]]:
+    """The training files of every task: data.dir's, then those of each data.train_dirs."""
+    found = [task_paths(config, "train", directory) for directory in [config.data.dir] + list(config.data.train_dirs)]
+    return {task: [paths[task] for paths in found] for task in config.data.tasks}
 
 
 def tokenize_config(config: TrainConfig) -> TokenizeConfig:

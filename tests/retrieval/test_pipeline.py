@@ -115,6 +115,9 @@ def test_tasks_are_mixed_uniformly(prepared):
     assert counts == {"nq": 60, "fever": 60}
     counts = Counter(mixed_task_dataset(paths, rows_per_task=25, seed=0).to_pandas()["task"])
     assert counts == {"nq": 25, "fever": 25}
+    twice = {"nq": [paths["nq"]] * 2, "fever": small["fever"]}  # several files of a task (data.train_dirs) count as one
+    counts = Counter(mixed_task_dataset(twice, seed=0).to_pandas()["task"])
+    assert counts == {"nq": 120, "fever": 120}
 
 
 def test_every_epoch_streams_the_same_order_materialised_or_not(prepared):

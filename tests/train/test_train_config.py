@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from glimmer_ray.config import load_config
-from glimmer_ray.train.config import TrainConfig, tokenize_config
+from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config, train_paths
 
 RECIPE = pathlib.Path(__file__).resolve().parents[2] / "jobs" / "configs" / "train_quickstart.yaml"
 
@@ -46,3 +46,16 @@ def test_the_stream_tokenises_gold_evidence_only_for_a_gold_reader_warmup():
     assert tokenize_config(gold).evidence_passages == 2
     for overrides in (["optim.reader_warmup_steps=10"], ["optim.reader_warmup_steps=0", "optim.reader_warmup_source=gold"]):
         assert tokenize_config(load_config(TrainConfig, RECIPE, overrides)).evidence_passages == 0
+
+
+def test_train_dirs_add_their_training_files_but_not_their_dev_files(tmp_path):
+    for directory in ("main", "twin"):
+        (tmp_path / directory / "retrieved").mkdir(parents=True)
+        for split in ("train", "dev"):
+            (tmp_path / directory / "retrieved" / f"nq-{split}.parquet").write_bytes(b"")
+    config = load_config(TrainConfig, RECIPE, [f"data.dir={tmp_path / 'main'}", f"data.train_dirs=[{tmp_path / 'twin'}]", "data.tasks=[nq]"])
+    assert train_paths(config) == {"nq": [str(tmp_path / d / "retrieved" / "nq-train.parquet") for d in ("main", "twin")]}
+    assert task_paths(config, "dev") == {"nq": str(tmp_path / "main" / "retrieved" / "nq-dev.parquet")}
+    (tmp_path / "twin" / "retrieved" / "nq-train.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="twin/retrieved/nq-train.parquet"):
+        train_paths(config)
