@@ -43,7 +43,7 @@ class PrepareConfig:
     kilt_dir: str | None = None  # source=kilt: knowledge.jsonl and <task>-{train,dev}-kilt.jsonl
     scale: str = "quickstart"  # synthkilt size: tiny | quickstart | small | medium | large
     seed: int = 0  # synthkilt seed
-    facts_seed: int | None = None  # synthkilt: null, or re-deal the seed world's facts (a counterfactual twin for pre-training)
+    facts_seed: int | None = None  # synthkilt: null, or re-deal the seed world's facts (a counterfactual twin: pre-training corpus, data.train_dirs)
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))  # task names (file prefixes)
     max_words: int = 200  # words per passage (the paper: 200)
     tokenizer_vocab_size: int = 4000  # synthkilt tokenizer vocabulary (source=kilt brings the checkpoint's)

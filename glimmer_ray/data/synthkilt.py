@@ -10,7 +10,8 @@ KILT's families ask about it, each with its own templates and gold provenance:
     fever        claim verification, SUPPORTS / REFUTES (refuted claims use a plausible wrong value)
     zsre, trex   slot filling, `subject [SEP] relation`
 
-Dev questions are about subjects never asked about in train, so answering needs retrieval. Hard
+Dev questions are about subjects never asked about in train, so answering needs retrieval. A `facts_seed`
+gives a counterfactual twin: the same world with its facts dealt out again. Hard
 negatives come by construction: many people share a birthplace, an employer or an occupation, and
 every page states several facts of its entity.
 """
@@ -303,8 +304,9 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
     Layout: `knowledge.jsonl`, `<task>-train-kilt.jsonl`, `<task>-dev-kilt.jsonl`, `manifest.json`.
     The same (scale, seed, facts_seed, VERSION) always gives byte-identical files. Returns the manifest.
     `facts_seed` re-deals the facts of seed's world (`_World.redeal_facts`): a counterfactual twin with the
-    same entities and text, whose pages make a pre-training corpus that teaches the language and the names
-    but none of the benchmark's facts, so a reader fine-tuned from it can only answer by reading.
+    same entities, words and questions but other answers. Its pages make a pre-training corpus that teaches
+    the language and the names but none of the benchmark's facts; its training files, mixed into fine-tuning
+    (the train job's `data.train_dirs`), ask each question with several answers, which only reading can give.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")

@@ -3,10 +3,12 @@
 GLIMMER is fine-tuned from a pre-trained T5.1.1 (the paper: T5.1.1 base/large/xl). Offline machines
 cannot download one, and a randomly initialised reader trained on the KILT tasks alone learns to answer
 from memory of the training questions but never to read its passages (on SynthKILT: dev EM at the
-closed-book level after 1,750 steps with the gold passage always given). Pre-training first on the
-passages themselves with a dense copy signal fixes that: the encoder reads a passage whose spans are
-each replaced by one sentinel, and the decoder writes the whole original passage (BART's text
-infilling, in T5's vocabulary), so every target token teaches the decoder to find and copy its input.
+closed-book level after 1,750 steps with the gold passage always given). Pre-training first on
+passages with a dense copy signal helps: the encoder reads a passage whose spans are each replaced by
+one sentinel, and the decoder writes the whole original passage (BART's text infilling, in T5's
+vocabulary), so every target token teaches the decoder to find and copy its input. Pre-training on the
+benchmark's own passages also stores its facts in the weights; on SynthKILT, pre-train on a counterfactual
+twin's passages instead (`facts_seed`, with `tokenizer_dir` the benchmark's tokenizer).
 
     corrupt(ids, rng, ...)            one passage -> (input ids with sentinels, target = the passage)
     DenoisingBatches(passages, ...)   random batches of corrupted passages as padded tensors

@@ -84,8 +84,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, loa
 
 def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, load_job):
     train, evaluate = load_job("train"), load_job("evaluate")
-    # trained closed-book (the baseline path: one empty passage, m = 1), evaluated both ways
-    summary = train.main(_train_config(tiny_data, str(tmp_path), "for-eval", **{"optim.max_steps": 2, "checkpoint.every_steps": 2, "model.closed_book": "true"}))
+    # trained closed-book (the baseline path: one empty passage, m = 1) on one plain-PyTorch worker, evaluated both ways
+    summary = train.main(_train_config(tiny_data, str(tmp_path), "for-eval", **{"optim.max_steps": 2, "checkpoint.every_steps": 2, "model.closed_book": "true",
+                                                                              "scaling.num_workers": 1, "deepspeed.enabled": "false"}))
     config = evaluate.EvaluateConfig(
         models=[evaluate.ModelEntry("glimmer", summary["export_dir"]), evaluate.ModelEntry("closed", summary["export_dir"], closed_book=True),
                 evaluate.ModelEntry("oracle", summary["export_dir"], reads="gold")],
