@@ -10,7 +10,7 @@ function and `ray.train.get_dataset_shard` can split it across workers:
     gold_passages json       ids of the passages holding each gold evidence item (passage level)
     passage_pages [k] str    passage_keys   [k] str   page and passage ids of the k passages
     evidence_ids  [g, lp]    evidence_mask  [g, lp]   the gold evidence passages (repeated up to g; the first g
-                                                      retrieved where an example has no evidence), when g > 0
+    evidence_keys [g] str    evidence_pages [g] str   retrieved where an example has no evidence), when g > 0
 
 Uniform task sampling as the paper trains: every task contributes the same number of rows to an
 epoch (`rows_per_task`, default the largest task's size), smaller tasks repeated, all shuffled. The
@@ -86,14 +86,20 @@ class TokenizeBatch:
             "labels": labels,
         }
         if config.evidence_passages:  # only for a gold reader warm-up: g more passages to tokenise per example
-            gold_titles = _required(batch, "gold_titles")
-            evidence = []
+            gold = [_required(batch, name) for name in ("gold_ids", "gold_page_ids", "gold_titles", "gold_texts")]
+            retrieved = [batch[name] for name in ("passage_ids", "passage_pages", "passage_titles", "passage_texts")]
+            evidence, keys, pages = [], [], []
             for row in range(size):
-                pairs = list(zip(gold_titles[row], batch["gold_texts"][row])) or list(zip(batch["passage_titles"][row], batch["passage_texts"][row]))
-                evidence.extend(passage_text(title, body) for title, body in (pairs * config.evidence_passages)[: config.evidence_passages])
+                chosen = list(zip(*(column[row] for column in gold))) or list(zip(*(column[row] for column in retrieved)))
+                chosen = (chosen * config.evidence_passages)[: config.evidence_passages]  # [g] (id, page, title, text)
+                evidence.extend(passage_text(title, body) for _, _, title, body in chosen)
+                keys.append([str(key) for key, _, _, _ in chosen])
+                pages.append([str(page) for _, page, _, _ in chosen])
             evidence_ids, evidence_mask = self._encode(evidence, config.passage_tokens)
             tokenized["evidence_ids"] = evidence_ids.reshape(size, config.evidence_passages, config.passage_tokens)
             tokenized["evidence_mask"] = evidence_mask.reshape(size, config.evidence_passages, config.passage_tokens)
+            tokenized["evidence_keys"] = np.array(keys, dtype=object)  # [b, g]
+            tokenized["evidence_pages"] = np.array(pages, dtype=object)  # [b, g]
         return tokenized
 
 

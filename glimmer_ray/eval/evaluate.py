@@ -46,28 +46,13 @@ def dev_batches(paths_by_task: dict[str, str], tokenizer_dir: str, config: Token
 
 
 def read_gold_evidence(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The batch with its k retrieved passages replaced by the g gold evidence passages: the oracle reading,
-    which measures the reader alone (retrieval and reranking aside), as a gold-evidence warm-up trains it.
-
-    Needs `evidence_ids` / `evidence_mask` [b, g, lp] (a `TokenizeConfig` with evidence_passages > 0). The
-    passage ids and pages become those of the evidence: one holder per item of the first gold evidence set,
-    repeated up to g, or the first g retrieved where an example has none (as the stream tokenised them).
-    """
+    """The batch with its k retrieved passages replaced by the g gold evidence passages the stream tokenised
+    (`evidence_*`, a `TokenizeConfig` with evidence_passages > 0): the oracle reading, which measures the
+    reader alone (retrieval and reranking aside), as a gold-evidence warm-up trains it."""
     if "evidence_ids" not in batch:
         raise ValueError("reading the gold evidence needs batches tokenised with evidence_passages > 0 (evidence_ids / evidence_mask)")
-    size, width = batch["evidence_ids"].shape[:2]
-    keys, pages = np.empty((size, width), dtype=object), np.empty((size, width), dtype=object)
-    for row in range(size):
-        sets = json.loads(batch["gold_passages"][row])
-        holders = [item[0] for item in sets[0] if item] if sets else []
-        if holders:  # passage ids are "<wikipedia_id>_<n>" (kilt.chunk_page)
-            row_keys, row_pages = holders, [key.rsplit("_", 1)[0] for key in holders]
-        else:
-            row_keys, row_pages = list(batch["passage_keys"][row][:width]), list(batch["passage_pages"][row][:width])
-        keys[row] = [str(key) for key in (row_keys * width)[:width]]
-        pages[row] = [str(page) for page in (row_pages * width)[:width]]
     return {**batch, "passage_ids": batch["evidence_ids"], "passage_mask": batch["evidence_mask"],
-            "passage_keys": keys, "passage_pages": pages}
+            "passage_keys": batch["evidence_keys"], "passage_pages": batch["evidence_pages"]}
 
 
 @torch.no_grad()

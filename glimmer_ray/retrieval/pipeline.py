@@ -189,8 +189,10 @@ class RetrieveBatch:
         out["passage_texts"] = [r["texts"] for r in results]
         gold = [gold_passages(json.loads(evidence), self.retriever.passages_by_page) for evidence in batch["evidence"]]
         out["gold_passages"] = [json.dumps(sets) for sets in gold]
-        # the text of one passage per item of the first evidence set: what a gold-evidence reader warm-up reads
+        # one passage per item of the first evidence set: what a gold-evidence reader warm-up (or oracle) reads
         first = [[holders[0] for holders in sets[0] if holders] if sets else [] for sets in gold]
+        out["gold_ids"] = first
+        out["gold_page_ids"] = [[self.retriever.passages[p][0] for p in ids] for ids in first]
         out["gold_titles"] = [[self.retriever.passages[p][1] for p in ids] for ids in first]
         out["gold_texts"] = [[self.retriever.passages[p][2] for p in ids] for ids in first]
         return out
@@ -225,8 +227,8 @@ def retrieve_examples(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Attach the top-k passages (ids, scores, pages, titles, texts), the ids of the passages holding the gold
-    evidence (`gold_passages`, JSON: per evidence set, per item) and the titles and texts of one such passage per
-    item of the first evidence set (`gold_titles`, `gold_texts`) to every row in one pass of an
+    evidence (`gold_passages`, JSON: per evidence set, per item) and the ids, pages, titles and texts of one such passage
+    per item of the first evidence set (`gold_ids`, `gold_page_ids`, `gold_titles`, `gold_texts`) to every row in one pass of an
     actor pool; write `<task>-<split>.parquet` per group of rows (rows carry `task` and `split`), each in the
     order of `rows`."""
     if not rows:

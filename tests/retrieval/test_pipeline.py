@@ -94,6 +94,8 @@ def test_gold_passages_hold_the_answers_and_rank_like_the_pages(prepared):
             if task != "hotpotqa":  # one-hop: the answer is written in the gold passage (two-hop: in the second page's)
                 assert any(row["answers"][0] in passages[p]["text"] for p in evidence[0][0])
             # the gold-evidence warm-up reads one holder of each item, titled as the retrieved passages are
+            assert row["gold_ids"] == [holders[0] for holders in evidence[0]]
+            assert row["gold_page_ids"] == [passages[holders[0]]["wikipedia_id"] for holders in evidence[0]]
             assert row["gold_texts"] == [passages[holders[0]]["text"] for holders in evidence[0]]
             assert row["gold_titles"] == [passages[holders[0]]["title"] for holders in evidence[0]]
             # a passage-level hit implies a page-level hit
@@ -149,14 +151,16 @@ def test_tokenized_stream_has_fixed_shapes(prepared):
 def test_examples_without_evidence_warm_up_on_the_first_retrieved_passages(prepared):
     root, _, _, _ = prepared
     rows = pq.read_table(root / "retrieved" / "nq-dev.parquet").to_pylist()[:3]
-    rows[0]["gold_titles"], rows[0]["gold_texts"] = [], []
+    rows[0]["gold_ids"], rows[0]["gold_page_ids"], rows[0]["gold_titles"], rows[0]["gold_texts"] = [], [], [], []
     batch = {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
     tokenize = TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K, evidence_passages=2))
     tokenized = tokenize(batch)
     assert (tokenized["evidence_ids"][0] == tokenized["passage_ids"][0, :2]).all()
     gold, _ = tokenize._encode([passage_text(rows[1]["gold_titles"][0], rows[1]["gold_texts"][0])], 64)
     assert (tokenized["evidence_ids"][1] == gold).all()  # row 1: its gold passage, twice
+    assert tokenized["evidence_keys"].tolist()[:2] == [list(rows[0]["passage_ids"][:2]), [rows[1]["gold_ids"][0]] * 2]
+    assert tokenized["evidence_pages"].tolist()[:2] == [list(rows[0]["passage_pages"][:2]), [rows[1]["gold_page_ids"][0]] * 2]
     assert "evidence_ids" not in TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(batch)  # g = 0: none
-    del batch["gold_titles"]
-    with pytest.raises(ValueError, match="no 'gold_titles' column"):
+    del batch["gold_ids"]
+    with pytest.raises(ValueError, match="no 'gold_ids' column"):
         tokenize(batch)
