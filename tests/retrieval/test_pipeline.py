@@ -4,6 +4,7 @@ recall, and the tokenised multi-task stream. A real local Ray cluster, the packa
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_gold_passages_hold_the_answers_and_rank_like_the_pages(prepared):
         assert by_passage[2] <= by_page[2] and by_passage[K] <= by_page[K]
 
 
-def test_tasks_are_mixed_uniformly(prepared):
+def test_tasks_are_mixed_uniformly(prepared, tmp_path):
     root, _, _, _ = prepared
     paths = {task: str(root / "retrieved" / f"{task}-train.parquet") for task in ("nq", "fever")}
     small = {"nq": paths["nq"], "fever": str(root / "retrieved" / "fever-dev.parquet")}  # 60 vs 20 rows
@@ -117,7 +118,8 @@ def test_tasks_are_mixed_uniformly(prepared):
     assert counts == {"nq": 60, "fever": 60}
     counts = Counter(mixed_task_dataset(paths, rows_per_task=25, seed=0).to_pandas()["task"])
     assert counts == {"nq": 25, "fever": 25}
-    twice = {"nq": [paths["nq"]] * 2, "fever": small["fever"]}  # several files of a task (data.train_dirs) count as one
+    copy = shutil.copy(paths["nq"], tmp_path / "nq-train.parquet")  # a twin's file (data.train_dirs): same rows, another file
+    twice = {"nq": [paths["nq"], str(copy)], "fever": small["fever"]}  # several files of a task count as one
     counts = Counter(mixed_task_dataset(twice, seed=0).to_pandas()["task"])
     assert counts == {"nq": 120, "fever": 120}
 
