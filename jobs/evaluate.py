@@ -28,6 +28,7 @@ from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, 
 from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.retrieval.pipeline import retrieval_recall
 
 
 @dataclass
@@ -111,7 +112,8 @@ def main(config: EvaluateConfig) -> dict:
                         (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
         retriever = _retriever_recall(config, paths, m)
         cutoffs = sorted({1, m})
-        retriever_passages = {cutoff: _retriever_recall(config, paths, cutoff, level="passage") for cutoff in cutoffs}
+        retriever_passages = {task: retrieval_recall(path, tuple(cutoffs), level="passage", limit=config.limit_per_task)
+                              for task, path in paths.items()}
         teacher: dict[str, list] = {}
         if not entry.closed_book and not gold and config.teacher_recall:
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
@@ -127,7 +129,7 @@ def main(config: EvaluateConfig) -> dict:
                                     for task, rows in by_task.items()},
             "passage_recall_by_task": {task: {str(cutoff): {
                 "reranker": _passage_recall(rows, cutoff) if rows[0]["reranked_passages"] and not gold else None,
-                "retriever": retriever_passages[cutoff][task],
+                "retriever": retriever_passages[task][cutoff],
                 "teacher": _passage_recall(teacher[task], cutoff) if task in teacher else None} for cutoff in cutoffs}
                 for task, rows in by_task.items()},
         }
@@ -171,16 +173,15 @@ def main(config: EvaluateConfig) -> dict:
     return results
 
 
-def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int, level: str = "page") -> dict[str, float]:
-    """Recall@m of the retriever's own top m passages on the same dev examples, per task, at page or passage level."""
+def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> dict[str, float]:
+    """Page-level recall@m of the retriever's own top m passages on the same dev examples, per task: as the
+    reranker's (`covers_evidence`), the m passages' pages cover a gold evidence set."""
     import pyarrow.parquet as pq
 
-    gold, ranked, covers = ("provenance", "passage_pages", covers_evidence) if level == "page" else ("gold_passages", "passage_ids", covers_passages)
     recall = {}
     for task, path in paths.items():
-        table = pq.read_table(path, columns=[gold, ranked]).to_pylist()
-        rows = table[: config.limit_per_task] if config.limit_per_task else table
-        recall[task] = sum(covers(json.loads(row[gold]), row[ranked][:m]) for row in rows) / max(1, len(rows))
+        rows = pq.read_table(path, columns=["provenance", "passage_pages"]).slice(0, config.limit_per_task).to_pylist()
+        recall[task] = sum(covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows) / max(1, len(rows))
     return recall
 
 

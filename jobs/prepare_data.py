@@ -23,13 +23,12 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_kilt_examples, read_knowledge_source
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
-from glimmer_ray.retrieval.index import IndexConfig
 from glimmer_ray.retrieval.pipeline import write_passages
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the sibling job, also when this file is loaded by path
@@ -37,25 +36,18 @@ import build_index  # noqa: E402
 
 
 @dataclass
-class PrepareConfig:
-    output_dir: str = "outputs/quickstart"  # everything is written below this directory
+class PrepareConfig(build_index.BuildIndexConfig):
+    """build_index's fields (output_dir, tasks, encoder, index, k, recall_ks, concurrency, batch_size, overwrite,
+    ray_address) and the stages before the index."""
+
     source: str = "synthkilt"  # synthkilt: generate the bundled benchmark; kilt: read kilt_dir
     kilt_dir: str | None = None  # source=kilt: knowledge.jsonl and <task>-{train,dev}-kilt.jsonl
     scale: str = "quickstart"  # synthkilt size: tiny | quickstart | small | medium | large
     seed: int = 0  # synthkilt seed
     facts_seed: int | None = None  # synthkilt: null, or re-deal the seed world's facts (a counterfactual twin: pre-training corpus, data.train_dirs)
-    tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))  # task names (file prefixes)
     max_words: int = 200  # words per passage (the paper: 200)
     tokenizer_vocab_size: int = 4000  # synthkilt tokenizer vocabulary (source=kilt brings the checkpoint's)
-    encoder_path: str | None = None  # sentence-transformers directory; null = packaged all-MiniLM-L6-v2
-    index: IndexConfig = field(default_factory=IndexConfig)
-    num_passages: int = 25  # k passages attached to every example
-    recall_ks: list[int] = field(default_factory=lambda: [5, 10, 25])  # recall@k reported on dev
-    concurrency: int = 1  # actors embedding / retrieving in parallel
-    batch_size: int = 64  # texts per encoder call
     build_index: bool = True  # run jobs/build_index.py's stages (index, retrieval, recall); false: stop after the passages
-    overwrite: bool = False  # redo stages whose outputs exist
-    ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
 
 def main(config: PrepareConfig) -> dict:
@@ -109,7 +101,7 @@ def main(config: PrepareConfig) -> dict:
 
     # 4-6. embeddings + index, retrieval for every task file, recall@k on dev: the build_index job
     if config.build_index:
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(build_index.BuildIndexConfig)}  # all are fields here too
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(build_index.BuildIndexConfig)}  # the inherited ones
         index_report = build_index.main(build_index.BuildIndexConfig(**fields))
         report.update({key: value for key, value in index_report.items() if key != "config"})
     else:

@@ -265,17 +265,20 @@ def passage_recall(provenance: list[list[str]], passage_pages: list[str], k: int
     return recall_at_k(provenance, ranked, max(1, len(ranked)))
 
 
-def retrieval_recall(path: str, ks: tuple[int, ...] = (5, 10, 25), level: str = "page") -> dict[int, float]:
-    """Mean recall at each k over a retrieved Parquet file: `passage_recall` (page level, KILT's) or, at
-    `level="passage"`, whether the top-k passages hold every gold evidence paragraph (`covers_passages`)."""
+def retrieval_recall(
+    path: str, ks: tuple[int, ...] = (5, 10, 25), level: str = "page", limit: int | None = None
+) -> dict[int, float]:
+    """Mean recall at each k over a retrieved Parquet file (its first `limit` rows; None = all):
+    `passage_recall` (page level, KILT's) or, at `level="passage"`, whether the top-k passages hold every
+    gold evidence paragraph (`covers_passages`)."""
     if level not in ("page", "passage"):
         raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
     columns = ["provenance", "passage_pages"] if level == "page" else ["gold_passages", "passage_ids"]
-    table = pq.read_table(path, columns=columns).to_pydict()
+    table = pq.read_table(path, columns=columns).slice(0, limit).to_pydict()
     totals = {k: 0.0 for k in ks}
     for gold, ranked in zip(*(table[column] for column in columns)):
         for k in ks:
             totals[k] += (passage_recall(json.loads(gold), list(ranked), k) if level == "page"
                           else float(covers_passages(json.loads(gold), list(ranked)[:k])))
-    count = len(table[columns[0]])
+    count = max(1, len(table[columns[0]]))
     return {k: totals[k] / count for k in ks}

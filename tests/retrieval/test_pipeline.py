@@ -107,6 +107,8 @@ def test_gold_passages_hold_the_answers_and_rank_like_the_pages(prepared):
         manual = np.mean([covers_passages(json.loads(g), list(ids)[:2]) for g, ids in zip(table["gold_passages"], table["passage_ids"])])
         by_passage, by_page = retrieval_recall(path, (2, K), level="passage"), retrieval_recall(path, (2, K))
         assert by_passage[2] == pytest.approx(manual)
+        first = np.mean([covers_passages(json.loads(g), list(ids)[:2]) for g, ids in zip(table["gold_passages"][:3], table["passage_ids"][:3])])
+        assert retrieval_recall(path, (2,), level="passage", limit=3)[2] == pytest.approx(first)  # jobs/evaluate.py's dev limit
         assert by_passage[2] <= by_page[2] and by_passage[K] <= by_page[K]
 
 
