@@ -159,7 +159,9 @@ class GlimmerEncoding(ModelOutput):
 
 @dataclass
 class GlimmerOutput(ModelOutput):
-    """`loss = lm_loss + pdist_weight * pdist_loss`; logits [b, t, v]."""
+    """`loss = lm_loss + pdist_weight * pdist_loss`; logits [b, t, v]; pdist_target [b, k], the teacher's
+    length-normalised answer log-likelihoods the reranker's scores were distilled towards (None without
+    distillation)."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
@@ -167,6 +169,7 @@ class GlimmerOutput(ModelOutput):
     logits: torch.Tensor | None = None
     rerank_scores: torch.Tensor | None = None
     selected: torch.Tensor | None = None
+    pdist_target: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +466,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             decoder_input_ids = self._shift_right(labels)
         logits = self.decode(encoding.hidden, encoding.mask, decoder_input_ids)  # [b, t, v]
 
-        lm_loss = pdist_loss = loss = None
+        lm_loss = pdist_loss = loss = target = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             loss = lm_loss
@@ -480,6 +483,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             logits=logits,
             rerank_scores=encoding.rerank_scores,
             selected=encoding.selected,
+            pdist_target=target,
         )
 
     @torch.no_grad()

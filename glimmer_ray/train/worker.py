@@ -135,7 +135,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resumed_from = step
     skip = step * optim.gradient_accumulation_steps  # micro-batches already consumed: the data position
     recall_keys = ("reranker_recall", "retriever_recall", "reranker_passage_recall", "retriever_passage_recall")
-    window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, **dict.fromkeys(recall_keys, 0.0), "batches": 0, "ranked_batches": 0}
+    teacher_keys = ("teacher_passage_recall", "pdist_target_max_prob")  # the distillation target: its top m, its sharpness
+    window = {"loss": 0.0, "lm_loss": 0.0, "pdist_loss": 0.0, "tokens": 0, **dict.fromkeys(recall_keys + teacher_keys, 0.0),
+              "batches": 0, "ranked_batches": 0, "distilled_batches": 0}
     window_start = time.perf_counter()
     micro_step = 0
     since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
@@ -186,6 +188,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window["reranker_passage_recall"] += reranker_recall(reranked, batch["passage_keys"], batch["gold_passages"], level="passage")
                 window["retriever_passage_recall"] += retriever_recall(m, batch["passage_keys"], batch["gold_passages"], level="passage")
                 window["ranked_batches"] += 1
+            if output.pdist_target is not None:
+                teacher = torch.topk(output.pdist_target, output.selected.shape[1], dim=1).indices.cpu()  # [b, m]
+                window["teacher_passage_recall"] += reranker_recall(teacher, batch["passage_keys"], batch["gold_passages"], level="passage")
+                window["pdist_target_max_prob"] += torch.softmax(output.pdist_target / optim.pdist_temperature, dim=1).max(1).values.mean().item()
+                window["distilled_batches"] += 1
             window["batches"] += 1
             if micro_step % optim.gradient_accumulation_steps:
                 continue
@@ -201,6 +208,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = {key: window[key] / window["batches"] for key in ("loss", "lm_loss", "pdist_loss")}
                 if window["ranked_batches"]:  # none during the reader warm-up: nothing is ranked
                     metrics.update({key: window[key] / window["ranked_batches"] for key in recall_keys})
+                if window["distilled_batches"]:  # a target whose largest probability is near 1/k teaches no ranking
+                    metrics.update({key: window[key] / window["distilled_batches"] for key in teacher_keys})
                 metrics["tokens_per_second_per_worker"] = window["tokens"] / seconds
                 metrics["seconds_per_step"] = seconds / (window["batches"] / optim.gradient_accumulation_steps)
                 print(f"[train] step {step}/{optim.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

@@ -249,6 +249,10 @@ def test_scorer_learns_only_from_pdist(tiny_t5_dir):
     question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch()
     output = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
     assert output.loss.item() == pytest.approx(output.lm_loss.item() + output.pdist_loss.item(), rel=1e-6)
+    target = model.passage_log_likelihood(question_ids, question_mask, passage_ids, passage_mask, None, labels)
+    torch.testing.assert_close(output.pdist_target, target)  # the target distilled is the one returned (training logs it)
+    assert perplexity_distillation_loss(output.rerank_scores, output.pdist_target).item() == pytest.approx(output.pdist_loss.item(), rel=1e-5)
+    assert model(question_ids, question_mask, passage_ids, passage_mask, labels=labels, pdist_weight=0.0).pdist_target is None
     output.lm_loss.backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in model.rerank_head.parameters())
     assert model.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0  # memory layers do learn
