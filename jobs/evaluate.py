@@ -112,7 +112,7 @@ def main(config: EvaluateConfig) -> dict:
                         (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
         retriever = _retriever_recall(config, paths, m)
         cutoffs = sorted({1, m})
-        retriever_passages = {task: retrieval_recall(path, tuple(cutoffs), level="passage", limit=config.limit_per_task)
+        retriever_passages = {task: retrieval_recall(path, tuple(cutoffs), level="passage", limit=config.limit_per_task or None)
                               for task, path in paths.items()}
         teacher: dict[str, list] = {}
         if not entry.closed_book and not gold and config.teacher_recall:
@@ -180,7 +180,7 @@ def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> 
 
     recall = {}
     for task, path in paths.items():
-        rows = pq.read_table(path, columns=["provenance", "passage_pages"]).slice(0, config.limit_per_task).to_pylist()
+        rows = pq.read_table(path, columns=["provenance", "passage_pages"]).slice(0, config.limit_per_task or None).to_pylist()
         recall[task] = sum(covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows) / max(1, len(rows))
     return recall
 
