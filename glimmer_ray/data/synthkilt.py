@@ -298,7 +298,7 @@ _PLURAL = {"person": "people", "city": "cities", "organization": "organizations"
 
 
 def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int = 0, dev_fraction: float = 0.2,
-             facts_seed: int | None = None) -> dict[str, Any]:
+             facts_seed: int | None = None, split_seed: int | None = None) -> dict[str, Any]:
     """Write the knowledge source, the train/dev sets of every task and a manifest to `output_dir`.
 
     Layout: `knowledge.jsonl`, `<task>-train-kilt.jsonl`, `<task>-dev-kilt.jsonl`, `manifest.json`.
@@ -307,6 +307,9 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
     same entities, words and questions but other answers. Its pages make a pre-training corpus that teaches
     the language and the names but none of the benchmark's facts; its training files, mixed into fine-tuning
     (the train job's `data.train_dirs`), ask each question with several answers, which only reading can give.
+    `split_seed` deals the subjects into train and dev with a generator of its own (default: seed's): a twin
+    re-split this way asks, in train, about the benchmark's dev subjects too (with its own answers), so that no
+    page is a distractor in every training example and a reranker cannot score pages by how often they were gold.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
@@ -326,9 +329,10 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
         paragraph_of[entity["name"]] = where
 
     subjects: dict[str, dict[str, list]] = {"train": {}, "dev": {}}
+    split_rng = rng if split_seed is None else random.Random(f"synthkilt-split-{VERSION}-{split_seed}")
     for kind in _PLURAL:
         group = list(getattr(world, _PLURAL[kind]))
-        rng.shuffle(group)
+        split_rng.shuffle(group)
         cut = max(1, round(len(group) * dev_fraction))
         subjects["dev"][kind], subjects["train"][kind] = group[:cut], group[cut:]
     generator = _Generator(world, pages, paragraph_of, subjects, rng)
@@ -345,6 +349,7 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
         "scale": scale,
         "seed": seed,
         "facts_seed": facts_seed,
+        "split_seed": split_seed,
         "tasks": list(TASKS),
         "records": files,
         "sha256": {name: _sha256(os.path.join(output_dir, name)) for name in files},
