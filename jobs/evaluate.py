@@ -56,6 +56,8 @@ class EvaluateConfig:
     output_dir: str = "outputs/quickstart/eval"  # predictions/ and metrics.json
     teacher_recall: bool = True  # also the recall@m of the distillation teacher's ranking (one more pass over the dev set)
     flat_predictions: bool = False  # one model: predictions/<task>-dev-kilt.jsonl (KILT's layout) instead of predictions/<model>/
+    split: str = "dev"  # dev | train: the training examples too, to tell what the reranker learned from what carries to new questions
+    train_dirs: list[str] = field(default_factory=list)  # more prepared directories trained on (data.train_dirs): with data_dir's, the training gold passages
 
 
 def _recall(predictions: list[dict], key: str) -> float:
@@ -71,7 +73,9 @@ def main(config: EvaluateConfig) -> dict:
     # setup
     if config.flat_predictions and len(config.models) != 1:
         raise SystemExit("flat_predictions needs exactly one model (their predictions would overwrite each other)")
-    paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
+    if config.split not in ("dev", "train"):
+        raise SystemExit(f"split must be 'dev' or 'train', got {config.split!r}")
+    paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-{config.split}.parquet") for task in config.tasks}
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
     for entry in config.models:
         if entry.reads not in ("retrieved", "gold"):
@@ -81,7 +85,7 @@ def main(config: EvaluateConfig) -> dict:
                              "(no closed_book, memory or num_selected)")
     if any(entry.reads == "gold" for entry in config.models) and config.evidence_passages < 1:
         raise SystemExit(f"evidence_passages must be >= 1 for a model that reads the gold evidence, got {config.evidence_passages}")
-    results: dict = {"config": to_dict(config), "models": {}}
+    results: dict = {"config": to_dict(config), "models": {}, "unseen_gold": unseen_gold(config)}
 
     # loop: every model answers the same examples
     for entry in config.models:
@@ -108,7 +112,7 @@ def main(config: EvaluateConfig) -> dict:
             by_task.setdefault(prediction["task"], []).append(prediction)
         for task, rows in by_task.items():
             folder = os.path.join(config.output_dir, "predictions") if config.flat_predictions else os.path.join(config.output_dir, "predictions", entry.name)
-            write_jsonl(os.path.join(folder, f"{task}-dev-kilt.jsonl"),
+            write_jsonl(os.path.join(folder, f"{task}-{config.split}-kilt.jsonl"),
                         (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
         retriever = _retriever_recall(config, paths, m)
         cutoffs = sorted({1, m})
@@ -166,11 +170,46 @@ def main(config: EvaluateConfig) -> dict:
                 print(f"{f'  {ranking} @{cutoff}':<24}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / len(values):9.3f}")
     print("(passage level: the first passages of each ranking hold the gold evidence paragraphs themselves -- the passages"
           " the reader needs; two passages of the gold page are told apart)")
+    unseen = results["unseen_gold"]
+    print(f"\n{'never a training gold':<24}" + "".join(f"{t[:8]:>9}" for t in config.tasks) + f"{'mean':>9}")
+    for level in ("passage", "page"):
+        values = [unseen[t][level] for t in config.tasks]
+        print(f"{f'  {level}':<24}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / len(values):9.3f}")
+    print(f"(share of the {config.split} examples none of whose gold passages (pages) is the gold of any training example of"
+          f" {', '.join([config.data_dir, *config.train_dirs])}: a reranker that learned which passages tend to help, not which"
+          " answer the question, fails on these)")
     os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"wrote {os.path.join(config.output_dir, 'metrics.json')}")
     return results
+
+
+def unseen_gold(config: EvaluateConfig) -> dict[str, dict[str, float]]:
+    """Per task, the share of the evaluated examples none of whose gold passages (and, apart, pages) is a gold passage
+    (page) of any training example of `data_dir` and `train_dirs`, all tasks together."""
+    import pyarrow.parquet as pq
+
+    seen: dict[str, set] = {"passage": set(), "page": set()}
+    for directory in [config.data_dir, *config.train_dirs]:
+        for task in synthkilt.TASKS:
+            path = os.path.join(directory, "retrieved", f"{task}-train.parquet")
+            if not os.path.exists(path):
+                if directory != config.data_dir:
+                    raise SystemExit(f"{path} not found: a train_dirs entry must be a jobs/prepare_data.py output with retrieved/")
+                continue
+            table = pq.read_table(path, columns=["gold_ids", "gold_page_ids"]).to_pydict()
+            for ids, pages in zip(table["gold_ids"], table["gold_page_ids"]):
+                seen["passage"].update(ids)
+                seen["page"].update(pages)
+    shares = {}
+    for task in config.tasks:
+        path = os.path.join(config.data_dir, "retrieved", f"{task}-{config.split}.parquet")
+        table = pq.read_table(path, columns=["gold_ids", "gold_page_ids"]).slice(0, config.limit_per_task or None).to_pydict()
+        rows = list(zip(table["gold_ids"], table["gold_page_ids"]))
+        shares[task] = {"passage": sum(not set(ids) & seen["passage"] for ids, _ in rows) / max(1, len(rows)),
+                        "page": sum(not set(pages) & seen["page"] for _, pages in rows) / max(1, len(rows))}
+    return shares
 
 
 def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> dict[str, float]:

@@ -126,6 +126,19 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
     assert oracle["scores"]["nq"]["rprec"] == 1.0  # nq's one gold page is the page of the passages read
     with pytest.raises(SystemExit, match="reads must be"):
         evaluate.main(dataclasses.replace(config, models=[evaluate.ModelEntry("x", summary["export_dir"], reads="oracle")]))
+    # the dev examples none of whose gold passages is the gold of a training example (of any task), counted by hand for nq
+    trained = {key for task in results["unseen_gold"] for key in
+               sum(pq.read_table(os.path.join(tiny_data, "retrieved", f"{task}-train.parquet"), columns=["gold_ids"]).column("gold_ids").to_pylist(), [])}
+    assert results["unseen_gold"]["nq"]["passage"] == sum(not set(r["gold_ids"]) & trained for r in rows) / 5
+    # the training split: every example's gold is a training gold; predictions are named by the split
+    on_train = evaluate.main(dataclasses.replace(config, models=config.models[:1], split="train", teacher_recall=False))
+    assert all(share == {"passage": 0.0, "page": 0.0} for share in on_train["unseen_gold"].values())
+    assert on_train["models"]["glimmer"]["scores"]["nq"]["count"] == 5
+    assert len((tmp_path / "eval" / "predictions" / "glimmer" / "nq-train-kilt.jsonl").read_text().splitlines()) == 5
+    with pytest.raises(SystemExit, match="split must be"):
+        evaluate.main(dataclasses.replace(config, split="test"))
+    with pytest.raises(SystemExit, match="train_dirs entry"):
+        evaluate.main(dataclasses.replace(config, train_dirs=[str(tmp_path / "not-prepared")]))
     assert (tmp_path / "eval" / "metrics.json").exists()
 
 
