@@ -1,4 +1,4 @@
-"""Evaluate trained readers on the retrieved dev sets: KILT metrics per task, reranker vs retriever recall@m.
+"""Evaluate trained readers on the retrieved dev (or, split=train, training) sets: KILT metrics per task, reranker vs retriever recall@m.
 
     python jobs/evaluate.py --config jobs/configs/evaluate.yaml
     ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/evaluate.yaml
@@ -85,7 +85,7 @@ def main(config: EvaluateConfig) -> dict:
                              "(no closed_book, memory or num_selected)")
     if any(entry.reads == "gold" for entry in config.models) and config.evidence_passages < 1:
         raise SystemExit(f"evidence_passages must be >= 1 for a model that reads the gold evidence, got {config.evidence_passages}")
-    results: dict = {"config": to_dict(config), "models": {}, "unseen_gold": unseen_gold(config)}
+    results: dict = {"config": to_dict(config), "models": {}, "unseen_gold": unseen_gold(config, paths)}
 
     # loop: every model answers the same examples
     for entry in config.models:
@@ -185,26 +185,25 @@ def main(config: EvaluateConfig) -> dict:
     return results
 
 
-def unseen_gold(config: EvaluateConfig) -> dict[str, dict[str, float]]:
-    """Per task, the share of the evaluated examples none of whose gold passages (and, apart, pages) is a gold passage
-    (page) of any training example of `data_dir` and `train_dirs`, all tasks together."""
+def unseen_gold(config: EvaluateConfig, paths: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Per task, the share of the evaluated examples (`paths`) none of whose gold passages (and, apart, pages) is a gold
+    passage (page) of any training example of `data_dir` and `train_dirs`, all tasks together."""
     import pyarrow.parquet as pq
 
     seen: dict[str, set] = {"passage": set(), "page": set()}
     for directory in [config.data_dir, *config.train_dirs]:
+        if not os.path.isdir(os.path.join(directory, "retrieved")):
+            raise SystemExit(f"{directory}/retrieved not found: data_dir and train_dirs must be jobs/prepare_data.py outputs")
         for task in synthkilt.TASKS:
             path = os.path.join(directory, "retrieved", f"{task}-train.parquet")
-            if not os.path.exists(path):
-                if directory != config.data_dir:
-                    raise SystemExit(f"{path} not found: a train_dirs entry must be a jobs/prepare_data.py output with retrieved/")
+            if not os.path.exists(path):  # prepared with fewer tasks
                 continue
             table = pq.read_table(path, columns=["gold_ids", "gold_page_ids"]).to_pydict()
             for ids, pages in zip(table["gold_ids"], table["gold_page_ids"]):
                 seen["passage"].update(ids)
                 seen["page"].update(pages)
     shares = {}
-    for task in config.tasks:
-        path = os.path.join(config.data_dir, "retrieved", f"{task}-{config.split}.parquet")
+    for task, path in paths.items():
         table = pq.read_table(path, columns=["gold_ids", "gold_page_ids"]).slice(0, config.limit_per_task or None).to_pydict()
         rows = list(zip(table["gold_ids"], table["gold_page_ids"]))
         shares[task] = {"passage": sum(not set(ids) & seen["passage"] for ids, _ in rows) / max(1, len(rows)),

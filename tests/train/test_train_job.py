@@ -137,7 +137,7 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
     assert len((tmp_path / "eval" / "predictions" / "glimmer" / "nq-train-kilt.jsonl").read_text().splitlines()) == 5
     with pytest.raises(SystemExit, match="split must be"):
         evaluate.main(dataclasses.replace(config, split="test"))
-    with pytest.raises(SystemExit, match="train_dirs entry"):
+    with pytest.raises(SystemExit, match="prepare_data.py outputs"):
         evaluate.main(dataclasses.replace(config, train_dirs=[str(tmp_path / "not-prepared")]))
     assert (tmp_path / "eval" / "metrics.json").exists()
 
