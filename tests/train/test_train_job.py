@@ -10,6 +10,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.config import load_config
@@ -127,8 +128,9 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
     with pytest.raises(SystemExit, match="reads must be"):
         evaluate.main(dataclasses.replace(config, models=[evaluate.ModelEntry("x", summary["export_dir"], reads="oracle")]))
     # the dev examples none of whose gold passages is the gold of a training example (of any task), counted by hand for nq
-    trained = {key for task in results["unseen_gold"] for key in
-               sum(pq.read_table(os.path.join(tiny_data, "retrieved", f"{task}-train.parquet"), columns=["gold_ids"]).column("gold_ids").to_pylist(), [])}
+    trained = {key for task in results["unseen_gold"]
+               for ids in pq.read_table(os.path.join(tiny_data, "retrieved", f"{task}-train.parquet"), columns=["gold_ids"]).column("gold_ids").to_pylist()
+               for key in ids}
     assert results["unseen_gold"]["nq"]["passage"] == sum(not set(r["gold_ids"]) & trained for r in rows) / 5
     # the training split: every example's gold is a training gold; predictions are named by the split
     on_train = evaluate.main(dataclasses.replace(config, models=config.models[:1], split="train", teacher_recall=False))
@@ -147,3 +149,41 @@ def test_workers_that_would_starve_the_data_stream_are_refused(tiny_data, tmp_pa
     config = _train_config(tiny_data, str(tmp_path), "starved", **{"scaling.resources_per_worker": "{CPU: 1}"})
     with pytest.raises(SystemExit, match="leave no CPU"):
         train.main(config)
+
+
+def test_probe_reranker_job_trains_the_scorer_alone_on_both_targets(tiny_data, tmp_path, load_job):
+    from glimmer_ray.model.random_t5 import save_random_t5, t5_1_1_config
+
+    probe = load_job("probe_reranker")
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(tiny_data, "tokenizer")))
+    t5_dir = save_random_t5(tmp_path / "t5", t5_1_1_config(vocab_size=vocab, d_model=32, num_layers=2, num_heads=2, dropout_rate=0.0))
+    reader = GlimmerForConditionalGeneration.from_t5(t5_dir, live_proportion=1.0, rerank_proportion=0.5, num_selected=2)
+    reader.save_pretrained(tmp_path / "reader")
+    before = {name: tensor.clone() for name, tensor in reader.state_dict().items()}
+    config = probe.ProbeConfig(model=str(tmp_path / "reader"), data_dir=tiny_data, question_tokens=24, passage_tokens=48, answer_tokens=6,
+                               num_passages=4, train_limit_per_task=8, dev_limit_per_task=5, steps=30, batch_size=4,
+                               learning_rate=0.01, eval_every_steps=10, output_dir=str(tmp_path / "probe"))
+    metrics = probe.main(config)
+    assert json.loads((tmp_path / "probe" / "metrics.json").read_text())["targets"].keys() == {"teacher", "gold"}
+    assert metrics["train_examples"] == 48 and metrics["dev_examples"] == 30 and metrics["num_selected"] == 2
+    # the retriever's first m against the passages holding nq's gold paragraph, counted by hand
+    rows = pq.read_table(os.path.join(tiny_data, "retrieved", "nq-dev.parquet")).to_pylist()[:5]
+    by_hand = sum(bool(set(r["passage_ids"][:2]) & set(json.loads(r["gold_passages"])[0][0])) for r in rows) / 5
+    assert metrics["dev_reference"]["retriever"]["nq"] == by_hand
+    for target in ("teacher", "gold"):
+        history = metrics["targets"][target]["history"]
+        assert [row["step"] for row in history] == [0, 10, 20, 30]
+        assert all(0.0 <= value <= 1.0 for row in history for value in row["dev"].values())
+    # both probes start from the reader's own scorer; learning gold provenance on 12 batches lowers its loss
+    assert metrics["targets"]["teacher"]["history"][0]["dev"] == metrics["targets"]["gold"]["history"][0]["dev"]
+    gold = metrics["targets"]["gold"]["history"]
+    assert gold[-1]["loss"] < gold[1]["loss"]
+    # the probed reader on disk is untouched
+    after = GlimmerForConditionalGeneration.from_pretrained(tmp_path / "reader").state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    with pytest.raises(SystemExit, match="targets must be"):
+        probe.main(dataclasses.replace(config, targets=["oracle"]))
+    no_rerank = GlimmerForConditionalGeneration.from_t5(t5_dir, live_proportion=1.0, rerank_proportion=0.5, num_selected=None)
+    no_rerank.save_pretrained(tmp_path / "fid")
+    with pytest.raises(SystemExit, match="does not rerank"):
+        probe.main(dataclasses.replace(config, model=str(tmp_path / "fid")))
