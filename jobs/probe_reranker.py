@@ -6,10 +6,14 @@
 The memory of every question and passage, and the perplexity-distillation teacher's scores, are computed once with
 the reader frozen. Then, for each target in `targets`, a copy of the reader trains only live stage A and the rerank
 head on those cached inputs: `teacher` distils the teacher's ranking (the paper's loss, as jobs/train.py), `gold`
-learns KILT's gold provenance (the passages stating the answer) instead. Side by side in one run, on the same cached
+learns KILT's gold provenance (the passages stating the answer) instead, and `corpus` needs no labels at all: an
+inverse-cloze task on the passages (the query is a sentence naming a candidate's subject, taken from its text; the
+target is every candidate holding that sentence), a self-supervised matching signal on the knowledge source. Side by side in one run, on the same cached
 data, this tells whether the scorer cannot learn to match a question to its passage, or learns it from gold
 provenance but not from this teacher. Passage recall@m per task, at every evaluation, is printed and written to
 `<output_dir>/metrics.json`, with the retriever's and the teacher's own recall@m on the same examples. Nothing is exported.
+Variants of the scorer: `rerank_proportion` moves the split of the live layers (1.0: all before the scorer), `scoring`
+switches first-token and mean-pool reading, `head_norm` puts an RMSNorm before the head.
 """
 
 from __future__ import annotations
@@ -24,17 +28,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
-from glimmer_ray.data.stream import TokenizeConfig
+from glimmer_ray.data.stream import TokenizeConfig, question_text
 from glimmer_ray.eval.evaluate import dev_batches
 from glimmer_ray.model import GlimmerForConditionalGeneration
-from glimmer_ray.model.modeling import perplexity_distillation_loss
+from glimmer_ray.model.configuration import SCORING_METHODS
+from glimmer_ray.model.modeling import RerankHead, perplexity_distillation_loss
 from glimmer_ray.train.steps import model_inputs, reranker_recall
 
-TARGETS = ("teacher", "gold")
+TARGETS = ("teacher", "gold", "corpus")
 
 
 @dataclass
@@ -47,16 +54,40 @@ class ProbeConfig:
     passage_tokens: int = 96  # as trained
     answer_tokens: int = 12  # as trained
     num_passages: int = 10  # k
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))  # teacher | gold, each probed from the same start
+    targets: list[str] = field(default_factory=lambda: ["teacher", "gold"])  # teacher | gold | corpus, each from the same start
     train_limit_per_task: int | None = 200  # training examples per task per directory; null = all
     dev_limit_per_task: int | None = None  # dev examples per task; null = all
     steps: int = 300  # optimiser steps per target
     batch_size: int = 16  # examples per step
     learning_rate: float = 0.001  # AdamW, constant
     temperature: float = 0.1  # tau of both losses
+    rerank_proportion: float | None = None  # null: as trained | beta, the share of live layers before the scorer (1.0: all)
+    scoring: str | None = None  # null: as trained | first_token | mean_pool (the head's linear layer kept either way)
+    head_norm: bool = False  # an RMSNorm before the head (a trainable copy of the encoder's final layer norm)
     eval_every_steps: int = 100  # dev (and training-probe) recall interval
     output_dir: str = "outputs/quickstart/probe-reranker"  # metrics.json
     seed: int = 0
+
+
+class NormedRerankHead(nn.Module):
+    """The reader's RerankHead over RMSNorm-ed live stage A states (T5 blocks leave the residual stream unnormalised)."""
+
+    def __init__(self, norm: nn.Module, head: RerankHead) -> None:
+        super().__init__()
+        self.norm = norm
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden [n, l, d], mask [n, l] -> scores [n]."""
+        return self.head(self.norm(hidden), mask)
+
+
+def probe_head(model, scoring: str | None, head_norm: bool) -> nn.Module:
+    """A copy of the reader's head for the probe to train: its pooling overridden and an RMSNorm before it if asked."""
+    head = copy.deepcopy(model.rerank_head)
+    if scoring is not None:
+        head.scoring = scoring
+    return NormedRerankHead(copy.deepcopy(model.encoder.final_layer_norm), head) if head_norm else head
 
 
 def gold_in_candidates(batch: dict) -> torch.Tensor:
@@ -93,6 +124,7 @@ def cache_inputs(model, paths_by_dir: list[dict[str, str]], tokenizer_dir: str, 
             "gold_passages": batch["gold_passages"],
             "question_mask": inputs["question_mask"],
             "passage_mask": inputs["passage_mask"],
+            "passage_ids": inputs["passage_ids"],  # [b, k, lp], for the corpus target's queries
             "question_memory": model.encode_question(inputs["question_ids"], inputs["question_mask"]),  # [b, lq, d]
             "passage_memory": model._passage_memory(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"],
                                                     inputs["passage_mask"], None),  # [b, k, lp, d]
@@ -101,6 +133,71 @@ def cache_inputs(model, paths_by_dir: list[dict[str, str]], tokenizer_dir: str, 
             "gold": gold_in_candidates(batch),  # [b, k]
         })
     return cached
+
+
+def subject_sentences(passage: str) -> list[str]:
+    """The sentences of a decoded "title: T context: text" passage that name its subject T (all of them if none does)."""
+    title, _, body = passage.partition(" context: ")
+    title = title.removeprefix("title: ").strip()
+    sentences = [sentence.strip() for sentence in body.split(". ") if len(sentence.split()) >= 3]
+    return [sentence for sentence in sentences if title and title in sentence] or sentences
+
+
+class CorpusQueries:
+    """Inverse-cloze queries over the cached candidates: for each example a random candidate, a random sentence of it
+    naming its subject as the query (with the example's task prefix), and as targets every candidate holding it."""
+
+    def __init__(self, tokenizer_dir: str, question_tokens: int, seed: int) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.question_tokens = question_tokens
+        self.rng = random.Random(seed)
+        self.texts: dict[int, list[list[str]]] = {}  # id(batch) -> [b][k] decoded passages
+
+    def _decoded(self, batch: dict) -> list[list[str]]:
+        key = id(batch)
+        if key not in self.texts:
+            ids = batch["passage_ids"]  # [b, k, lp]
+            flat = self.tokenizer.batch_decode(ids.reshape(-1, ids.shape[-1]), skip_special_tokens=True)  # [b*k]
+            self.texts[key] = [flat[row * ids.shape[1] : (row + 1) * ids.shape[1]] for row in range(ids.shape[0])]
+        return self.texts[key]
+
+    def queries(self, batch: dict) -> tuple[list[str], list[int], torch.Tensor]:
+        """(query texts, the rows they belong to, targets [b', k]) for the rows with a usable sentence."""
+        queries, rows, targets = [], [], []
+        for row, (task, passages) in enumerate(zip(batch["task"], self._decoded(batch))):
+            sentences = subject_sentences(self.rng.choice(passages))
+            if not sentences:
+                continue
+            sentence = self.rng.choice(sentences)
+            queries.append(question_text(task, sentence))
+            rows.append(row)
+            targets.append([float(sentence in passage) for passage in passages])
+        return queries, rows, torch.tensor(targets).reshape(len(rows), -1)
+
+    @torch.no_grad()
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor] | None:
+        """(question memory [b', lq, d], question mask [b', lq], the rows used, targets [b', k]); None if no row has a sentence."""
+        queries, rows, targets = self.queries(batch)
+        if not rows:
+            return None
+        encoded = self.tokenizer(queries, max_length=self.question_tokens, truncation=True, padding="max_length", return_tensors="pt")
+        mask = encoded["attention_mask"]
+        return model.encode_question(encoded["input_ids"], mask), mask, rows, targets
+
+
+def probe_loss(model, target: str, batch: dict, corpus: CorpusQueries | None, temperature: float) -> torch.Tensor | None:
+    """The target's loss on one cached batch; None when the batch has nothing to learn (no gold passage or sentence)."""
+    if target == "corpus":
+        queries = corpus(model, batch)
+        if queries is None:
+            return None
+        question_memory, question_mask, rows, wanted = queries
+        scores = model.live_encode(question_memory, question_mask, batch["passage_memory"][rows], batch["passage_mask"][rows]).rerank_scores
+        return gold_loss(scores, wanted, temperature)
+    scores = rerank_scores(model, batch)  # [b, k]
+    if target == "teacher":
+        return perplexity_distillation_loss(scores, batch["teacher"], temperature)
+    return gold_loss(scores, batch["gold"], temperature)
 
 
 def rerank_scores(model, batch: dict) -> torch.Tensor:
@@ -146,12 +243,17 @@ def main(config: ProbeConfig) -> dict:
     unknown = [target for target in config.targets if target not in TARGETS]
     if unknown or not config.targets:
         raise SystemExit(f"targets must be a non-empty list of {list(TARGETS)}, got {config.targets}")
+    if config.scoring is not None and config.scoring not in SCORING_METHODS:
+        raise SystemExit(f"scoring must be null or one of {list(SCORING_METHODS)}, got {config.scoring!r}")
+    if config.rerank_proportion is not None and not 0.0 < config.rerank_proportion <= 1.0:
+        raise SystemExit(f"rerank_proportion must be null or in (0, 1], got {config.rerank_proportion}")
     if config.steps < 1 or config.eval_every_steps < 1:
         raise SystemExit(f"steps and eval_every_steps must be >= 1, got {config.steps} and {config.eval_every_steps}")
     if not os.path.isdir(config.model):
         raise SystemExit(f"model directory not found: {config.model} (a GLIMMER export of jobs/train.py)")
     torch.manual_seed(config.seed)
-    base = GlimmerForConditionalGeneration.from_pretrained(config.model).eval()
+    split = {} if config.rerank_proportion is None else {"rerank_proportion": config.rerank_proportion}
+    base = GlimmerForConditionalGeneration.from_pretrained(config.model, **split).eval()
     m = base.config.num_selected
     if m is None or m >= config.num_passages:
         raise SystemExit(f"{config.model} does not rerank (num_selected {m} of k = {config.num_passages}); probe a GLIMMER reader with m < k")
@@ -185,6 +287,7 @@ def main(config: ProbeConfig) -> dict:
     results = {}
     for target in config.targets:
         model = copy.deepcopy(base)
+        model.rerank_head = probe_head(model, config.scoring, config.head_norm)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         trainable = [p for block in model.live_a_blocks for p in block.parameters()] + list(model.rerank_head.parameters())
@@ -192,6 +295,7 @@ def main(config: ProbeConfig) -> dict:
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.01)
         rng = random.Random(config.seed)
+        corpus = CorpusQueries(tokenizer_dir, config.question_tokens, config.seed) if target == "corpus" else None
 
         history = [evaluate(model, target, 0, [], dev, train_probe, m)]
         losses: list[float] = []
@@ -201,13 +305,9 @@ def main(config: ProbeConfig) -> dict:
             rng.shuffle(order)
             for index in order:
                 batch = train[index]
-                scores = rerank_scores(model, batch)  # [b, k]
-                if target == "teacher":
-                    loss = perplexity_distillation_loss(scores, batch["teacher"], config.temperature)
-                else:
-                    loss = gold_loss(scores, batch["gold"], config.temperature)
-                    if loss is None:
-                        continue
+                loss = probe_loss(model, target, batch, corpus, config.temperature)
+                if loss is None:
+                    continue
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -229,8 +329,10 @@ def main(config: ProbeConfig) -> dict:
         rows.append((f"{target}-trained, step {result['history'][-1]['step']}", result["history"][-1]["dev"]))
     for name, values in rows:
         print(f"{name:<26}" + "".join(f"{values[t]:9.3f}" for t in tasks) + f"{_mean(values):9.3f}")
-    print(f"(the reader's memory frozen; only live stage A and the rerank head train, {config.steps} steps of {config.batch_size} per target)")
-    metrics = {"config": to_dict(config), "num_selected": m, "cache_seconds": cache_seconds,
+    head = (f"{base.config.num_live_a_layers} live layer(s) before the scorer, {config.scoring or base.config.scoring} scoring"
+            + (", RMSNorm before the head" if config.head_norm else ""))
+    print(f"(the reader's memory frozen; only live stage A and the rerank head train, {config.steps} steps of {config.batch_size} per target; {head})")
+    metrics = {"config": to_dict(config), "num_selected": m, "num_live_a_layers": base.config.num_live_a_layers, "cache_seconds": cache_seconds,
                "train_examples": sum(len(b["task"]) for b in train), "dev_examples": sum(len(b["task"]) for b in dev),
                "dev_reference": reference, "targets": results}
     os.makedirs(config.output_dir, exist_ok=True)

@@ -183,6 +183,42 @@ def test_probe_reranker_job_trains_the_scorer_alone_on_both_targets(tiny_data, t
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
     with pytest.raises(SystemExit, match="targets must be"):
         probe.main(dataclasses.replace(config, targets=["oracle"]))
+    with pytest.raises(SystemExit, match="scoring must be"):
+        probe.main(dataclasses.replace(config, scoring="max_pool"))
+    # the variant head: mean-pooled scores over RMSNorm-ed states, the norm a trainable copy of the encoder's final one
+    head = probe.probe_head(reader, "mean_pool", head_norm=True)
+    hidden, mask = torch.randn(3, 5, 32), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + reader.config.layer_norm_epsilon)
+    normed = normed * reader.encoder.final_layer_norm.weight
+    pooled = torch.stack([normed[row, : int(mask[row].sum())].mean(0) for row in range(3)])
+    torch.testing.assert_close(head(hidden, mask), pooled @ reader.rerank_head.proj.weight[0] + reader.rerank_head.proj.bias[0])
+    assert head.norm.weight is not reader.encoder.final_layer_norm.weight
+    with pytest.raises(SystemExit, match="rerank_proportion must be"):
+        probe.main(dataclasses.replace(config, rerank_proportion=0.0))
+    variant = probe.main(dataclasses.replace(config, targets=["gold", "corpus"], steps=10, scoring="mean_pool", head_norm=True,
+                                             rerank_proportion=1.0, output_dir=str(tmp_path / "probe-variant")))
+    assert metrics["num_live_a_layers"] == 1 and variant["num_live_a_layers"] == 2  # beta 1: both live layers before the scorer
+    for target in ("gold", "corpus"):
+        assert [row["step"] for row in variant["targets"][target]["history"]] == [0, 10]
+        assert variant["targets"][target]["history"][1]["loss"] > 0
+    # the corpus target: a sentence naming a candidate's subject, found in exactly the candidates marked as targets
+    assert probe.subject_sentences("title: Kraxbrath context: Historians continue to debate. Kraxbrath is a country whose capital "
+                                   "is Brandruxkin. The official language of Kraxbrath is Souldeirkese.") == [
+        "Kraxbrath is a country whose capital is Brandruxkin", "The official language of Kraxbrath is Souldeirkese."]
+    assert probe.subject_sentences("title: Houndmar context: Historians continue to debate. It is a country") == [
+        "Historians continue to debate", "It is a country"]
+    tokenize = probe.TokenizeConfig(24, 48, 6, 4)
+    batch = probe.cache_inputs(reader, [{"nq": os.path.join(tiny_data, "retrieved", "nq-train.parquet")}],
+                               os.path.join(tiny_data, "tokenizer"), tokenize, 4, 4, "caching")[0]
+    rows = pq.read_table(os.path.join(tiny_data, "retrieved", "nq-train.parquet")).to_pylist()[:4]
+    queries, used, targets = probe.CorpusQueries(os.path.join(tiny_data, "tokenizer"), 24, seed=0).queries(batch)
+    assert used == [0, 1, 2, 3] and targets.shape == (4, 4)
+    for query, row, target in zip(queries, used, targets.tolist()):
+        sentence = query.removeprefix("nq: ")
+        titles, texts = rows[row]["passage_titles"][:4], rows[row]["passage_texts"][:4]
+        assert query.startswith("nq: ") and sum(target) >= 1
+        assert all(sentence in text for text, wanted in zip(texts, target) if wanted)  # decoded tokens give back the text
+        assert any(title in sentence for title, wanted in zip(titles, target) if wanted)
     no_rerank = GlimmerForConditionalGeneration.from_t5(t5_dir, live_proportion=1.0, rerank_proportion=0.5, num_selected=None)
     no_rerank.save_pretrained(tmp_path / "fid")
     with pytest.raises(SystemExit, match="does not rerank"):
