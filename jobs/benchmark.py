@@ -6,7 +6,9 @@
 Every variant is a setting of the same trained reader (`glimmer_ray.eval.variants.reader_variant`) and answers the
 same dev examples, side by side in one run: KILT exact match per task and on average, the reranker's recall@m,
 the paper's formula FLOPs and the FLOPs counted in a real forward pass, and wall-clock per example and throughput
-with passage memory pre-computed (as the memory store serves it; computing it is not timed). Writes JSON and a
+with passage memory pre-computed (as the memory store serves it; computing it is not timed). The timing is round-robin:
+each of `timing_rounds` rounds passes every variant over its dev batches once, in an order rotated each round, and a
+variant's time is its median round, so drift in a shared machine's load falls on all variants alike. Writes JSON and a
 PNG of dev EM against time per example, like Figure 2.
 """
 
@@ -55,6 +57,7 @@ class BenchmarkConfig:
     answer_tokens: int = 12  # greedy answer length, at most
     limit_per_task: int | None = 60  # dev examples per task; null = all
     batch_size: int = 8  # examples per call
+    timing_rounds: int = 3  # round-robin passes over every variant; each variant's time is its median pass
     threads: int = 0  # torch threads; 0 = torch's default
     output: str = "outputs/quickstart/benchmark.json"  # JSON; the PNG is written next to it
     plot: bool = True  # write <output>.png
@@ -84,19 +87,32 @@ def _dev_passages(config: BenchmarkConfig, k: int) -> dict[str, tuple[str, str]]
     return passages
 
 
-def _run_variant(base: GlimmerForConditionalGeneration, tokenizer, variant: VariantConfig, config: BenchmarkConfig) -> dict:
+def _prepare_variant(base: GlimmerForConditionalGeneration, tokenizer, variant: VariantConfig, config: BenchmarkConfig) -> dict:
+    """The variant's reader, its pre-computed memory and its tokenised dev batches, warmed up by one call (not timed)."""
     model = reader_variant(base, variant)
     memory = PrecomputedMemory(model, tokenizer, _dev_passages(config, variant.num_passages), config.passage_tokens)
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, variant.num_passages)
     batches = list(dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task))
     predict(model, batches[:1], tokenizer, max_new_tokens=config.answer_tokens, memory=memory)  # warm-up
-    start = time.perf_counter()
-    predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, memory=memory)
-    seconds = time.perf_counter() - start
-    scores = score_predictions(predictions)
+    return {"variant": variant, "model": model, "memory": memory, "batches": batches, "seconds": [], "predictions": None}
 
-    inputs = model_inputs(batches[0], torch.device("cpu"), eos_token_id=tokenizer.eos_token_id)
+
+def _timed_pass(prepared: dict, tokenizer, config: BenchmarkConfig) -> None:
+    """One timed pass of the variant over its dev batches; the first pass's predictions are kept (greedy: all passes agree)."""
+    start = time.perf_counter()
+    predictions = predict(prepared["model"], prepared["batches"], tokenizer, max_new_tokens=config.answer_tokens, memory=prepared["memory"])
+    prepared["seconds"].append(time.perf_counter() - start)
+    if prepared["predictions"] is None:
+        prepared["predictions"] = predictions
+
+
+def _summarise(prepared: dict, tokenizer, config: BenchmarkConfig) -> dict:
+    """Quality, FLOPs (formula and counted) and the median round's time of one variant."""
+    model, variant, predictions = prepared["model"], prepared["variant"], prepared["predictions"]
+    scores = score_predictions(predictions)
+    seconds = float(np.median(prepared["seconds"]))
+    inputs = model_inputs(prepared["batches"][0], torch.device("cpu"), eos_token_id=tokenizer.eos_token_id)
     one = {key: value[:1] for key, value in inputs.items()}
     with torch.no_grad():
         passage_memory = model.encode_memory(one["passage_ids"][0], one["passage_mask"][0])[None]  # [1, k, lp, d]
@@ -113,6 +129,7 @@ def _run_variant(base: GlimmerForConditionalGeneration, tokenizer, variant: Vari
         "measured_flops": measured.total,
         "seconds_per_example": seconds / len(predictions),
         "examples_per_second": len(predictions) / seconds,
+        "seconds_per_round": prepared["seconds"],
         "examples": len(predictions),
     }
 
@@ -142,18 +159,29 @@ def _plot(results: list[dict], sweeps: list[dict], path: str) -> None:
 
 def main(config: BenchmarkConfig) -> dict:
     # setup
+    if config.timing_rounds < 1:
+        raise SystemExit(f"timing_rounds must be >= 1, got {config.timing_rounds}")
+    if not config.variants:
+        raise SystemExit("variants must hold at least one setting (the first is the baseline of the ratios)")
     if config.threads:
         torch.set_num_threads(config.threads)
     base = GlimmerForConditionalGeneration.from_pretrained(config.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     results: dict = {"config": to_dict(config), "model": config.model_dir, "variants": [], "sweeps": []}
 
-    # loop: every setting on the same weights and examples
-    for group, variants in (("variants", config.variants), ("sweeps", config.sweeps)):
-        for variant in variants:
-            result = _run_variant(base, tokenizer, variant, config)
-            results[group].append(result)
-            print(f"[benchmark] {variant.name}: EM {result['em']['average']:.3f}, {1e3 * result['seconds_per_example']:.1f} ms/example", flush=True)
+    # loop: every setting on the same weights and examples, timed round-robin
+    groups = [(group, variant) for group, variants in (("variants", config.variants), ("sweeps", config.sweeps)) for variant in variants]
+    prepared = [_prepare_variant(base, tokenizer, variant, config) for _, variant in groups]
+    for round_index in range(config.timing_rounds):
+        shift = round_index % len(prepared)
+        for item in prepared[shift:] + prepared[:shift]:
+            _timed_pass(item, tokenizer, config)
+        print(f"[benchmark] round {round_index + 1}/{config.timing_rounds}: "
+              + ", ".join(f"{item['variant'].name} {item['seconds'][-1]:.2f} s" for item in prepared), flush=True)
+    for (group, variant), item in zip(groups, prepared):
+        result = _summarise(item, tokenizer, config)
+        results[group].append(result)
+        print(f"[benchmark] {variant.name}: EM {result['em']['average']:.3f}, {1e3 * result['seconds_per_example']:.1f} ms/example", flush=True)
 
     # report
     baseline = results["variants"][0]
@@ -168,7 +196,8 @@ def main(config: BenchmarkConfig) -> dict:
                   f"{result['formula_flops'] / baseline['formula_flops']:.3f}", f"{result['seconds_per_example'] / baseline['seconds_per_example']:.3f}"]
         print("".join(f"{c:>11}" if i else f"{c:<20}" for i, c in enumerate(cells)))
     print("(EM: KILT exact match on dev; R@m: the read passages (m kept, or all k without reranking) cover a gold evidence set; "
-          "MF: million FLOPs per example, multiply-add = 1; formula includes the question's memory pass)")
+          "MF: million FLOPs per example, multiply-add = 1; formula includes the question's memory pass; "
+          f"time: the median of {config.timing_rounds} round-robin passes)")
     os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
     with open(config.output, "w") as handle:
         json.dump(results, handle, indent=2)
