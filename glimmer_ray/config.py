@@ -128,12 +128,21 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 
 def parse_job_args(cls: type[T], description: str, argv: list[str] | None = None) -> T:
-    """`--config FILE` plus `key.path=value` overrides, as every job script takes them."""
+    """`--config FILE` plus `key.path=value` overrides, as every job script takes them; a job whose config has a
+    top-level `output_dir` also takes `--output-dir DIR`, the same as the override `output_dir=DIR`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file of the job's configuration (defaults apply when omitted)")
+    has_output_dir = "output_dir" in {item.name for item in dataclasses.fields(cls)}
+    if has_output_dir:
+        parser.add_argument("--output-dir", help="where the job writes its artifacts (the same as output_dir=DIR)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128")
     args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if has_output_dir and args.output_dir is not None:
+        if any(item.split("=", 1)[0] == "output_dir" for item in overrides):
+            parser.error("give the output directory once: --output-dir DIR or output_dir=DIR, not both")
+        overrides.append(f"output_dir={args.output_dir}")
     try:
-        return load_config(cls, args.config, args.overrides)
+        return load_config(cls, args.config, overrides)
     except ConfigError as error:
         parser.error(str(error))

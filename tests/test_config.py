@@ -64,3 +64,20 @@ def test_command_line_errors_exit_with_usage(capsys):
     assert exit_info.value.code == 2
     assert "unknown key inner.bogus" in capsys.readouterr().err
     assert parse_job_args(Outer, "test", ["inner.width=8"]).inner.width == 8
+
+
+@dataclass
+class WithOutput:
+    output_dir: str = "outputs/default"
+    steps: int = 1
+
+
+def test_output_dir_flag_is_the_output_dir_override(capsys):
+    assert parse_job_args(WithOutput, "test", ["--output-dir", "runs/a", "steps=3"]) == WithOutput("runs/a", 3)
+    assert parse_job_args(WithOutput, "test", ["--config", "/dev/null", "output_dir=runs/b"]).output_dir == "runs/b"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_job_args(WithOutput, "test", ["--output-dir", "runs/a", "output_dir=runs/b"])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a job without output_dir has no such flag
+        parse_job_args(Outer, "test", ["--output-dir", "runs/a"])
+    assert "unrecognized arguments: --output-dir" in capsys.readouterr().err
