@@ -151,15 +151,14 @@ class CorpusQueries:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.question_tokens = question_tokens
         self.rng = random.Random(seed)
-        self.texts: dict[int, list[list[str]]] = {}  # id(batch) -> [b][k] decoded passages
 
     def _decoded(self, batch: dict) -> list[list[str]]:
-        key = id(batch)
-        if key not in self.texts:
+        """[b][k] passages as the reader saw them (decoded from the cached tokens), kept in the cached batch once decoded."""
+        if "passage_texts" not in batch:
             ids = batch["passage_ids"]  # [b, k, lp]
             flat = self.tokenizer.batch_decode(ids.reshape(-1, ids.shape[-1]), skip_special_tokens=True)  # [b*k]
-            self.texts[key] = [flat[row * ids.shape[1] : (row + 1) * ids.shape[1]] for row in range(ids.shape[0])]
-        return self.texts[key]
+            batch["passage_texts"] = [flat[row * ids.shape[1] : (row + 1) * ids.shape[1]] for row in range(ids.shape[0])]
+        return batch["passage_texts"]
 
     def queries(self, batch: dict) -> tuple[list[str], list[int], torch.Tensor]:
         """(query texts, the rows they belong to, targets [b', k]) for the rows with a usable sentence."""
