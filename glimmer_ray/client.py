@@ -24,8 +24,16 @@ class GlimmerAPIError(RuntimeError):
         self.status, self.message = status, message
 
 
-def _payload(question: str, task: str | None, top_k: int | None, num_selected: int | None, max_new_tokens: int | None) -> dict[str, Any]:
-    fields = {"question": question, "task": task, "top_k": top_k, "num_selected": num_selected, "max_new_tokens": max_new_tokens}
+def _payload(
+    question: str, task: str | None, top_k: int | None, num_selected: int | None, max_new_tokens: int | None
+) -> dict[str, Any]:
+    fields = {
+        "question": question,
+        "task": task,
+        "top_k": top_k,
+        "num_selected": num_selected,
+        "max_new_tokens": max_new_tokens,
+    }
     return {key: value for key, value in fields.items() if value is not None}
 
 
@@ -46,9 +54,17 @@ class GlimmerClient:
             raise GlimmerAPIError(response.status_code, message)
         return response.json()
 
-    def answer(self, question: str, task: str | None = None, top_k: int | None = None, num_selected: int | None = None,
-               max_new_tokens: int | None = None) -> AnswerResponse:
-        return AnswerResponse.model_validate(self._post("/v1/answer", _payload(question, task, top_k, num_selected, max_new_tokens)))
+    def answer(
+        self,
+        question: str,
+        task: str | None = None,
+        top_k: int | None = None,
+        num_selected: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> AnswerResponse:
+        return AnswerResponse.model_validate(
+            self._post("/v1/answer", _payload(question, task, top_k, num_selected, max_new_tokens))
+        )
 
     def answer_batch(self, requests_: list[AnswerRequest | dict[str, Any]]) -> list[AnswerResponse]:
         body = {"requests": [r.model_dump(exclude_none=True) if isinstance(r, AnswerRequest) else r for r in requests_]}
@@ -69,9 +85,17 @@ class GlimmerHandleClient:
 
         self.handle = serve.get_app_handle(app_name)
 
-    def answer(self, question: str, task: str | None = None, top_k: int | None = None, num_selected: int | None = None,
-               max_new_tokens: int | None = None) -> AnswerResponse:
-        reply = self.handle.answer_payload.remote(_payload(question, task, top_k, num_selected, max_new_tokens)).result()
+    def answer(
+        self,
+        question: str,
+        task: str | None = None,
+        top_k: int | None = None,
+        num_selected: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> AnswerResponse:
+        reply = self.handle.answer_payload.remote(
+            _payload(question, task, top_k, num_selected, max_new_tokens)
+        ).result()
         if reply["status"] != 200:
             raise GlimmerAPIError(reply["status"], reply["error"])
         return AnswerResponse.model_validate(reply["body"])

@@ -28,5 +28,7 @@ def tune_cpu_allocator(mmap_threshold_bytes: int = 1 << 30, trim_threshold_bytes
     except (OSError, AttributeError):
         logger.info("not glibc: allocator left as it is")
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes))) and bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold_bytes)))
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold_bytes))
+    )
     return ok

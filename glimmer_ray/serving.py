@@ -20,11 +20,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from transformers import AutoTokenizer
 
-from glimmer_ray.data.stream import question_text
+from glimmer_ray.data.reading import question_text
 from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.retrieval.pipeline import Retriever
-
 
 # ---- The API's types ---------------------------------------------------------------------------
 
@@ -116,7 +115,9 @@ class QuestionTokenizer:
     def __call__(self, task: str, question: str) -> np.ndarray:
         ids = self.tokenizer(question_text(task, question), truncation=False)["input_ids"]
         if len(ids) > self.question_tokens:
-            raise RequestError(f"the question is {len(ids)} tokens long with its task prefix; the limit is {self.question_tokens}")
+            raise RequestError(
+                f"the question is {len(ids)} tokens long with its task prefix; the limit is {self.question_tokens}"
+            )
         return np.asarray(ids, dtype=np.int64)  # [lq_i]
 
     def decode(self, tokens: list[int]) -> str:
@@ -159,16 +160,27 @@ class ReaderStages:
                 ids = torch.from_numpy(requests[i]["question_ids"])
                 question_ids[row, : len(ids)] = ids
                 question_mask[row, : len(ids)] = 1
-            memory = torch.from_numpy(np.stack([requests[i]["memory"] for i in members])).to(self.device)  # [b, k, lp, d]
-            memory_mask = torch.from_numpy(np.stack([requests[i]["memory_mask"] for i in members])).to(self.device)  # [b, k, lp]
+            memory = torch.from_numpy(np.stack([requests[i]["memory"] for i in members])).to(
+                self.device
+            )  # [b, k, lp, d]
+            memory_mask = torch.from_numpy(np.stack([requests[i]["memory_mask"] for i in members])).to(
+                self.device
+            )  # [b, k, lp]
             num_passages = shape[0]
-            encoding = self.model.encode(question_ids.to(self.device), question_mask.to(self.device), passage_mask=memory_mask,
-                                         passage_memory=memory, num_selected=m if m < num_passages else None)
+            encoding = self.model.encode(
+                question_ids.to(self.device),
+                question_mask.to(self.device),
+                passage_mask=memory_mask,
+                passage_memory=memory,
+                num_selected=m if m < num_passages else None,
+            )
             for row, i in enumerate(members):
                 results[i] = {
                     "hidden": encoding.hidden[row].float().cpu().numpy(),  # [m*l, d]
                     "mask": encoding.mask[row].cpu().numpy(),  # [m*l]
-                    "scores": None if encoding.rerank_scores is None else encoding.rerank_scores[row].float().cpu().numpy(),  # [k]
+                    "scores": None
+                    if encoding.rerank_scores is None
+                    else encoding.rerank_scores[row].float().cpu().numpy(),  # [k]
                     "selected": encoding.selected[row].cpu().numpy(),  # [m]
                 }
         return results
@@ -184,7 +196,9 @@ class ReaderStages:
             hidden[row, : len(request["mask"])] = torch.from_numpy(request["hidden"])
             mask[row, : len(request["mask"])] = torch.from_numpy(request["mask"])
         steps = max(r["max_new_tokens"] for r in requests)
-        tokens = self.model.generate_from_encoding(hidden.to(self.device), mask.to(self.device), max_new_tokens=steps)[:, 1:]
+        tokens = self.model.generate_from_encoding(hidden.to(self.device), mask.to(self.device), max_new_tokens=steps)[
+            :, 1:
+        ]
         answers = []
         for row, request in enumerate(requests):
             out = []
@@ -196,14 +210,29 @@ class ReaderStages:
         return answers
 
 
-def assemble_response(task: str, k: int, m: int, retrieved: dict[str, list], live: dict[str, np.ndarray], answer: str,
-                      timings: dict[str, float]) -> AnswerResponse:
+def assemble_response(
+    task: str,
+    k: int,
+    m: int,
+    retrieved: dict[str, list],
+    live: dict[str, np.ndarray],
+    answer: str,
+    timings: dict[str, float],
+) -> AnswerResponse:
     selected = set(live["selected"].tolist())
     scores = live["scores"]
     passages = [
-        Passage(id=pid, title=title, text=text, retrieval_score=score,
-                rerank_score=None if scores is None else float(scores[i]), selected=i in selected)
-        for i, (pid, title, text, score) in enumerate(zip(retrieved["ids"], retrieved["titles"], retrieved["texts"], retrieved["scores"]))
+        Passage(
+            id=pid,
+            title=title,
+            text=text,
+            retrieval_score=score,
+            rerank_score=None if scores is None else float(scores[i]),
+            selected=i in selected,
+        )
+        for i, (pid, title, text, score) in enumerate(
+            zip(retrieved["ids"], retrieved["titles"], retrieved["texts"], retrieved["scores"])
+        )
     ]
     return AnswerResponse(answer=answer, task=task, top_k=k, num_selected=m, passages=passages, timings=timings)
 
@@ -211,8 +240,16 @@ def assemble_response(task: str, k: int, m: int, retrieved: dict[str, list], liv
 class InProcessPipeline:
     """All stages in this process, one request at a time: the reference for the Serve graph."""
 
-    def __init__(self, model_dir: str, index_dir: str, passages: str, memory_store: str, limits: Limits,
-                 encoder_path: str | None = None, cache_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        index_dir: str,
+        passages: str,
+        memory_store: str,
+        limits: Limits,
+        encoder_path: str | None = None,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
         self.retriever = Retriever(index_dir, passages, encoder_path, use_gpu=False)
         self.memory = MemoryLookup(memory_store, cache_bytes)
         self.reader = ReaderStages(model_dir)
@@ -232,10 +269,21 @@ class InProcessPipeline:
         memory, memory_mask = self.memory.fetch(retrieved["ids"])
         timings["memory"] = 1e3 * (time.perf_counter() - clock)
         clock = time.perf_counter()
-        live = self.reader.live([{"question_ids": question_ids, "memory": memory, "memory_mask": memory_mask, "num_selected": min(m, len(retrieved["ids"]))}])[0]
+        live = self.reader.live(
+            [
+                {
+                    "question_ids": question_ids,
+                    "memory": memory,
+                    "memory_mask": memory_mask,
+                    "num_selected": min(m, len(retrieved["ids"])),
+                }
+            ]
+        )[0]
         timings["live"] = 1e3 * (time.perf_counter() - clock)
         clock = time.perf_counter()
-        tokens = self.reader.decode([{"hidden": live["hidden"], "mask": live["mask"], "max_new_tokens": max_new_tokens}])[0]
+        tokens = self.reader.decode(
+            [{"hidden": live["hidden"], "mask": live["mask"], "max_new_tokens": max_new_tokens}]
+        )[0]
         timings["decoder"] = 1e3 * (time.perf_counter() - clock)
         timings["total"] = sum(timings.values())
         return assemble_response(task, k, m, retrieved, live, self.questions.decode(tokens), timings)

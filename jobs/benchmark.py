@@ -66,7 +66,13 @@ class BenchmarkConfig:
 class PrecomputedMemory:
     """Memory of every dev passage, computed once by the variant's own memory encoder (not timed)."""
 
-    def __init__(self, model: GlimmerForConditionalGeneration, tokenizer, passages: dict[str, tuple[str, str]], passage_tokens: int) -> None:
+    def __init__(
+        self,
+        model: GlimmerForConditionalGeneration,
+        tokenizer,
+        passages: dict[str, tuple[str, str]],
+        passage_tokens: int,
+    ) -> None:
         encoder = MemoryEncoder(model, tokenizer, passage_tokens, device="cpu")
         ids = sorted(passages)
         memories = encoder.encode([passages[p][0] for p in ids], [passages[p][1] for p in ids])
@@ -80,28 +86,56 @@ class PrecomputedMemory:
 def _dev_passages(config: BenchmarkConfig, k: int) -> dict[str, tuple[str, str]]:
     passages = {}
     for task in config.tasks:
-        rows = pq.read_table(os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet"),
-                             columns=["passage_ids", "passage_titles", "passage_texts"]).to_pylist()
+        rows = pq.read_table(
+            os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet"),
+            columns=["passage_ids", "passage_titles", "passage_texts"],
+        ).to_pylist()
         for row in rows[: config.limit_per_task] if config.limit_per_task else rows:
-            passages.update({pid: (title, text) for pid, title, text in zip(row["passage_ids"][:k], row["passage_titles"][:k], row["passage_texts"][:k])})
+            passages.update(
+                {
+                    pid: (title, text)
+                    for pid, title, text in zip(
+                        row["passage_ids"][:k], row["passage_titles"][:k], row["passage_texts"][:k]
+                    )
+                }
+            )
     return passages
 
 
-def _prepare_variant(base: GlimmerForConditionalGeneration, tokenizer, variant: VariantConfig, config: BenchmarkConfig) -> dict:
+def _prepare_variant(
+    base: GlimmerForConditionalGeneration, tokenizer, variant: VariantConfig, config: BenchmarkConfig
+) -> dict:
     """The variant's reader, its pre-computed memory and its tokenised dev batches, warmed up by one call (not timed)."""
     model = reader_variant(base, variant)
     memory = PrecomputedMemory(model, tokenizer, _dev_passages(config, variant.num_passages), config.passage_tokens)
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, variant.num_passages)
-    batches = list(dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task))
+    batches = list(
+        dev_batches(
+            paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task
+        )
+    )
     predict(model, batches[:1], tokenizer, max_new_tokens=config.answer_tokens, memory=memory)  # warm-up
-    return {"variant": variant, "model": model, "memory": memory, "batches": batches, "seconds": [], "predictions": None}
+    return {
+        "variant": variant,
+        "model": model,
+        "memory": memory,
+        "batches": batches,
+        "seconds": [],
+        "predictions": None,
+    }
 
 
 def _timed_pass(prepared: dict, tokenizer, config: BenchmarkConfig) -> None:
     """One timed pass of the variant over its dev batches; the first pass's predictions are kept (greedy: all passes agree)."""
     start = time.perf_counter()
-    predictions = predict(prepared["model"], prepared["batches"], tokenizer, max_new_tokens=config.answer_tokens, memory=prepared["memory"])
+    predictions = predict(
+        prepared["model"],
+        prepared["batches"],
+        tokenizer,
+        max_new_tokens=config.answer_tokens,
+        memory=prepared["memory"],
+    )
     prepared["seconds"].append(time.perf_counter() - start)
     if prepared["predictions"] is None:
         prepared["predictions"] = predictions
@@ -116,12 +150,20 @@ def _summarise(prepared: dict, tokenizer, config: BenchmarkConfig) -> dict:
     one = {key: value[:1] for key, value in inputs.items()}
     with torch.no_grad():
         passage_memory = model.encode_memory(one["passage_ids"][0], one["passage_mask"][0])[None]  # [1, k, lp, d]
-    measured = measure_reader_flops(model, one["question_ids"], one["question_mask"], passage_memory, one["passage_mask"], config.answer_tokens)
+    measured = measure_reader_flops(
+        model, one["question_ids"], one["question_mask"], passage_memory, one["passage_mask"], config.answer_tokens
+    )
     pair_tokens = int(one["question_mask"].sum() + one["passage_mask"][0].sum(-1).float().mean())
-    formula = formula_flops(model.config, variant.num_passages, pair_tokens, config.answer_tokens, int(one["question_mask"].sum()))
+    formula = formula_flops(
+        model.config, variant.num_passages, pair_tokens, config.answer_tokens, int(one["question_mask"].sum())
+    )
     return {
         "variant": to_dict(variant),
-        "layers": {"memory": model.config.num_memory_layers, "live_a": model.config.num_live_a_layers, "live_b": model.config.num_live_b_layers},
+        "layers": {
+            "memory": model.config.num_memory_layers,
+            "live_a": model.config.num_live_a_layers,
+            "live_b": model.config.num_live_b_layers,
+        },
         "em": {task: scores[task]["em"] for task in list(config.tasks) + ["average"]},
         "f1_average": scores["average"]["f1"],
         "recall_at_m": sum(covers_evidence(p["gold_pages"], p["kept_pages"]) for p in predictions) / len(predictions),
@@ -142,12 +184,30 @@ def _plot(results: list[dict], sweeps: list[dict], path: str) -> None:
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for result, marker in zip(results, ("o", "s", "*")):
-        axis.scatter(1e3 * result["seconds_per_example"], result["em"]["average"], s=90, marker=marker, label=result["variant"]["name"], zorder=3)
+        axis.scatter(
+            1e3 * result["seconds_per_example"],
+            result["em"]["average"],
+            s=90,
+            marker=marker,
+            label=result["variant"]["name"],
+            zorder=3,
+        )
     if sweeps:
-        axis.scatter([1e3 * r["seconds_per_example"] for r in sweeps], [r["em"]["average"] for r in sweeps], s=25, c="grey", label="GLIMMER sweeps (k, m)")
+        axis.scatter(
+            [1e3 * r["seconds_per_example"] for r in sweeps],
+            [r["em"]["average"] for r in sweeps],
+            s=25,
+            c="grey",
+            label="GLIMMER sweeps (k, m)",
+        )
         for r in sweeps:
-            axis.annotate(r["variant"]["name"].replace("GLIMMER ", ""), (1e3 * r["seconds_per_example"], r["em"]["average"]), fontsize=7,
-                          xytext=(3, 3), textcoords="offset points")
+            axis.annotate(
+                r["variant"]["name"].replace("GLIMMER ", ""),
+                (1e3 * r["seconds_per_example"], r["em"]["average"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     axis.set_xlabel("time per example (ms, memory pre-computed)")
     axis.set_ylabel("dev exact match (average over tasks)")
     axis.set_title("Quality vs speed on one trained reader (cf. GLIMMER Figure 2)")
@@ -170,34 +230,60 @@ def main(config: BenchmarkConfig) -> dict:
     results: dict = {"config": to_dict(config), "model": config.model_dir, "variants": [], "sweeps": []}
 
     # loop: every setting on the same weights and examples, timed round-robin
-    groups = [(group, variant) for group, variants in (("variants", config.variants), ("sweeps", config.sweeps)) for variant in variants]
+    groups = [
+        (group, variant)
+        for group, variants in (("variants", config.variants), ("sweeps", config.sweeps))
+        for variant in variants
+    ]
     prepared = [_prepare_variant(base, tokenizer, variant, config) for _, variant in groups]
     for round_index in range(config.timing_rounds):
         shift = round_index % len(prepared)
         for item in prepared[shift:] + prepared[:shift]:
             _timed_pass(item, tokenizer, config)
-        print(f"[benchmark] round {round_index + 1}/{config.timing_rounds}: "
-              + ", ".join(f"{item['variant'].name} {item['seconds'][-1]:.2f} s" for item in prepared), flush=True)
+        print(
+            f"[benchmark] round {round_index + 1}/{config.timing_rounds}: "
+            + ", ".join(f"{item['variant'].name} {item['seconds'][-1]:.2f} s" for item in prepared),
+            flush=True,
+        )
     for (group, variant), item in zip(groups, prepared):
         result = _summarise(item, tokenizer, config)
         results[group].append(result)
-        print(f"[benchmark] {variant.name}: EM {result['em']['average']:.3f}, {1e3 * result['seconds_per_example']:.1f} ms/example", flush=True)
+        print(
+            f"[benchmark] {variant.name}: EM {result['em']['average']:.3f}, {1e3 * result['seconds_per_example']:.1f} ms/example",
+            flush=True,
+        )
 
     # report
     baseline = results["variants"][0]
-    header = ["setting", "mem/A/B", "EM avg"] + [t[:7] for t in config.tasks] + ["R@m", "formula MF", "measured MF", "ms/ex", "ex/s", "FLOPs/FiD", "time/FiD"]
+    header = (
+        ["setting", "mem/A/B", "EM avg"]
+        + [t[:7] for t in config.tasks]
+        + ["R@m", "formula MF", "measured MF", "ms/ex", "ex/s", "FLOPs/FiD", "time/FiD"]
+    )
     print("\n" + "".join(f"{h:>11}" if i else f"{h:<20}" for i, h in enumerate(header)))
     for result in results["variants"] + results["sweeps"]:
         layers = result["layers"]
-        cells = [result["variant"]["name"], f"{layers['memory']}/{layers['live_a']}/{layers['live_b']}", f"{result['em']['average']:.3f}"]
+        cells = [
+            result["variant"]["name"],
+            f"{layers['memory']}/{layers['live_a']}/{layers['live_b']}",
+            f"{result['em']['average']:.3f}",
+        ]
         cells += [f"{result['em'][t]:.3f}" for t in config.tasks]
-        cells += [f"{result['recall_at_m']:.3f}", f"{result['formula_flops'] / 1e6:.2f}", f"{result['measured_flops'] / 1e6:.2f}",
-                  f"{1e3 * result['seconds_per_example']:.1f}", f"{result['examples_per_second']:.1f}",
-                  f"{result['formula_flops'] / baseline['formula_flops']:.3f}", f"{result['seconds_per_example'] / baseline['seconds_per_example']:.3f}"]
+        cells += [
+            f"{result['recall_at_m']:.3f}",
+            f"{result['formula_flops'] / 1e6:.2f}",
+            f"{result['measured_flops'] / 1e6:.2f}",
+            f"{1e3 * result['seconds_per_example']:.1f}",
+            f"{result['examples_per_second']:.1f}",
+            f"{result['formula_flops'] / baseline['formula_flops']:.3f}",
+            f"{result['seconds_per_example'] / baseline['seconds_per_example']:.3f}",
+        ]
         print("".join(f"{c:>11}" if i else f"{c:<20}" for i, c in enumerate(cells)))
-    print("(EM: KILT exact match on dev; R@m: the read passages (m kept, or all k without reranking) cover a gold evidence set; "
-          "MF: million FLOPs per example, multiply-add = 1; formula includes the question's memory pass; "
-          f"time: the median of {config.timing_rounds} round-robin passes)")
+    print(
+        "(EM: KILT exact match on dev; R@m: the read passages (m kept, or all k without reranking) cover a gold evidence set; "
+        "MF: million FLOPs per example, multiply-add = 1; formula includes the question's memory pass; "
+        f"time: the median of {config.timing_rounds} round-robin passes)"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
     with open(config.output, "w") as handle:
         json.dump(results, handle, indent=2)

@@ -52,7 +52,13 @@ class BenchmarkConfig:
     output: str = "outputs/benchmark_inference.json"  # JSON written here
 
 
-def _inputs(model: GlimmerForConditionalGeneration, config: BenchmarkConfig, batch: int, num_passages: int, generator: torch.Generator):
+def _inputs(
+    model: GlimmerForConditionalGeneration,
+    config: BenchmarkConfig,
+    batch: int,
+    num_passages: int,
+    generator: torch.Generator,
+):
     vocab = config.model.vocab_size
     question_ids = torch.randint(2, vocab, (batch, config.question_tokens), generator=generator)
     passage_ids = torch.randint(2, vocab, (batch * num_passages, config.passage_tokens), generator=generator)
@@ -73,11 +79,15 @@ def _timed_answer(model, inputs, answer_tokens: int) -> tuple[float, float]:
     start = time.perf_counter()
     encoding = model.encode(question_ids, question_mask, passage_memory=memory, passage_mask=passage_mask)
     encoded = time.perf_counter()
-    model.generate_from_encoding(encoding.hidden, encoding.mask, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens)
+    model.generate_from_encoding(
+        encoding.hidden, encoding.mask, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens
+    )
     return encoded - start, time.perf_counter() - encoded
 
 
-def _time_batch_size(config: BenchmarkConfig, models: dict, flops: dict, batch_size: int, generator: torch.Generator) -> dict:
+def _time_batch_size(
+    config: BenchmarkConfig, models: dict, flops: dict, batch_size: int, generator: torch.Generator
+) -> dict:
     """Time every variant at one batch size, round-robin; print and return the table."""
     inputs = {v.name: _inputs(models[v.name], config, batch_size, v.num_passages, generator) for v in config.variants}
     timings = {v.name: {"encode": [], "decode": []} for v in config.variants}
@@ -88,32 +98,43 @@ def _time_batch_size(config: BenchmarkConfig, models: dict, flops: dict, batch_s
             if round_index >= config.warmup:
                 timings[variant.name]["encode"].append(encode_s / batch_size)
                 timings[variant.name]["decode"].append(decode_s / batch_size)
-        print(f"batch {batch_size}: round {round_index + 1}/{total_rounds}{' (warm-up)' if round_index < config.warmup else ''}", flush=True)
+        print(
+            f"batch {batch_size}: round {round_index + 1}/{total_rounds}{' (warm-up)' if round_index < config.warmup else ''}",
+            flush=True,
+        )
 
     baseline = config.variants[0].name
     results = []
     for variant in config.variants:
         per_example = [e + d for e, d in zip(timings[variant.name]["encode"], timings[variant.name]["decode"])]
         formula, measured = flops[variant.name]
-        results.append({
-            "variant": to_dict(variant),
-            "formula_flops": formula,
-            "measured_flops": measured,
-            "seconds_per_example": statistics.median(per_example),
-            "encode_seconds_per_example": statistics.median(timings[variant.name]["encode"]),
-            "decode_seconds_per_example": statistics.median(timings[variant.name]["decode"]),
-            "all_seconds_per_example": per_example,
-        })
+        results.append(
+            {
+                "variant": to_dict(variant),
+                "formula_flops": formula,
+                "measured_flops": measured,
+                "seconds_per_example": statistics.median(per_example),
+                "encode_seconds_per_example": statistics.median(timings[variant.name]["encode"]),
+                "decode_seconds_per_example": statistics.median(timings[variant.name]["decode"]),
+                "all_seconds_per_example": per_example,
+            }
+        )
     base = results[0]
     for result in results:
         result["flops_ratio_to_baseline"] = result["formula_flops"]["total"] / base["formula_flops"]["total"]
         result["measured_flops_ratio_to_baseline"] = result["measured_flops"]["total"] / base["measured_flops"]["total"]
         result["time_ratio_to_baseline"] = result["seconds_per_example"] / base["seconds_per_example"]
-        result["encode_time_ratio_to_baseline"] = result["encode_seconds_per_example"] / base["encode_seconds_per_example"]
+        result["encode_time_ratio_to_baseline"] = (
+            result["encode_seconds_per_example"] / base["encode_seconds_per_example"]
+        )
 
-    header = (f"{'variant':<18} {'paper GF':>9} {'+Q mem GF':>9} {'meas. GF':>9} {'meas.proj':>9} {'s/ex':>7} {'enc s':>7} "
-              f"{'dec s':>7} {'FLOPs/' + baseline[:3]:>9} {'time/' + baseline[:3]:>8} {'enc/' + baseline[:3]:>7}")
-    print(f"\nbatch size {batch_size}, {config.answer_tokens} answer tokens, median of {config.num_examples} calls\n{header}\n{'-' * len(header)}")
+    header = (
+        f"{'variant':<18} {'paper GF':>9} {'+Q mem GF':>9} {'meas. GF':>9} {'meas.proj':>9} {'s/ex':>7} {'enc s':>7} "
+        f"{'dec s':>7} {'FLOPs/' + baseline[:3]:>9} {'time/' + baseline[:3]:>8} {'enc/' + baseline[:3]:>7}"
+    )
+    print(
+        f"\nbatch size {batch_size}, {config.answer_tokens} answer tokens, median of {config.num_examples} calls\n{header}\n{'-' * len(header)}"
+    )
     for r in results:
         print(
             f"{r['variant']['name']:<18} {r['formula_flops']['paper_total'] / 1e9:9.1f} {r['formula_flops']['total'] / 1e9:9.1f} "
@@ -121,8 +142,11 @@ def _time_batch_size(config: BenchmarkConfig, models: dict, flops: dict, batch_s
             f"{r['seconds_per_example']:7.3f} {r['encode_seconds_per_example']:7.3f} {r['decode_seconds_per_example']:7.3f} "
             f"{r['flops_ratio_to_baseline']:9.3f} {r['time_ratio_to_baseline']:8.3f} {r['encode_time_ratio_to_baseline']:7.3f}"
         )
-    print("GF: 1e9 FLOPs per example, a multiply-add counted once (the paper's convention); 'meas. GF' adds attention "
-          "scores and the vocabulary projection, which the formulas leave out.\n", flush=True)
+    print(
+        "GF: 1e9 FLOPs per example, a multiply-add counted once (the paper's convention); 'meas. GF' adds attention "
+        "scores and the vocabulary projection, which the formulas leave out.\n",
+        flush=True,
+    )
     return {"batch_size": batch_size, "results": results}
 
 
@@ -133,14 +157,24 @@ def main(config: BenchmarkConfig) -> dict:
         tune_cpu_allocator()
     shape = config.model
     t5_config = t5_1_1_config(
-        vocab_size=shape.vocab_size, d_model=shape.d_model, num_layers=shape.num_layers,
-        num_heads=shape.num_heads, d_ff=shape.d_ff, dropout_rate=0.0,
+        vocab_size=shape.vocab_size,
+        d_model=shape.d_model,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        d_ff=shape.d_ff,
+        dropout_rate=0.0,
     )
-    print(f"building one random T5.1.1 (d {shape.d_model}, {shape.num_layers} layers); torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"building one random T5.1.1 (d {shape.d_model}, {shape.num_layers} layers); torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     t5 = random_t5(t5_config, seed=config.seed)
     models = {
         variant.name: GlimmerForConditionalGeneration.from_t5(
-            t5, live_proportion=variant.live_proportion, rerank_proportion=variant.rerank_proportion, num_selected=variant.num_selected
+            t5,
+            live_proportion=variant.live_proportion,
+            rerank_proportion=variant.rerank_proportion,
+            num_selected=variant.num_selected,
         ).eval()
         for variant in config.variants
     }
@@ -150,11 +184,18 @@ def main(config: BenchmarkConfig) -> dict:
     flops = {}
     for variant in config.variants:
         model = models[variant.name]
-        formula = formula_flops(model.config, variant.num_passages, pair_tokens, config.answer_tokens, config.question_tokens)
-        measured = measure_reader_flops(model, *_inputs(model, config, 1, variant.num_passages, generator), target_tokens=config.answer_tokens)
+        formula = formula_flops(
+            model.config, variant.num_passages, pair_tokens, config.answer_tokens, config.question_tokens
+        )
+        measured = measure_reader_flops(
+            model, *_inputs(model, config, 1, variant.num_passages, generator), target_tokens=config.answer_tokens
+        )
         flops[variant.name] = (formula.as_dict(), measured.as_dict())
-        print(f"  {variant.name}: memory layers {model.config.num_memory_layers}, live A {model.config.num_live_a_layers}, "
-              f"live B {model.config.num_live_b_layers}; formula {formula.total / 1e9:.1f} GFLOPs", flush=True)
+        print(
+            f"  {variant.name}: memory layers {model.config.num_memory_layers}, live A {model.config.num_live_a_layers}, "
+            f"live B {model.config.num_live_b_layers}; formula {formula.total / 1e9:.1f} GFLOPs",
+            flush=True,
+        )
     tables = [_time_batch_size(config, models, flops, batch_size, generator) for batch_size in config.batch_sizes]
     report = {
         "config": to_dict(config),

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
-import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.config import parse_job_args, to_dict
@@ -62,9 +61,14 @@ def _quality(model, tokenizer, config: BenchmarkMemoryConfig, store) -> dict:
     predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, memory=store)
     seconds = time.perf_counter() - start
     scores = score_predictions(predictions)
-    return {"em": scores["average"]["em"], "em_per_task": {t: scores[t]["em"] for t in config.tasks},
-            "reranker_recall_at_m": sum(covers_evidence(p["gold_pages"], p["kept_pages"]) for p in predictions) / len(predictions),
-            "answers": [p["answer"] for p in predictions], "seconds": seconds}
+    return {
+        "em": scores["average"]["em"],
+        "em_per_task": {t: scores[t]["em"] for t in config.tasks},
+        "reranker_recall_at_m": sum(covers_evidence(p["gold_pages"], p["kept_pages"]) for p in predictions)
+        / len(predictions),
+        "answers": [p["answer"] for p in predictions],
+        "seconds": seconds,
+    }
 
 
 def _latency(store_dir: str, ids: list[str], config: BenchmarkMemoryConfig) -> dict:
@@ -73,7 +77,9 @@ def _latency(store_dir: str, ids: list[str], config: BenchmarkMemoryConfig) -> d
     cold = []
     for request in requests:
         start = time.perf_counter()
-        MemoryStore(store_dir, verify="none").fetch(request, length=config.passage_tokens)  # fresh object: opens and maps shards
+        MemoryStore(store_dir, verify="none").fetch(
+            request, length=config.passage_tokens
+        )  # fresh object: opens and maps shards
         cold.append(time.perf_counter() - start)
     cache = LRUMemoryCache(MemoryStore(store_dir, verify="none"), config.cache_bytes)
     for request in requests:
@@ -83,8 +89,12 @@ def _latency(store_dir: str, ids: list[str], config: BenchmarkMemoryConfig) -> d
         start = time.perf_counter()
         cache.fetch(request, length=config.passage_tokens)
         cached.append(time.perf_counter() - start)
-    return {"cold_ms_p50": 1e3 * float(np.median(cold)), "cold_ms_p99": 1e3 * float(np.quantile(cold, 0.99)),
-            "cached_ms_p50": 1e3 * float(np.median(cached)), "cached_ms_p99": 1e3 * float(np.quantile(cached, 0.99))}
+    return {
+        "cold_ms_p50": 1e3 * float(np.median(cold)),
+        "cold_ms_p99": 1e3 * float(np.quantile(cold, 0.99)),
+        "cached_ms_p50": 1e3 * float(np.median(cached)),
+        "cached_ms_p99": 1e3 * float(np.quantile(cached, 0.99)),
+    }
 
 
 def _throughput(store: MemoryStore, store_dir: str) -> dict:
@@ -97,10 +107,16 @@ def _throughput(store: MemoryStore, store_dir: str) -> dict:
     cat_seconds = (time.perf_counter() - start) / repeats
     fresh = MemoryStore(store_dir, verify="none")
     start = time.perf_counter()
-    decoded = sum(memory.nbytes for file in [s["file"] for s in fresh.manifest["shards"]] for _, memory in fresh.read_shard(file))
+    decoded = sum(
+        memory.nbytes for file in [s["file"] for s in fresh.manifest["shards"]] for _, memory in fresh.read_shard(file)
+    )
     read_seconds = time.perf_counter() - start
-    return {"stored_mb_per_s": stored_bytes / read_seconds / 1e6, "decoded_mb_per_s": decoded / read_seconds / 1e6,
-            "cat_mb_per_s": stored_bytes / cat_seconds / 1e6, "read_seconds": read_seconds}
+    return {
+        "stored_mb_per_s": stored_bytes / read_seconds / 1e6,
+        "decoded_mb_per_s": decoded / read_seconds / 1e6,
+        "cat_mb_per_s": stored_bytes / cat_seconds / 1e6,
+        "read_seconds": read_seconds,
+    }
 
 
 def main(config: BenchmarkMemoryConfig) -> dict:
@@ -118,11 +134,30 @@ def main(config: BenchmarkMemoryConfig) -> dict:
     stores = {}
     for codec in config.codecs:
         store_dir = os.path.join(config.output_dir, codec)
-        build = build_memory(passages, store_dir, config.model_dir, os.path.join(config.data_dir, "tokenizer"), config.passage_tokens,
-                             codec=codec, codec_params={"num_subvectors": config.pq_subvectors}, shard_size=config.shard_size)
+        build = build_memory(
+            passages,
+            store_dir,
+            config.model_dir,
+            os.path.join(config.data_dir, "tokenizer"),
+            config.passage_tokens,
+            codec=codec,
+            codec_params={"num_subvectors": config.pq_subvectors},
+            shard_size=config.shard_size,
+        )
         stores[codec] = MemoryStore(store_dir, verify="all")
         stores[codec].check_model(model, tokenizer)
-        results["codecs"][codec] = {"build": {k: build.get(k) for k in ("passages_encoded", "tokens_encoded", "passages_per_second", "tokens_per_second", "wall_seconds")}}
+        results["codecs"][codec] = {
+            "build": {
+                k: build.get(k)
+                for k in (
+                    "passages_encoded",
+                    "tokens_encoded",
+                    "passages_per_second",
+                    "tokens_per_second",
+                    "wall_seconds",
+                )
+            }
+        }
 
     # measurements, side by side on the same model and examples
     reference = stores["fp32"]
@@ -139,36 +174,72 @@ def main(config: BenchmarkMemoryConfig) -> dict:
             values_sum += float(np.abs(exact).sum())
             count += exact.size
         quality = _quality(model, tokenizer, config, store)
-        results["codecs"][codec].update({
-            "bytes_per_token": store.manifest["bytes_per_token"],
-            "compression_vs_fp32": reference.manifest["bytes_per_token"] / store.manifest["bytes_per_token"],
-            "store_bytes": store.manifest["bytes"],
-            "max_abs_error": errors_max,
-            "mean_abs_error": errors_sum / count,
-            "mean_relative_error": errors_sum / values_sum,
-            "dev_em": quality["em"],
-            "dev_em_per_task": quality["em_per_task"],
-            "dev_em_change": quality["em"] - from_tokens["em"],
-            "answers_changed": sum(a != b for a, b in zip(quality["answers"], from_tokens["answers"])) / len(from_tokens["answers"]),
-            "reranker_recall_at_m": quality["reranker_recall_at_m"],
-            "reranker_recall_change": quality["reranker_recall_at_m"] - from_tokens["reranker_recall_at_m"],
-            "latency": _latency(os.path.join(config.output_dir, codec), ids, config),
-            "throughput": _throughput(store, os.path.join(config.output_dir, codec)),
-        })
+        results["codecs"][codec].update(
+            {
+                "bytes_per_token": store.manifest["bytes_per_token"],
+                "compression_vs_fp32": reference.manifest["bytes_per_token"] / store.manifest["bytes_per_token"],
+                "store_bytes": store.manifest["bytes"],
+                "max_abs_error": errors_max,
+                "mean_abs_error": errors_sum / count,
+                "mean_relative_error": errors_sum / values_sum,
+                "dev_em": quality["em"],
+                "dev_em_per_task": quality["em_per_task"],
+                "dev_em_change": quality["em"] - from_tokens["em"],
+                "answers_changed": sum(a != b for a, b in zip(quality["answers"], from_tokens["answers"]))
+                / len(from_tokens["answers"]),
+                "reranker_recall_at_m": quality["reranker_recall_at_m"],
+                "reranker_recall_change": quality["reranker_recall_at_m"] - from_tokens["reranker_recall_at_m"],
+                "latency": _latency(os.path.join(config.output_dir, codec), ids, config),
+                "throughput": _throughput(store, os.path.join(config.output_dir, codec)),
+            }
+        )
 
     # report
-    print(f"\nmemory of {len(ids)} passages, {reference.manifest['num_tokens']} tokens, d = {reference.width}; dev: {len(from_tokens['answers'])} examples, "
-          f"EM from tokens {from_tokens['em']:.3f}, reranker R@m {from_tokens['reranker_recall_at_m']:.3f}")
-    header = ["codec", "B/token", "x fp32", "max err", "mean rel", "dev EM", "dEM", "changed", "dR@m", "k=25 cold ms", "cached ms", "read MB/s", "cat MB/s"]
+    print(
+        f"\nmemory of {len(ids)} passages, {reference.manifest['num_tokens']} tokens, d = {reference.width}; dev: {len(from_tokens['answers'])} examples, "
+        f"EM from tokens {from_tokens['em']:.3f}, reranker R@m {from_tokens['reranker_recall_at_m']:.3f}"
+    )
+    header = [
+        "codec",
+        "B/token",
+        "x fp32",
+        "max err",
+        "mean rel",
+        "dev EM",
+        "dEM",
+        "changed",
+        "dR@m",
+        "k=25 cold ms",
+        "cached ms",
+        "read MB/s",
+        "cat MB/s",
+    ]
     print("".join(f"{h:>13}" for h in header))
     for codec, r in results["codecs"].items():
-        print("".join(f"{v:>13}" for v in [codec, r["bytes_per_token"], f"{r['compression_vs_fp32']:.1f}", f"{r['max_abs_error']:.3g}",
-                                           f"{r['mean_relative_error']:.2e}", f"{r['dev_em']:.3f}", f"{r['dev_em_change']:+.3f}",
-                                           f"{r['answers_changed']:.3f}", f"{r['reranker_recall_change']:+.3f}",
-                                           f"{r['latency']['cold_ms_p50']:.2f}", f"{r['latency']['cached_ms_p50']:.2f}",
-                                           f"{r['throughput']['stored_mb_per_s']:.0f}", f"{r['throughput']['cat_mb_per_s']:.0f}"]))
-    print("(changed: share of dev answers that differ from reading the passages' tokens; latencies are medians; "
-          "read MB/s: stored bytes decoded per second, sequentially, against cat of the same files from the page cache)")
+        print(
+            "".join(
+                f"{v:>13}"
+                for v in [
+                    codec,
+                    r["bytes_per_token"],
+                    f"{r['compression_vs_fp32']:.1f}",
+                    f"{r['max_abs_error']:.3g}",
+                    f"{r['mean_relative_error']:.2e}",
+                    f"{r['dev_em']:.3f}",
+                    f"{r['dev_em_change']:+.3f}",
+                    f"{r['answers_changed']:.3f}",
+                    f"{r['reranker_recall_change']:+.3f}",
+                    f"{r['latency']['cold_ms_p50']:.2f}",
+                    f"{r['latency']['cached_ms_p50']:.2f}",
+                    f"{r['throughput']['stored_mb_per_s']:.0f}",
+                    f"{r['throughput']['cat_mb_per_s']:.0f}",
+                ]
+            )
+        )
+    print(
+        "(changed: share of dev answers that differ from reading the passages' tokens; latencies are medians; "
+        "read MB/s: stored bytes decoded per second, sequentially, against cat of the same files from the page cache)"
+    )
     os.makedirs(config.output_dir, exist_ok=True)
     path = os.path.join(config.output_dir, "benchmark_memory.json")
     with open(path, "w") as handle:

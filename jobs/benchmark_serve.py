@@ -31,8 +31,14 @@ from serve_app.app import AppArgs, build_app
 @dataclass
 class BenchmarkServeConfig:
     data_dir: str = "outputs/quickstart"  # retrieved dev questions come from <data_dir>/retrieved
-    app: dict = field(default_factory=lambda: {"model_dir": "outputs/quickstart/model", "index_dir": "outputs/quickstart/index",
-                                                "passages": "outputs/quickstart/passages.parquet", "memory_store": "outputs/quickstart/memory"})  # AppArgs
+    app: dict = field(
+        default_factory=lambda: {
+            "model_dir": "outputs/quickstart/model",
+            "index_dir": "outputs/quickstart/index",
+            "passages": "outputs/quickstart/passages.parquet",
+            "memory_store": "outputs/quickstart/memory",
+        }
+    )  # AppArgs
     tasks: list[str] = field(default_factory=lambda: ["nq", "tqa", "hotpotqa", "zsre"])  # dev questions of these tasks
     questions: int = 64  # distinct dev questions
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # closed-loop clients
@@ -46,7 +52,9 @@ class BenchmarkServeConfig:
 def _questions(config: BenchmarkServeConfig) -> list[dict]:
     rows = []
     for task in config.tasks:
-        table = pq.read_table(os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet"), columns=["input"]).to_pylist()
+        table = pq.read_table(
+            os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet"), columns=["input"]
+        ).to_pylist()
         rows.extend({"question": row["input"], "task": task} for row in table)
     args = AppArgs.model_validate(config.app).resolved()
     tokenizer = QuestionTokenizer(args.model_dir, args.question_tokens)
@@ -89,9 +97,15 @@ def _closed_loop(url: str, questions: list[dict], clients: int, per_client: int)
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    return {"clients": clients, "requests": len(latencies), "failed": failures[0], "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)), "requests_per_s": len(latencies) / wall,
-            "stage_ms": {stage: float(np.mean(values)) for stage, values in stages.items()}}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "failed": failures[0],
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "requests_per_s": len(latencies) / wall,
+        "stage_ms": {stage: float(np.mean(values)) for stage, values in stages.items()},
+    }
 
 
 def _deploy(args: dict, port: int) -> str:
@@ -113,12 +127,23 @@ def main(config: BenchmarkServeConfig) -> dict:
     for clients in config.concurrency:
         level = _closed_loop(url, questions, clients, config.requests_per_client)
         results["serve"].append(level)
-        print(f"[serve] {clients:>2} clients: p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['requests_per_s']:.2f} req/s, "
-              f"{level['failed']} failed", flush=True)
+        print(
+            f"[serve] {clients:>2} clients: p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['requests_per_s']:.2f} req/s, "
+            f"{level['failed']} failed",
+            flush=True,
+        )
 
     # the same questions in process, one at a time
     args = AppArgs.model_validate(config.app).resolved()
-    pipeline = InProcessPipeline(args.model_dir, args.index_dir, args.passages, args.memory_store, args.limits(), args.encoder_path, args.cache_bytes)
+    pipeline = InProcessPipeline(
+        args.model_dir,
+        args.index_dir,
+        args.passages,
+        args.memory_store,
+        args.limits(),
+        args.encoder_path,
+        args.cache_bytes,
+    )
     for question in questions[: config.warmup_requests]:
         pipeline.answer(question)
     latencies, stages = [], {}
@@ -129,9 +154,12 @@ def main(config: BenchmarkServeConfig) -> dict:
         latencies.append(1e3 * (time.perf_counter() - begin))
         for stage, value in timings.items():
             stages.setdefault(stage, []).append(value)
-    results["in_process"] = {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-                             "requests_per_s": len(latencies) / (time.perf_counter() - start),
-                             "stage_ms": {stage: float(np.mean(v)) for stage, v in stages.items()}}
+    results["in_process"] = {
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "requests_per_s": len(latencies) / (time.perf_counter() - start),
+        "stage_ms": {stage: float(np.mean(v)) for stage, v in stages.items()},
+    }
     del pipeline
     one_client = results["serve"][0]
     results["serve_overhead_p50_ratio"] = one_client["p50_ms"] / results["in_process"]["p50_ms"]
@@ -142,20 +170,29 @@ def main(config: BenchmarkServeConfig) -> dict:
     url = _deploy({**config.app, "max_batch_size": 1}, config.port)
     _closed_loop(url, questions, 1, config.warmup_requests)
     results["batching"]["max_batch_size_1"] = _closed_loop(url, questions, top, config.requests_per_client)
-    results["batching"]["throughput_ratio"] = (results["batching"]["max_batch_size_default"]["requests_per_s"]
-                                               / results["batching"]["max_batch_size_1"]["requests_per_s"])
+    results["batching"]["throughput_ratio"] = (
+        results["batching"]["max_batch_size_default"]["requests_per_s"]
+        / results["batching"]["max_batch_size_1"]["requests_per_s"]
+    )
 
     # report
     stage_names = ["retriever", "memory", "live", "decoder"]
     print(f"\n{'setting':<22}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}" + "".join(f"{s + ' ms':>13}" for s in stage_names))
     rows = [(f"serve, {level['clients']} clients", level) for level in results["serve"]]
-    rows += [("in-process, 1 at a time", results["in_process"]), (f"serve, {top} cl., batch 1", results["batching"]["max_batch_size_1"])]
+    rows += [
+        ("in-process, 1 at a time", results["in_process"]),
+        (f"serve, {top} cl., batch 1", results["batching"]["max_batch_size_1"]),
+    ]
     for label, row in rows:
-        print(f"{label:<22}{row['p50_ms']:9.1f}{row['p99_ms']:9.1f}{row['requests_per_s']:8.2f}"
-              + "".join(f"{row['stage_ms'].get(s, float('nan')):13.1f}" for s in stage_names))
-    print(f"Serve graph / in-process p50 latency at 1 client: {results['serve_overhead_p50_ratio']:.2f}x; "
-          f"dynamic batching (max_batch_size {AppArgs.model_validate(config.app).max_batch_size} vs 1) at {top} clients: "
-          f"{results['batching']['throughput_ratio']:.2f}x requests/s")
+        print(
+            f"{label:<22}{row['p50_ms']:9.1f}{row['p99_ms']:9.1f}{row['requests_per_s']:8.2f}"
+            + "".join(f"{row['stage_ms'].get(s, float('nan')):13.1f}" for s in stage_names)
+        )
+    print(
+        f"Serve graph / in-process p50 latency at 1 client: {results['serve_overhead_p50_ratio']:.2f}x; "
+        f"dynamic batching (max_batch_size {AppArgs.model_validate(config.app).max_batch_size} vs 1) at {top} clients: "
+        f"{results['batching']['throughput_ratio']:.2f}x requests/s"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
     with open(config.output, "w") as handle:
         json.dump(results, handle, indent=2)

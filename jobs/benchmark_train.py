@@ -29,7 +29,9 @@ ENGINES = ("deepspeed", "pytorch")
 class BenchmarkTrainConfig:
     train_config: str = "jobs/configs/train_quickstart.yaml"  # the recipe timed (jobs/train.py's YAML)
     overrides: list[str] = field(default_factory=list)  # dotted overrides of that recipe, e.g. data.dir=outputs/qs
-    engines: list[str] = field(default_factory=lambda: list(ENGINES))  # deepspeed | pytorch; the first is the ratios' baseline
+    engines: list[str] = field(
+        default_factory=lambda: list(ENGINES)
+    )  # deepspeed | pytorch; the first is the ratios' baseline
     steps: int = 60  # optimiser steps per engine
     output_dir: str = "outputs/quickstart/benchmark-train"  # runs, exports and benchmark_train.json
 
@@ -37,13 +39,23 @@ class BenchmarkTrainConfig:
 def _run_config(config: BenchmarkTrainConfig, engine: str) -> TrainConfig:
     """The recipe on one worker for `steps` steps, evaluated once at the end, writing below `output_dir/engine`."""
     root = os.path.abspath(os.path.join(config.output_dir, engine))
-    return load_config(TrainConfig, config.train_config, [
-        *config.overrides,
-        f"deepspeed.enabled={'true' if engine == 'deepspeed' else 'false'}", "scaling.num_workers=1",
-        f"optim.max_steps={config.steps}", f"checkpoint.every_steps={config.steps}", f"log.every_steps={max(1, config.steps // 3)}",
-        f"checkpoint.storage_path={root}", "checkpoint.name=run", f"export_dir={os.path.join(root, 'model')}",
-        "failure.max_failures=0", "log.tensorboard=false",
-    ])
+    return load_config(
+        TrainConfig,
+        config.train_config,
+        [
+            *config.overrides,
+            f"deepspeed.enabled={'true' if engine == 'deepspeed' else 'false'}",
+            "scaling.num_workers=1",
+            f"optim.max_steps={config.steps}",
+            f"checkpoint.every_steps={config.steps}",
+            f"log.every_steps={max(1, config.steps // 3)}",
+            f"checkpoint.storage_path={root}",
+            "checkpoint.name=run",
+            f"export_dir={os.path.join(root, 'model')}",
+            "failure.max_failures=0",
+            "log.tensorboard=false",
+        ],
+    )
 
 
 def main(config: BenchmarkTrainConfig) -> dict:
@@ -65,15 +77,22 @@ def main(config: BenchmarkTrainConfig) -> dict:
     for engine, run in runs.items():
         print(f"[benchmark_train] {engine}: {config.steps} steps on one worker", flush=True)
         metrics = train.main(run)["metrics"]
-        results[engine] = {key: metrics[key] for key in ("seconds_per_step", "tokens_per_second_per_worker", "first_loss", "train_loss", "step")}
+        results[engine] = {
+            key: metrics[key]
+            for key in ("seconds_per_step", "tokens_per_second_per_worker", "first_loss", "train_loss", "step")
+        }
 
     # report
     base = results[config.engines[0]]["seconds_per_step"]
-    print(f"\n{'engine':<10}{'s / step':>10}{'tokens/s':>10}{'first loss':>12}{'last loss':>11}{'time / ' + config.engines[0]:>18}")
+    print(
+        f"\n{'engine':<10}{'s / step':>10}{'tokens/s':>10}{'first loss':>12}{'last loss':>11}{'time / ' + config.engines[0]:>18}"
+    )
     for engine, result in results.items():
         result["time_ratio"] = result["seconds_per_step"] / base
-        print(f"{engine:<10}{result['seconds_per_step']:10.3f}{result['tokens_per_second_per_worker']:10.0f}"
-              f"{result['first_loss']:12.3f}{result['train_loss']:11.3f}{result['time_ratio']:18.2f}")
+        print(
+            f"{engine:<10}{result['seconds_per_step']:10.3f}{result['tokens_per_second_per_worker']:10.0f}"
+            f"{result['first_loss']:12.3f}{result['train_loss']:11.3f}{result['time_ratio']:18.2f}"
+        )
     print("(one worker; training steps only, evaluation and checkpoint saving excluded; last loss: mean over the run)")
     os.makedirs(config.output_dir, exist_ok=True)
     path = os.path.join(config.output_dir, "benchmark_train.json")

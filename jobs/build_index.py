@@ -29,7 +29,9 @@ from glimmer_ray.retrieval.pipeline import build_passage_index, example_rows, re
 
 @dataclass
 class BuildIndexConfig:
-    output_dir: str = "outputs/quickstart"  # prepared directory: data/ and passages.parquet in, index/ and retrieved/ out
+    output_dir: str = (
+        "outputs/quickstart"  # prepared directory: data/ and passages.parquet in, index/ and retrieved/ out
+    )
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))  # task names (file prefixes in data/)
     encoder_path: str | None = None  # sentence-transformers directory; null = packaged all-MiniLM-L6-v2
     index: IndexConfig = field(default_factory=IndexConfig)
@@ -54,50 +56,76 @@ def main(config: BuildIndexConfig) -> dict:
     # setup
     root = config.output_dir
     passages_path = os.path.join(root, "passages.parquet")
-    task_files = {(t, s): os.path.join(root, "data", f"{t}-{s}-kilt.jsonl") for t in config.tasks for s in ("train", "dev")}
+    task_files = {
+        (t, s): os.path.join(root, "data", f"{t}-{s}-kilt.jsonl") for t in config.tasks for s in ("train", "dev")
+    }
     missing = [path for path in [passages_path, *task_files.values()] if not os.path.exists(path)]
     if missing:
-        raise SystemExit(f"{root} is not a prepared directory: {', '.join(missing[:3])} missing; "
-                         "run jobs/prepare_data.py with this output_dir first (build_index=false stops it before this job)")
+        raise SystemExit(
+            f"{root} is not a prepared directory: {', '.join(missing[:3])} missing; "
+            "run jobs/prepare_data.py with this output_dir first (build_index=false stops it before this job)"
+        )
     report: dict = {"config": to_dict(config)}
     started_ray = not ray.is_initialized()  # shut down only a cluster this job started
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
     cpus = ray.cluster_resources().get("CPU", 0)
     if config.concurrency >= cpus:
-        raise SystemExit(f"concurrency={config.concurrency} encoder actors (1 CPU each) would take all {cpus:.0f} CPUs of the "
-                         "cluster and leave none for reading the data; use fewer actors or a larger cluster")
+        raise SystemExit(
+            f"concurrency={config.concurrency} encoder actors (1 CPU each) would take all {cpus:.0f} CPUs of the "
+            "cluster and leave none for reading the data; use fewer actors or a larger cluster"
+        )
 
     # 1. embeddings + index
     index_dir = os.path.join(root, "index")
     built_index = run_stage("index", index_dir, config.overwrite)
     if built_index:
-        report["index"] = build_passage_index(passages_path, index_dir, config.index, config.encoder_path, config.concurrency, config.batch_size)
+        report["index"] = build_passage_index(
+            passages_path, index_dir, config.index, config.encoder_path, config.concurrency, config.batch_size
+        )
         stats = report["index"]
-        print(f"[index] {stats['passages']} passages embedded at {stats['passages_per_second']:.1f} passages/s per actor; "
-              f"{config.index.type} index built and saved in {stats['index_save_seconds']:.2f} s; {stats['wall_seconds']:.1f} s in all")
+        print(
+            f"[index] {stats['passages']} passages embedded at {stats['passages_per_second']:.1f} passages/s per actor; "
+            f"{config.index.type} index built and saved in {stats['index_save_seconds']:.2f} s; {stats['wall_seconds']:.1f} s in all"
+        )
 
     # 2. retrieval for every task file, in one pass (redone when the index was rebuilt)
     retrieved_dir = os.path.join(root, "retrieved")
     if run_stage("retrieve", os.path.join(retrieved_dir, "manifest.json"), config.overwrite or built_index):
         rows = [row for (task, split), path in task_files.items() for row in example_rows(path, task, split)]
-        report["retrieval"] = retrieve_examples(rows, index_dir, passages_path, retrieved_dir, config.num_passages,
-                                                config.encoder_path, config.concurrency, config.batch_size)
-        print(f"[retrieve] {report['retrieval']['examples']} examples at {report['retrieval']['queries_per_second']:.1f} queries/s per actor "
-              f"(query encoding + top-{config.num_passages} search); {report['retrieval']['wall_seconds']:.1f} s in all")
+        report["retrieval"] = retrieve_examples(
+            rows,
+            index_dir,
+            passages_path,
+            retrieved_dir,
+            config.num_passages,
+            config.encoder_path,
+            config.concurrency,
+            config.batch_size,
+        )
+        print(
+            f"[retrieve] {report['retrieval']['examples']} examples at {report['retrieval']['queries_per_second']:.1f} queries/s per actor "
+            f"(query encoding + top-{config.num_passages} search); {report['retrieval']['wall_seconds']:.1f} s in all"
+        )
         with open(os.path.join(retrieved_dir, "manifest.json"), "w") as handle:  # written last: the stage is complete
             json.dump(report["retrieval"], handle, indent=2)
 
     # 3. recall@k on dev
     ks = tuple(k for k in config.recall_ks if k <= config.num_passages)
-    report["dev_recall"] = {task: retrieval_recall(os.path.join(retrieved_dir, f"{task}-dev.parquet"), ks) for task in config.tasks}
+    report["dev_recall"] = {
+        task: retrieval_recall(os.path.join(retrieved_dir, f"{task}-dev.parquet"), ks) for task in config.tasks
+    }
     print("\nretriever recall@k on dev (page level, gold evidence among the pages of the top-k passages)")
     print(f"{'task':<10}" + "".join(f"{'R@' + str(k):>8}" for k in ks))
     for task, recalls in report["dev_recall"].items():
         print(f"{task:<10}" + "".join(f"{recalls[k]:8.3f}" for k in ks))
     passage_ks = tuple(sorted({1, *ks}))
-    report["dev_passage_recall"] = {task: retrieval_recall(os.path.join(retrieved_dir, f"{task}-dev.parquet"), passage_ks, level="passage")
-                                    for task in config.tasks}
-    print("\nretriever recall@k on dev (passage level, the passages holding the gold evidence paragraphs among the top k)")
+    report["dev_passage_recall"] = {
+        task: retrieval_recall(os.path.join(retrieved_dir, f"{task}-dev.parquet"), passage_ks, level="passage")
+        for task in config.tasks
+    }
+    print(
+        "\nretriever recall@k on dev (passage level, the passages holding the gold evidence paragraphs among the top k)"
+    )
     print(f"{'task':<10}" + "".join(f"{'R@' + str(k):>8}" for k in passage_ks))
     for task, recalls in report["dev_passage_recall"].items():
         print(f"{task:<10}" + "".join(f"{recalls[k]:8.3f}" for k in passage_ks))

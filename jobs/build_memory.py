@@ -44,22 +44,34 @@ def main(config: BuildMemoryConfig) -> dict:
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
     cpus = ray.cluster_resources().get("CPU", 0)
     if config.num_gpus_per_actor == 0 and config.concurrency * config.num_cpus_per_actor >= cpus:
-        raise SystemExit(f"{config.concurrency} encoder actors x {config.num_cpus_per_actor} CPU would take all {cpus:.0f} CPUs "
-                         "and leave none for the stream; use fewer actors or fewer CPUs each")
+        raise SystemExit(
+            f"{config.concurrency} encoder actors x {config.num_cpus_per_actor} CPU would take all {cpus:.0f} CPUs "
+            "and leave none for the stream; use fewer actors or fewer CPUs each"
+        )
 
     # build
     report = build_memory(
-        config.passages, config.store, config.model_dir, config.tokenizer_dir, config.passage_tokens,
-        codec=config.codec, codec_params={"num_subvectors": config.pq_subvectors}, shard_size=config.shard_size,
-        batch_size=config.batch_size, concurrency=config.concurrency, num_cpus_per_actor=config.num_cpus_per_actor,
+        config.passages,
+        config.store,
+        config.model_dir,
+        config.tokenizer_dir,
+        config.passage_tokens,
+        codec=config.codec,
+        codec_params={"num_subvectors": config.pq_subvectors},
+        shard_size=config.shard_size,
+        batch_size=config.batch_size,
+        concurrency=config.concurrency,
+        num_cpus_per_actor=config.num_cpus_per_actor,
         num_gpus_per_actor=config.num_gpus_per_actor,
     )
     report["config"] = to_dict(config)
     if report.get("passages_encoded"):
-        print(f"[build_memory] version {report['version']}: {report['passages_encoded']} passages, {report['tokens_encoded']} tokens "
-              f"encoded at {report['passages_per_second']:.1f} passages/s, {report['tokens_per_second']:.0f} tokens/s per actor; "
-              f"{report['shards_written']} shards written, {report['shards_reused']} reused; store {report['passages_total']} passages, "
-              f"{report['bytes'] / 2**20:.2f} MiB; {report['wall_seconds']:.1f} s in all")
+        print(
+            f"[build_memory] version {report['version']}: {report['passages_encoded']} passages, {report['tokens_encoded']} tokens "
+            f"encoded at {report['passages_per_second']:.1f} passages/s, {report['tokens_per_second']:.0f} tokens/s per actor; "
+            f"{report['shards_written']} shards written, {report['shards_reused']} reused; store {report['passages_total']} passages, "
+            f"{report['bytes'] / 2**20:.2f} MiB; {report['wall_seconds']:.1f} s in all"
+        )
     path = config.report or (os.path.join(config.store, "build_report.json") if "://" not in config.store else None)
     if path:
         with open(path, "w") as handle:

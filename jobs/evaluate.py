@@ -54,10 +54,16 @@ class EvaluateConfig:
     limit_per_task: int | None = None  # dev examples per task; null = all
     batch_size: int = 16  # examples per call
     output_dir: str = "outputs/quickstart/eval"  # predictions/ and metrics.json
-    teacher_recall: bool = True  # also the recall@m of the distillation teacher's ranking (one more pass over the dev set)
-    flat_predictions: bool = False  # one model: predictions/<task>-dev-kilt.jsonl (KILT's layout) instead of predictions/<model>/
+    teacher_recall: bool = (
+        True  # also the recall@m of the distillation teacher's ranking (one more pass over the dev set)
+    )
+    flat_predictions: bool = (
+        False  # one model: predictions/<task>-dev-kilt.jsonl (KILT's layout) instead of predictions/<model>/
+    )
     split: str = "dev"  # dev | train: the training examples too, to tell what the reranker learned from what carries to new questions
-    train_dirs: list[str] = field(default_factory=list)  # more prepared directories trained on (data.train_dirs): with data_dir's, the training gold passages
+    train_dirs: list[str] = field(
+        default_factory=list
+    )  # more prepared directories trained on (data.train_dirs): with data_dir's, the training gold passages
 
 
 def _recall(predictions: list[dict], key: str) -> float:
@@ -66,7 +72,9 @@ def _recall(predictions: list[dict], key: str) -> float:
 
 def _passage_recall(records: list[dict], cutoff: int) -> float:
     """Share of records whose first `cutoff` passages by their own ranking hold a complete gold evidence set."""
-    return sum(covers_passages(r["gold_passages"], r["reranked_passages"][:cutoff]) for r in records) / max(1, len(records))
+    return sum(covers_passages(r["gold_passages"], r["reranked_passages"][:cutoff]) for r in records) / max(
+        1, len(records)
+    )
 
 
 def main(config: EvaluateConfig) -> dict:
@@ -75,16 +83,22 @@ def main(config: EvaluateConfig) -> dict:
         raise SystemExit("flat_predictions needs exactly one model (their predictions would overwrite each other)")
     if config.split not in ("dev", "train"):
         raise SystemExit(f"split must be 'dev' or 'train', got {config.split!r}")
-    paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-{config.split}.parquet") for task in config.tasks}
+    paths = {
+        task: os.path.join(config.data_dir, "retrieved", f"{task}-{config.split}.parquet") for task in config.tasks
+    }
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
     for entry in config.models:
         if entry.reads not in ("retrieved", "gold"):
             raise SystemExit(f"model {entry.name}: reads must be 'retrieved' or 'gold', got {entry.reads!r}")
         if entry.reads == "gold" and (entry.closed_book or entry.memory or entry.num_selected):
-            raise SystemExit(f"model {entry.name}: reads 'gold' reads all g evidence passages from their tokens "
-                             "(no closed_book, memory or num_selected)")
+            raise SystemExit(
+                f"model {entry.name}: reads 'gold' reads all g evidence passages from their tokens "
+                "(no closed_book, memory or num_selected)"
+            )
     if any(entry.reads == "gold" for entry in config.models) and config.evidence_passages < 1:
-        raise SystemExit(f"evidence_passages must be >= 1 for a model that reads the gold evidence, got {config.evidence_passages}")
+        raise SystemExit(
+            f"evidence_passages must be >= 1 for a model that reads the gold evidence, got {config.evidence_passages}"
+        )
     results: dict = {"config": to_dict(config), "models": {}, "unseen_gold": unseen_gold(config, paths)}
 
     # loop: every model answers the same examples
@@ -98,55 +112,102 @@ def main(config: EvaluateConfig) -> dict:
             store = MemoryStore(entry.memory)
             store.check_model(model, tokenizer)
         start = time.perf_counter()
-        batches = list(dev_batches(paths, os.path.join(config.data_dir, "tokenizer"),
-                                   dataclasses.replace(tokenize, evidence_passages=config.evidence_passages if gold else 0),
-                                   config.batch_size, config.limit_per_task))
+        batches = list(
+            dev_batches(
+                paths,
+                os.path.join(config.data_dir, "tokenizer"),
+                dataclasses.replace(tokenize, evidence_passages=config.evidence_passages if gold else 0),
+                config.batch_size,
+                config.limit_per_task,
+            )
+        )
         if gold:
             batches = [read_gold_evidence(batch) for batch in batches]
-        predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, closed_book=entry.closed_book,
-                              num_selected=m if gold else entry.num_selected, device=torch.device("cpu"), memory=store)
+        predictions = predict(
+            model,
+            batches,
+            tokenizer,
+            max_new_tokens=config.answer_tokens,
+            closed_book=entry.closed_book,
+            num_selected=m if gold else entry.num_selected,
+            device=torch.device("cpu"),
+            memory=store,
+        )
         seconds = time.perf_counter() - start
         scores = score_predictions(predictions)
         by_task: dict[str, list] = {}
         for prediction in predictions:
             by_task.setdefault(prediction["task"], []).append(prediction)
         for task, rows in by_task.items():
-            folder = os.path.join(config.output_dir, "predictions") if config.flat_predictions else os.path.join(config.output_dir, "predictions", entry.name)
-            write_jsonl(os.path.join(folder, f"{task}-{config.split}-kilt.jsonl"),
-                        (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows))
+            folder = (
+                os.path.join(config.output_dir, "predictions")
+                if config.flat_predictions
+                else os.path.join(config.output_dir, "predictions", entry.name)
+            )
+            write_jsonl(
+                os.path.join(folder, f"{task}-{config.split}-kilt.jsonl"),
+                (prediction_record(p["id"], p["answer"], p["pages"]) for p in rows),
+            )
         retriever = _retriever_recall(config, paths, m)
         cutoffs = sorted({1, m})
-        retriever_passages = {task: retrieval_recall(path, tuple(cutoffs), level="passage", limit=config.limit_per_task or None)
-                              for task, path in paths.items()}
+        retriever_passages = {
+            task: retrieval_recall(path, tuple(cutoffs), level="passage", limit=config.limit_per_task or None)
+            for task, path in paths.items()
+        }
         teacher: dict[str, list] = {}
         if not entry.closed_book and not gold and config.teacher_recall:
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
                 teacher.setdefault(selection["task"], []).append(selection)
         results["models"][entry.name] = {
-            "scores": scores, "seconds": seconds, "examples_per_second": len(predictions) / seconds,
-            "num_selected": m, "closed_book": entry.closed_book, "reads": entry.reads,
+            "scores": scores,
+            "seconds": seconds,
+            "examples_per_second": len(predictions) / seconds,
+            "num_selected": m,
+            "closed_book": entry.closed_book,
+            "reads": entry.reads,
             "reranker_recall_at_m": None if entry.closed_book or gold else _recall(predictions, "kept_pages"),
             "retriever_recall_at_m": sum(retriever.values()) / max(1, len(retriever)),
-            "recall_at_m_by_task": {task: {"reranker": None if entry.closed_book or gold else _recall(rows, "kept_pages"),
-                                           "retriever": retriever[task],
-                                           "teacher": _recall(teacher[task], "kept_pages") if task in teacher else None}
-                                    for task, rows in by_task.items()},
-            "passage_recall_by_task": {task: {str(cutoff): {
-                "reranker": _passage_recall(rows, cutoff) if rows[0]["reranked_passages"] and not gold else None,
-                "retriever": retriever_passages[task][cutoff],
-                "teacher": _passage_recall(teacher[task], cutoff) if task in teacher else None} for cutoff in cutoffs}
-                for task, rows in by_task.items()},
+            "recall_at_m_by_task": {
+                task: {
+                    "reranker": None if entry.closed_book or gold else _recall(rows, "kept_pages"),
+                    "retriever": retriever[task],
+                    "teacher": _recall(teacher[task], "kept_pages") if task in teacher else None,
+                }
+                for task, rows in by_task.items()
+            },
+            "passage_recall_by_task": {
+                task: {
+                    str(cutoff): {
+                        "reranker": _passage_recall(rows, cutoff)
+                        if rows[0]["reranked_passages"] and not gold
+                        else None,
+                        "retriever": retriever_passages[task][cutoff],
+                        "teacher": _passage_recall(teacher[task], cutoff) if task in teacher else None,
+                    }
+                    for cutoff in cutoffs
+                }
+                for task, rows in by_task.items()
+            },
         }
 
     # report
     tasks = list(config.tasks) + ["average"]
     print(f"\n{'model':<14}" + "".join(f"{t[:8]:>9}" for t in tasks) + f"{'rerank R@m':>11}{'retr. R@m':>10}")
     for name, result in results["models"].items():
-        print(f"{name:<14}" + "".join(f"{result['scores'][t]['em']:9.3f}" for t in tasks)
-              + (f"{result['reranker_recall_at_m']:11.3f}" if result["reranker_recall_at_m"] is not None else f"{'-':>11}")
-              + f"{result['retriever_recall_at_m']:10.3f}")
-    print("(dev exact match per task; recall@m: kept passages cover a gold evidence set; a model that reads 'gold' read the"
-          " gold evidence passages alone: how well it reads, retrieval and reranking aside)")
+        print(
+            f"{name:<14}"
+            + "".join(f"{result['scores'][t]['em']:9.3f}" for t in tasks)
+            + (
+                f"{result['reranker_recall_at_m']:11.3f}"
+                if result["reranker_recall_at_m"] is not None
+                else f"{'-':>11}"
+            )
+            + f"{result['retriever_recall_at_m']:10.3f}"
+        )
+    print(
+        "(dev exact match per task; recall@m: kept passages cover a gold evidence set; a model that reads 'gold' read the"
+        " gold evidence passages alone: how well it reads, retrieval and reranking aside)"
+    )
     print(f"\n{'recall@m':<14}" + "".join(f"{t[:8]:>9}" for t in config.tasks))
     for name, result in results["models"].items():
         if result["reranker_recall_at_m"] is not None:
@@ -155,11 +216,16 @@ def main(config: EvaluateConfig) -> dict:
             print(f"{'  retriever':<14}" + "".join(f"{by_task[t]['retriever']:9.3f}" for t in config.tasks))
             if config.teacher_recall:
                 print(f"{'  pdist teacher':<14}" + "".join(f"{by_task[t]['teacher']:9.3f}" for t in config.tasks))
-    print("(page level, as KILT: the kept passages' pages cover a gold evidence set. reranker: its top m; retriever: the first m"
-          " retrieved; pdist teacher: the top m by the gold answer's likelihood, each passage read alone -- the ranking"
-          " distillation teaches)")
+    print(
+        "(page level, as KILT: the kept passages' pages cover a gold evidence set. reranker: its top m; retriever: the first m"
+        " retrieved; pdist teacher: the top m by the gold answer's likelihood, each passage read alone -- the ranking"
+        " distillation teaches)"
+    )
     for name, result in results["models"].items():
-        if result["closed_book"] or next(iter(result["passage_recall_by_task"].values()))[str(result["num_selected"])]["reranker"] is None:
+        if (
+            result["closed_book"]
+            or next(iter(result["passage_recall_by_task"].values()))[str(result["num_selected"])]["reranker"] is None
+        ):
             continue
         print(f"\n{name + ': passage recall@':<24}" + "".join(f"{t[:8]:>9}" for t in config.tasks) + f"{'mean':>9}")
         for cutoff in sorted({1, result["num_selected"]}):
@@ -167,17 +233,25 @@ def main(config: EvaluateConfig) -> dict:
                 values = [result["passage_recall_by_task"][t][str(cutoff)][ranking] for t in config.tasks]
                 if None in values:
                     continue
-                print(f"{f'  {ranking} @{cutoff}':<24}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / len(values):9.3f}")
-    print("(passage level: the first passages of each ranking hold the gold evidence paragraphs themselves -- the passages"
-          " the reader needs; two passages of the gold page are told apart)")
+                print(
+                    f"{f'  {ranking} @{cutoff}':<24}"
+                    + "".join(f"{v:9.3f}" for v in values)
+                    + f"{sum(values) / len(values):9.3f}"
+                )
+    print(
+        "(passage level: the first passages of each ranking hold the gold evidence paragraphs themselves -- the passages"
+        " the reader needs; two passages of the gold page are told apart)"
+    )
     unseen = results["unseen_gold"]
     print(f"\n{'never a training gold':<24}" + "".join(f"{t[:8]:>9}" for t in config.tasks) + f"{'mean':>9}")
     for level in ("passage", "page"):
         values = [unseen[t][level] for t in config.tasks]
         print(f"{f'  {level}':<24}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / len(values):9.3f}")
-    print(f"(share of the {config.split} examples none of whose gold passages (pages) is the gold of any training example of"
-          f" {', '.join([config.data_dir, *config.train_dirs])}: a reranker that learned which passages tend to help, not which"
-          " answer the question, fails on these)")
+    print(
+        f"(share of the {config.split} examples none of whose gold passages (pages) is the gold of any training example of"
+        f" {', '.join([config.data_dir, *config.train_dirs])}: a reranker that learned which passages tend to help, not which"
+        " answer the question, fails on these)"
+    )
     os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
         json.dump(results, handle, indent=2)
@@ -193,7 +267,9 @@ def unseen_gold(config: EvaluateConfig, paths: dict[str, str]) -> dict[str, dict
     seen: dict[str, set] = {"passage": set(), "page": set()}
     for directory in [config.data_dir, *config.train_dirs]:
         if not os.path.isdir(os.path.join(directory, "retrieved")):
-            raise SystemExit(f"{directory}/retrieved not found: data_dir and train_dirs must be jobs/prepare_data.py outputs")
+            raise SystemExit(
+                f"{directory}/retrieved not found: data_dir and train_dirs must be jobs/prepare_data.py outputs"
+            )
         for task in synthkilt.TASKS:
             path = os.path.join(directory, "retrieved", f"{task}-train.parquet")
             if not os.path.exists(path):  # prepared with fewer tasks
@@ -204,10 +280,16 @@ def unseen_gold(config: EvaluateConfig, paths: dict[str, str]) -> dict[str, dict
                 seen["page"].update(pages)
     shares = {}
     for task, path in paths.items():
-        table = pq.read_table(path, columns=["gold_ids", "gold_page_ids"]).slice(0, config.limit_per_task or None).to_pydict()
+        table = (
+            pq.read_table(path, columns=["gold_ids", "gold_page_ids"])
+            .slice(0, config.limit_per_task or None)
+            .to_pydict()
+        )
         rows = list(zip(table["gold_ids"], table["gold_page_ids"]))
-        shares[task] = {"passage": sum(not set(ids) & seen["passage"] for ids, _ in rows) / max(1, len(rows)),
-                        "page": sum(not set(pages) & seen["page"] for _, pages in rows) / max(1, len(rows))}
+        shares[task] = {
+            "passage": sum(not set(ids) & seen["passage"] for ids, _ in rows) / max(1, len(rows)),
+            "page": sum(not set(pages) & seen["page"] for _, pages in rows) / max(1, len(rows)),
+        }
     return shares
 
 
@@ -218,8 +300,14 @@ def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> 
 
     recall = {}
     for task, path in paths.items():
-        rows = pq.read_table(path, columns=["provenance", "passage_pages"]).slice(0, config.limit_per_task or None).to_pylist()
-        recall[task] = sum(covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows) / max(1, len(rows))
+        rows = (
+            pq.read_table(path, columns=["provenance", "passage_pages"])
+            .slice(0, config.limit_per_task or None)
+            .to_pylist()
+        )
+        recall[task] = sum(
+            covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows
+        ) / max(1, len(rows))
     return recall
 
 

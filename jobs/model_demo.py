@@ -65,7 +65,9 @@ class DemoConfig:
 
 
 @ray.remote(num_cpus=1)
-def run_reader(checkpoint: str, reader: dict, question: torch.Tensor, passages: torch.Tensor, answer_tokens: int) -> dict:
+def run_reader(
+    checkpoint: str, reader: dict, question: torch.Tensor, passages: torch.Tensor, answer_tokens: int
+) -> dict:
     """Build one reader from the checkpoint and answer the question from its k passages."""
     torch.set_num_threads(1)
     model = GlimmerForConditionalGeneration.from_t5(
@@ -77,14 +79,22 @@ def run_reader(checkpoint: str, reader: dict, question: torch.Tensor, passages: 
     k = reader["num_passages"]
     question_ids, passage_ids = question[None], passages[None, :k]  # [1, lq], [1, k, lp]
     question_mask, passage_mask = torch.ones_like(question_ids), torch.ones_like(passage_ids)
-    tokens, encoding = model.generate(question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=answer_tokens)
+    tokens, encoding = model.generate(
+        question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=answer_tokens
+    )
     memory = model.encode_memory(passage_ids[0], passage_mask[0])[None]  # [1, k, lp, d], as served from a store
-    measured = measure_reader_flops(model, question_ids, question_mask, memory, passage_mask, target_tokens=answer_tokens)
-    formula = formula_flops(model.config, k, question_ids.shape[1] + passage_ids.shape[2], answer_tokens, question_ids.shape[1])
+    measured = measure_reader_flops(
+        model, question_ids, question_mask, memory, passage_mask, target_tokens=answer_tokens
+    )
+    formula = formula_flops(
+        model.config, k, question_ids.shape[1] + passage_ids.shape[2], answer_tokens, question_ids.shape[1]
+    )
     return {
         "name": reader["name"],
         "layers": [model.config.num_memory_layers, model.config.num_live_a_layers, model.config.num_live_b_layers],
-        "rerank_scores": None if encoding.rerank_scores is None else [round(s, 3) for s in encoding.rerank_scores[0].tolist()],
+        "rerank_scores": None
+        if encoding.rerank_scores is None
+        else [round(s, 3) for s in encoding.rerank_scores[0].tolist()],
         "selected": encoding.selected[0].tolist(),
         "answer_tokens": tokens[0, 1:].tolist(),
         "formula_flops": formula.as_dict(),
@@ -96,7 +106,13 @@ def main(config: DemoConfig) -> list[dict]:
     # setup: the checkpoint, the inputs, the cluster
     if not os.path.isdir(config.checkpoint):
         shape = config.model
-        t5_config = t5_1_1_config(vocab_size=shape.vocab_size, d_model=shape.d_model, num_layers=shape.num_layers, num_heads=shape.num_heads, d_ff=shape.d_ff)
+        t5_config = t5_1_1_config(
+            vocab_size=shape.vocab_size,
+            d_model=shape.d_model,
+            num_layers=shape.num_layers,
+            num_heads=shape.num_heads,
+            d_ff=shape.d_ff,
+        )
         save_random_t5(config.checkpoint, t5_config, seed=config.seed)
         print(f"saved a random T5.1.1 checkpoint to {config.checkpoint}")
     checkpoint = os.path.abspath(config.checkpoint)
@@ -109,12 +125,17 @@ def main(config: DemoConfig) -> list[dict]:
     print(f"Ray cluster: {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
 
     # loop: one Ray task per reader
-    futures = [run_reader.remote(checkpoint, to_dict(reader), question, passages, config.answer_tokens) for reader in config.readers]
+    futures = [
+        run_reader.remote(checkpoint, to_dict(reader), question, passages, config.answer_tokens)
+        for reader in config.readers
+    ]
     results = ray.get(futures)
 
     # report
     baseline = results[0]["formula_flops"]["total"]
-    print(f"\n{'reader':<9} {'k':>3} {'m':>3} {'mem/A/B':>8} {'formula MF':>10} {'measured MF':>11} {'vs ' + results[0]['name']:>7}  selected  answer tokens")
+    print(
+        f"\n{'reader':<9} {'k':>3} {'m':>3} {'mem/A/B':>8} {'formula MF':>10} {'measured MF':>11} {'vs ' + results[0]['name']:>7}  selected  answer tokens"
+    )
     for reader, result in zip(config.readers, results):
         m = reader.num_selected or reader.num_passages
         print(

@@ -44,11 +44,17 @@ class PrepareConfig(build_index.BuildIndexConfig):
     kilt_dir: str | None = None  # source=kilt: knowledge.jsonl and <task>-{train,dev}-kilt.jsonl
     scale: str = "quickstart"  # synthkilt size: tiny | quickstart | small | medium | large
     seed: int = 0  # synthkilt seed
-    facts_seed: int | None = None  # synthkilt: null, or re-deal the seed world's facts (a counterfactual twin: pre-training corpus, data.train_dirs)
-    split_seed: int | None = None  # synthkilt: null (seed's split), or deal subjects into train/dev anew (a twin asking about the benchmark's dev subjects too)
+    facts_seed: int | None = (
+        None  # synthkilt: null, or re-deal the seed world's facts (a counterfactual twin: pre-training corpus, data.train_dirs)
+    )
+    split_seed: int | None = (
+        None  # synthkilt: null (seed's split), or deal subjects into train/dev anew (a twin asking about the benchmark's dev subjects too)
+    )
     max_words: int = 200  # words per passage (the paper: 200)
     tokenizer_vocab_size: int = 4000  # synthkilt tokenizer vocabulary (source=kilt brings the checkpoint's)
-    build_index: bool = True  # run jobs/build_index.py's stages (index, retrieval, recall); false: stop after the passages
+    build_index: bool = (
+        True  # run jobs/build_index.py's stages (index, retrieval, recall); false: stop after the passages
+    )
 
 
 def main(config: PrepareConfig) -> dict:
@@ -62,12 +68,16 @@ def main(config: PrepareConfig) -> dict:
     if build_index.run_stage("data", os.path.join(data_dir, "manifest.json"), config.overwrite):
         start = time.perf_counter()
         if config.source == "synthkilt":
-            manifest = synthkilt.generate(data_dir, config.scale, config.seed, facts_seed=config.facts_seed, split_seed=config.split_seed)
+            manifest = synthkilt.generate(
+                data_dir, config.scale, config.seed, facts_seed=config.facts_seed, split_seed=config.split_seed
+            )
         elif config.source == "kilt":
             if not config.kilt_dir:
                 raise SystemExit("source=kilt needs kilt_dir")
             if config.facts_seed is not None or config.split_seed is not None:
-                raise SystemExit("facts_seed and split_seed re-deal SynthKILT's generated data; with source=kilt leave them null")
+                raise SystemExit(
+                    "facts_seed and split_seed re-deal SynthKILT's generated data; with source=kilt leave them null"
+                )
             os.makedirs(data_dir, exist_ok=True)
             names = ["knowledge.jsonl"] + [f"{t}-{s}-kilt.jsonl" for t in config.tasks for s in ("train", "dev")]
             for name in names:
@@ -102,11 +112,15 @@ def main(config: PrepareConfig) -> dict:
 
     # 4-6. embeddings + index, retrieval for every task file, recall@k on dev: the build_index job
     if config.build_index:
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(build_index.BuildIndexConfig)}  # the inherited ones
+        fields = {
+            f.name: getattr(config, f.name) for f in dataclasses.fields(build_index.BuildIndexConfig)
+        }  # the inherited ones
         index_report = build_index.main(build_index.BuildIndexConfig(**fields))
         report.update({key: value for key, value in index_report.items() if key != "config"})
     else:
-        print(f"[index] not built (build_index=false): python jobs/build_index.py --config jobs/configs/build_index.yaml output_dir={root}")
+        print(
+            f"[index] not built (build_index=false): python jobs/build_index.py --config jobs/configs/build_index.yaml output_dir={root}"
+        )
     with open(os.path.join(root, "data_report.json"), "w") as handle:
         json.dump(report, handle, indent=2, default=str)
     print(f"wrote {os.path.join(root, 'data_report.json')}")

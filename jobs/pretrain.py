@@ -29,7 +29,9 @@ from glimmer_ray.train.pretrain import pretrain_t5
 class PretrainConfig:
     data_dir: str = "outputs/quickstart"  # jobs/prepare_data.py output (passages.parquet, tokenizer/)
     output_dir: str = "outputs/quickstart/t5-pretrained"  # Hugging Face T5 checkpoint written here
-    tokenizer_dir: str | None = None  # null = data_dir/tokenizer; pre-training on another corpus: the fine-tuning data's tokenizer
+    tokenizer_dir: str | None = (
+        None  # null = data_dir/tokenizer; pre-training on another corpus: the fine-tuning data's tokenizer
+    )
     d_model: int = 64  # width d
     num_layers: int = 6  # L, encoder and decoder each
     num_heads: int = 4  # attention heads
@@ -69,8 +71,10 @@ def main(config: PretrainConfig) -> dict:
     settings = {key: value for key, value in to_dict(config).items() if key not in ("overwrite", "ray_address")}
     task = ray.remote(num_cpus=config.num_cpus, num_gpus=1 if config.use_gpu else 0)(pretrain_t5)
     summary = ray.get(task.remote(**settings))
-    print(f"[pretrain] {summary['steps']} steps on {summary['passages']} passages in {summary['seconds']:.0f} s: "
-          f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; wrote {config.output_dir}")
+    print(
+        f"[pretrain] {summary['steps']} steps on {summary['passages']} passages in {summary['seconds']:.0f} s: "
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; wrote {config.output_dir}"
+    )
 
     # cleanup
     if started_ray:

@@ -34,7 +34,8 @@ from transformers import AutoTokenizer
 
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
-from glimmer_ray.data.stream import TokenizeConfig, question_text
+from glimmer_ray.data.reading import question_text
+from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.configuration import SCORING_METHODS
@@ -48,20 +49,26 @@ TARGETS = ("teacher", "gold", "corpus")
 class ProbeConfig:
     model: str = "outputs/quickstart/model-learning"  # GLIMMER export of jobs/train.py (must rerank: num_selected < k)
     data_dir: str = "outputs/quickstart"  # jobs/prepare_data.py output: retrieved/ and tokenizer/
-    train_dirs: list[str] = field(default_factory=list)  # more prepared directories whose training examples join data_dir's
+    train_dirs: list[str] = field(
+        default_factory=list
+    )  # more prepared directories whose training examples join data_dir's
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
     question_tokens: int = 32  # as trained
     passage_tokens: int = 96  # as trained
     answer_tokens: int = 12  # as trained
     num_passages: int = 10  # k
-    targets: list[str] = field(default_factory=lambda: ["teacher", "gold"])  # teacher | gold | corpus, each from the same start
+    targets: list[str] = field(
+        default_factory=lambda: ["teacher", "gold"]
+    )  # teacher | gold | corpus, each from the same start
     train_limit_per_task: int | None = 200  # training examples per task per directory; null = all
     dev_limit_per_task: int | None = None  # dev examples per task; null = all
     steps: int = 300  # optimiser steps per target
     batch_size: int = 16  # examples per step
     learning_rate: float = 0.001  # AdamW, constant
     temperature: float = 0.1  # tau of both losses
-    rerank_proportion: float | None = None  # null: as trained | beta, the share of live layers before the scorer (1.0: all)
+    rerank_proportion: float | None = (
+        None  # null: as trained | beta, the share of live layers before the scorer (1.0: all)
+    )
     scoring: str | None = None  # null: as trained | first_token | mean_pool (the head's linear layer kept either way)
     head_norm: bool = False  # an RMSNorm before the head (a trainable copy of the encoder's final layer norm)
     eval_every_steps: int = 100  # dev (and training-probe) recall interval
@@ -110,28 +117,46 @@ def gold_loss(scores: torch.Tensor, gold: torch.Tensor, temperature: float) -> t
 
 
 @torch.no_grad()
-def cache_inputs(model, paths_by_dir: list[dict[str, str]], tokenizer_dir: str, tokenize: TokenizeConfig,
-                 batch_size: int, limit: int | None, desc: str) -> list[dict]:
+def cache_inputs(
+    model,
+    paths_by_dir: list[dict[str, str]],
+    tokenizer_dir: str,
+    tokenize: TokenizeConfig,
+    batch_size: int,
+    limit: int | None,
+    desc: str,
+) -> list[dict]:
     """Tokenised batches with their question and passage memory and the teacher's scores, computed once (reader frozen)."""
     cpu = torch.device("cpu")
-    batches = [batch for paths in paths_by_dir for batch in dev_batches(paths, tokenizer_dir, tokenize, batch_size, limit)]
+    batches = [
+        batch for paths in paths_by_dir for batch in dev_batches(paths, tokenizer_dir, tokenize, batch_size, limit)
+    ]
     cached = []
     for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stdout, mininterval=10):
         inputs = model_inputs(batch, cpu)
-        cached.append({
-            "task": [str(task) for task in batch["task"]],
-            "passage_keys": batch["passage_keys"],
-            "gold_passages": batch["gold_passages"],
-            "question_mask": inputs["question_mask"],
-            "passage_mask": inputs["passage_mask"],
-            "passage_ids": inputs["passage_ids"],  # [b, k, lp], for the corpus target's queries
-            "question_memory": model.encode_question(inputs["question_ids"], inputs["question_mask"]),  # [b, lq, d]
-            "passage_memory": model._passage_memory(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"],
-                                                    inputs["passage_mask"], None),  # [b, k, lp, d]
-            "teacher": model.passage_log_likelihood(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"],
-                                                    inputs["passage_mask"], None, inputs["labels"]),  # [b, k]
-            "gold": gold_in_candidates(batch),  # [b, k]
-        })
+        cached.append(
+            {
+                "task": [str(task) for task in batch["task"]],
+                "passage_keys": batch["passage_keys"],
+                "gold_passages": batch["gold_passages"],
+                "question_mask": inputs["question_mask"],
+                "passage_mask": inputs["passage_mask"],
+                "passage_ids": inputs["passage_ids"],  # [b, k, lp], for the corpus target's queries
+                "question_memory": model.encode_question(inputs["question_ids"], inputs["question_mask"]),  # [b, lq, d]
+                "passage_memory": model._passage_memory(
+                    inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"], inputs["passage_mask"], None
+                ),  # [b, k, lp, d]
+                "teacher": model.passage_log_likelihood(
+                    inputs["question_ids"],
+                    inputs["question_mask"],
+                    inputs["passage_ids"],
+                    inputs["passage_mask"],
+                    None,
+                    inputs["labels"],
+                ),  # [b, k]
+                "gold": gold_in_candidates(batch),  # [b, k]
+            }
+        )
     return cached
 
 
@@ -157,7 +182,9 @@ class CorpusQueries:
         if "passage_texts" not in batch:
             ids = batch["passage_ids"]  # [b, k, lp]
             flat = self.tokenizer.batch_decode(ids.reshape(-1, ids.shape[-1]), skip_special_tokens=True)  # [b*k]
-            batch["passage_texts"] = [flat[row * ids.shape[1] : (row + 1) * ids.shape[1]] for row in range(ids.shape[0])]
+            batch["passage_texts"] = [
+                flat[row * ids.shape[1] : (row + 1) * ids.shape[1]] for row in range(ids.shape[0])
+            ]
         return batch["passage_texts"]
 
     def queries(self, batch: dict) -> tuple[list[str], list[int], torch.Tensor]:
@@ -179,19 +206,25 @@ class CorpusQueries:
         queries, rows, targets = self.queries(batch)
         if not rows:
             return None
-        encoded = self.tokenizer(queries, max_length=self.question_tokens, truncation=True, padding="max_length", return_tensors="pt")
+        encoded = self.tokenizer(
+            queries, max_length=self.question_tokens, truncation=True, padding="max_length", return_tensors="pt"
+        )
         mask = encoded["attention_mask"]
         return model.encode_question(encoded["input_ids"], mask), mask, rows, targets
 
 
-def probe_loss(model, target: str, batch: dict, corpus: CorpusQueries | None, temperature: float) -> torch.Tensor | None:
+def probe_loss(
+    model, target: str, batch: dict, corpus: CorpusQueries | None, temperature: float
+) -> torch.Tensor | None:
     """The target's loss on one cached batch; None when the batch has nothing to learn (no gold passage or sentence)."""
     if target == "corpus":
         queries = corpus(model, batch)
         if queries is None:
             return None
         question_memory, question_mask, rows, wanted = queries
-        scores = model.live_encode(question_memory, question_mask, batch["passage_memory"][rows], batch["passage_mask"][rows]).rerank_scores
+        scores = model.live_encode(
+            question_memory, question_mask, batch["passage_memory"][rows], batch["passage_mask"][rows]
+        ).rerank_scores
         return gold_loss(scores, wanted, temperature)
     scores = rerank_scores(model, batch)  # [b, k]
     if target == "teacher":
@@ -201,7 +234,9 @@ def probe_loss(model, target: str, batch: dict, corpus: CorpusQueries | None, te
 
 def rerank_scores(model, batch: dict) -> torch.Tensor:
     """[b, k] scores of live stage A + the head over the cached memory."""
-    return model.live_encode(batch["question_memory"], batch["question_mask"], batch["passage_memory"], batch["passage_mask"]).rerank_scores
+    return model.live_encode(
+        batch["question_memory"], batch["question_mask"], batch["passage_memory"], batch["passage_mask"]
+    ).rerank_scores
 
 
 @torch.no_grad()
@@ -212,7 +247,12 @@ def recall_by_task(batches: list[dict], num_selected: int, ranking) -> dict[str,
     for batch in batches:
         selected = ranking(batch)
         for row, task in enumerate(batch["task"]):
-            hit = reranker_recall(selected[row : row + 1], batch["passage_keys"][row : row + 1], batch["gold_passages"][row : row + 1], "passage")
+            hit = reranker_recall(
+                selected[row : row + 1],
+                batch["passage_keys"][row : row + 1],
+                batch["gold_passages"][row : row + 1],
+                "passage",
+            )
             hits[task] = hits.get(task, 0.0) + hit
             counts[task] = counts.get(task, 0) + 1
     return {task: hits[task] / counts[task] for task in sorted(counts)}
@@ -222,18 +262,29 @@ def _mean(values: dict[str, float]) -> float:
     return sum(values.values()) / max(1, len(values))
 
 
-def evaluate(model, target: str, step: int, losses: list[float], dev: list[dict], train_probe: list[dict], num_selected: int) -> dict:
+def evaluate(
+    model, target: str, step: int, losses: list[float], dev: list[dict], train_probe: list[dict], num_selected: int
+) -> dict:
     """Dev passage recall@m per task and the training probe's mean, printed as one line; the model back in training mode."""
     model.eval()
 
     def ranking(batch: dict) -> torch.Tensor:
         return torch.topk(rerank_scores(model, batch), num_selected, dim=1).indices
-    row = {"step": step, "loss": sum(losses) / len(losses) if losses else None,
-           "dev": recall_by_task(dev, num_selected, ranking), "train": _mean(recall_by_task(train_probe, num_selected, ranking))}
+
+    row = {
+        "step": step,
+        "loss": sum(losses) / len(losses) if losses else None,
+        "dev": recall_by_task(dev, num_selected, ranking),
+        "train": _mean(recall_by_task(train_probe, num_selected, ranking)),
+    }
     model.train()
     loss_text = f"loss {row['loss']:.3f}" if row["loss"] is not None else "loss   -  "
-    print(f"[{target}] step {step:4d} {loss_text} passage R@{num_selected}: dev mean {_mean(row['dev']):.3f} "
-          + " ".join(f"{task} {value:.3f}" for task, value in row["dev"].items()) + f" | training probe {row['train']:.3f}", flush=True)
+    print(
+        f"[{target}] step {step:4d} {loss_text} passage R@{num_selected}: dev mean {_mean(row['dev']):.3f} "
+        + " ".join(f"{task} {value:.3f}" for task, value in row["dev"].items())
+        + f" | training probe {row['train']:.3f}",
+        flush=True,
+    )
     return row
 
 
@@ -255,7 +306,9 @@ def main(config: ProbeConfig) -> dict:
     base = GlimmerForConditionalGeneration.from_pretrained(config.model, **split).eval()
     m = base.config.num_selected
     if m is None or m >= config.num_passages:
-        raise SystemExit(f"{config.model} does not rerank (num_selected {m} of k = {config.num_passages}); probe a GLIMMER reader with m < k")
+        raise SystemExit(
+            f"{config.model} does not rerank (num_selected {m} of k = {config.num_passages}); probe a GLIMMER reader with m < k"
+        )
     tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
     tokenizer_dir = os.path.join(config.data_dir, "tokenizer")
 
@@ -267,12 +320,29 @@ def main(config: ProbeConfig) -> dict:
         return found
 
     started = time.time()
-    train = cache_inputs(base, [paths(d, "train") for d in [config.data_dir, *config.train_dirs]], tokenizer_dir, tokenize,
-                         config.batch_size, config.train_limit_per_task, "caching training memory + teacher")
-    dev = cache_inputs(base, [paths(config.data_dir, "dev")], tokenizer_dir, tokenize, config.batch_size, config.dev_limit_per_task,
-                       "caching dev memory + teacher")
+    train = cache_inputs(
+        base,
+        [paths(d, "train") for d in [config.data_dir, *config.train_dirs]],
+        tokenizer_dir,
+        tokenize,
+        config.batch_size,
+        config.train_limit_per_task,
+        "caching training memory + teacher",
+    )
+    dev = cache_inputs(
+        base,
+        [paths(config.data_dir, "dev")],
+        tokenizer_dir,
+        tokenize,
+        config.batch_size,
+        config.dev_limit_per_task,
+        "caching dev memory + teacher",
+    )
     cache_seconds = time.time() - started
-    print(f"cached {sum(len(b['task']) for b in train)} training and {sum(len(b['task']) for b in dev)} dev examples in {cache_seconds:.0f} s", flush=True)
+    print(
+        f"cached {sum(len(b['task']) for b in train)} training and {sum(len(b['task']) for b in dev)} dev examples in {cache_seconds:.0f} s",
+        flush=True,
+    )
     train_probe = train[:: max(1, len(train) // 24)]  # ~24 training batches, to tell fitting from carrying over
     reference = {
         "retriever": recall_by_task(dev, m, lambda b: torch.arange(m).expand(len(b["task"]), m)),
@@ -280,7 +350,9 @@ def main(config: ProbeConfig) -> dict:
     }
 
     if "gold" in config.targets and not any(batch["gold"].any() for batch in train):
-        raise SystemExit("no training example has a gold passage among its k retrieved: the gold target has nothing to learn")
+        raise SystemExit(
+            "no training example has a gold passage among its k retrieved: the gold target has nothing to learn"
+        )
 
     # loop: one probe per target, each from the reader's own weights
     results = {}
@@ -289,7 +361,9 @@ def main(config: ProbeConfig) -> dict:
         model.rerank_head = probe_head(model, config.scoring, config.head_norm)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        trainable = [p for block in model.live_a_blocks for p in block.parameters()] + list(model.rerank_head.parameters())
+        trainable = [p for block in model.live_a_blocks for p in block.parameters()] + list(
+            model.rerank_head.parameters()
+        )
         for parameter in trainable:
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.01)
@@ -314,7 +388,9 @@ def main(config: ProbeConfig) -> dict:
                 losses.append(loss.item())
                 step += 1
                 if step % config.eval_every_steps == 0 or step == config.steps:
-                    history.append(evaluate(model, target, step, losses[-config.eval_every_steps :], dev, train_probe, m))
+                    history.append(
+                        evaluate(model, target, step, losses[-config.eval_every_steps :], dev, train_probe, m)
+                    )
                     if step == config.steps:
                         break
         results[target] = {"history": history, "seconds": time.time() - target_started}
@@ -323,17 +399,30 @@ def main(config: ProbeConfig) -> dict:
     tasks = list(reference["retriever"])
     print(f"\n{'passage R@' + str(m) + ' (dev)':<26}" + "".join(f"{t[:8]:>9}" for t in tasks) + f"{'mean':>9}")
     rows = [(f"retriever (first {m})", reference["retriever"]), ("teacher (its top m)", reference["teacher"])]
-    rows.append(("scorer, step 0", results[config.targets[0]]["history"][0]["dev"]))  # every target starts from these weights
+    rows.append(
+        ("scorer, step 0", results[config.targets[0]]["history"][0]["dev"])
+    )  # every target starts from these weights
     for target, result in results.items():
         rows.append((f"{target}-trained, step {result['history'][-1]['step']}", result["history"][-1]["dev"]))
     for name, values in rows:
         print(f"{name:<26}" + "".join(f"{values[t]:9.3f}" for t in tasks) + f"{_mean(values):9.3f}")
-    head = (f"{base.config.num_live_a_layers} live layer(s) before the scorer, {config.scoring or base.config.scoring} scoring"
-            + (", RMSNorm before the head" if config.head_norm else ""))
-    print(f"(the reader's memory frozen; only live stage A and the rerank head train, {config.steps} steps of {config.batch_size} per target; {head})")
-    metrics = {"config": to_dict(config), "num_selected": m, "num_live_a_layers": base.config.num_live_a_layers, "cache_seconds": cache_seconds,
-               "train_examples": sum(len(b["task"]) for b in train), "dev_examples": sum(len(b["task"]) for b in dev),
-               "dev_reference": reference, "targets": results}
+    head = (
+        f"{base.config.num_live_a_layers} live layer(s) before the scorer, {config.scoring or base.config.scoring} scoring"
+        + (", RMSNorm before the head" if config.head_norm else "")
+    )
+    print(
+        f"(the reader's memory frozen; only live stage A and the rerank head train, {config.steps} steps of {config.batch_size} per target; {head})"
+    )
+    metrics = {
+        "config": to_dict(config),
+        "num_selected": m,
+        "num_live_a_layers": base.config.num_live_a_layers,
+        "cache_seconds": cache_seconds,
+        "train_examples": sum(len(b["task"]) for b in train),
+        "dev_examples": sum(len(b["task"]) for b in dev),
+        "dev_reference": reference,
+        "targets": results,
+    }
     os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=1)

@@ -29,8 +29,14 @@ from serve_app.app import AppArgs, build_app
 
 @dataclass
 class ServeConfig:
-    app: dict = field(default_factory=lambda: {"model_dir": "outputs/quickstart/model", "index_dir": "outputs/quickstart/index",
-                                                "passages": "outputs/quickstart/passages.parquet", "memory_store": "outputs/quickstart/memory"})  # AppArgs
+    app: dict = field(
+        default_factory=lambda: {
+            "model_dir": "outputs/quickstart/model",
+            "index_dir": "outputs/quickstart/index",
+            "passages": "outputs/quickstart/passages.parquet",
+            "memory_store": "outputs/quickstart/memory",
+        }
+    )  # AppArgs
     name: str = "glimmer"  # Serve application name
     route_prefix: str = "/"  # HTTP path the app answers under
     host: str = "127.0.0.1"  # HTTP host of the Serve proxy; 0.0.0.0 accepts other machines
@@ -43,11 +49,15 @@ class ServeConfig:
     def validate(self) -> None:
         unknown = sorted(set(self.app) - set(AppArgs.model_fields))
         if unknown:
-            raise ValueError(f"unknown key app.{unknown[0]}; allowed keys here: {', '.join(sorted(AppArgs.model_fields))}")
+            raise ValueError(
+                f"unknown key app.{unknown[0]}; allowed keys here: {', '.join(sorted(AppArgs.model_fields))}"
+            )
         AppArgs.model_validate(self.app)
 
 
-def deploy(args: dict[str, Any], name: str = "glimmer", route_prefix: str = "/", host: str = "127.0.0.1", port: int = 8000) -> str:
+def deploy(
+    args: dict[str, Any], name: str = "glimmer", route_prefix: str = "/", host: str = "127.0.0.1", port: int = 8000
+) -> str:
     """Start Serve's HTTP proxy, deploy the app and wait until it is RUNNING; its URL."""
     serve.start(http_options={"host": host, "port": port})
     try:
@@ -64,8 +74,11 @@ def ask(client: GlimmerClient, question: str, task: str | None = None, gold: lis
     """Answer one question over HTTP and print it: the answer, stage timings, retrieved passages, the ones kept."""
     result = client.answer(question, task=task)
     timings = ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in result.timings.items() if not stage.startswith("batch"))
-    print(f"\nQ ({result.task}): {question}" + (f"\n   gold: {' | '.join(gold)}" if gold is not None else "")
-          + f"\n   answer: {result.answer!r}   ({timings})")
+    print(
+        f"\nQ ({result.task}): {question}"
+        + (f"\n   gold: {' | '.join(gold)}" if gold is not None else "")
+        + f"\n   answer: {result.answer!r}   ({timings})"
+    )
     for passage in result.passages:
         mark = "kept" if passage.selected else "    "
         rerank = passage.rerank_score if passage.rerank_score is not None else float("nan")
@@ -83,16 +96,24 @@ def main(config: ServeConfig) -> dict:
     url = deploy(config.app, config.name, config.route_prefix, config.host, config.port)
     print(f"[serve] app {config.name!r} RUNNING at {url} (POST {url}/v1/answer)", flush=True)
     result = ask(GlimmerClient(url), config.question, config.task)
-    summary = {"url": url, "question": config.question, "answer": result.answer, "task": result.task,
-               "kept": [p.title for p in result.passages if p.selected], "timings": result.timings}
+    summary = {
+        "url": url,
+        "question": config.question,
+        "answer": result.answer,
+        "task": result.task,
+        "kept": [p.title for p in result.passages if p.selected],
+        "timings": result.timings,
+    }
 
     # cleanup
     if config.shutdown:
         serve.delete(config.name)
         print(f"[serve] deleted app {config.name!r} (shutdown: true)")
     else:
-        print(f"[serve] leaving {config.name!r} serving at {url} for as long as this Ray cluster runs (a local cluster this job "
-              f"started stops with it); `serve shutdown` stops it")
+        print(
+            f"[serve] leaving {config.name!r} serving at {url} for as long as this Ray cluster runs (a local cluster this job "
+            f"started stops with it); `serve shutdown` stops it"
+        )
     if started_ray:
         ray.shutdown()
     return summary

@@ -38,26 +38,38 @@ def main(config: TrainConfig) -> dict:
     ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
     worker_cpus = config.scaling.num_workers * config.scaling.resources_per_worker.get("CPU", 1)
     if worker_cpus > ray.cluster_resources().get("CPU", 0) - 1:
-        raise SystemExit(f"{config.scaling.num_workers} workers x {config.scaling.resources_per_worker.get('CPU', 1)} CPU leave no CPU of the "
-                         f"cluster's {ray.cluster_resources().get('CPU', 0):.0f} for the Ray Data stream, which would then hang; "
-                         "lower scaling.resources_per_worker.CPU (e.g. 0.5) or add CPUs")
-    train_dataset = tokenized_dataset(train_paths(config), os.path.join(config.data.dir, "tokenizer"), tokenize_config(config),
-                                      rows_per_task=config.data.rows_per_task, seed=config.seed)
+        raise SystemExit(
+            f"{config.scaling.num_workers} workers x {config.scaling.resources_per_worker.get('CPU', 1)} CPU leave no CPU of the "
+            f"cluster's {ray.cluster_resources().get('CPU', 0):.0f} for the Ray Data stream, which would then hang; "
+            "lower scaling.resources_per_worker.CPU (e.g. 0.5) or add CPUs"
+        )
+    train_dataset = tokenized_dataset(
+        train_paths(config),
+        os.path.join(config.data.dir, "tokenizer"),
+        tokenize_config(config),
+        rows_per_task=config.data.rows_per_task,
+        seed=config.seed,
+    )
     if config.data.cache:  # one pass of read, shuffle and tokenisation; every later epoch reads the object store
         train_dataset = train_dataset.materialize()
     storage = config.checkpoint.storage_path
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(config),
-        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker=config.scaling.resources_per_worker,
-                                     placement_strategy=config.scaling.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=config.scaling.resources_per_worker,
+            placement_strategy=config.scaling.placement_strategy,
+        ),
         run_config=RunConfig(
             name=config.checkpoint.name,
             storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
-                                               checkpoint_score_attribute=config.checkpoint.score_attribute,
-                                               checkpoint_score_order=config.checkpoint.score_order),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoint.num_to_keep,
+                checkpoint_score_attribute=config.checkpoint.score_attribute,
+                checkpoint_score_order=config.checkpoint.score_order,
+            ),
             failure_config=FailureConfig(max_failures=config.failure.max_failures),
         ),
         datasets={"train": train_dataset},
@@ -69,7 +81,11 @@ def main(config: TrainConfig) -> dict:
     seconds = time.perf_counter() - start
 
     # cleanup: export the final model
-    summary = {"metrics": result.metrics, "seconds": seconds, "checkpoint": result.checkpoint.path if result.checkpoint else None}
+    summary = {
+        "metrics": result.metrics,
+        "seconds": seconds,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
     if config.export_dir and result.checkpoint:
         with result.checkpoint.as_directory() as directory:
             source = os.path.join(directory, "hf")

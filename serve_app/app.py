@@ -62,7 +62,9 @@ class AppArgs(BaseModel):
     cache_bytes: int = 1 << 30  # MemoryCache LRU budget per replica
     max_batch_size: int = 8  # dynamic batching of the model stages
     batch_wait_timeout_s: float = 0.005
-    deployments: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-stage .options(), over the defaults below
+    deployments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict
+    )  # per-stage .options(), over the defaults below
 
     def resolved(self) -> "AppArgs":
         absolute = {name: os.path.abspath(getattr(self, name)) for name in ("model_dir", "index_dir", "passages")}
@@ -70,28 +72,52 @@ class AppArgs(BaseModel):
             absolute["memory_store"] = os.path.abspath(self.memory_store)
         unknown = sorted(set(self.deployments) - set(STAGES))
         if unknown:
-            raise ValueError(f"unknown deployment(s) {', '.join(unknown)} in args.deployments; the stages are {', '.join(STAGES)}")
+            raise ValueError(
+                f"unknown deployment(s) {', '.join(unknown)} in args.deployments; the stages are {', '.join(STAGES)}"
+            )
         return self.model_copy(update=absolute)
 
     def limits(self, max_top_k: int | None = None) -> Limits:
-        return Limits(tuple(self.tasks), self.default_task, self.question_tokens, self.top_k, max_top_k or self.max_top_k,
-                      self.max_new_tokens, self.max_new_tokens_limit)
+        return Limits(
+            tuple(self.tasks),
+            self.default_task,
+            self.question_tokens,
+            self.top_k,
+            max_top_k or self.max_top_k,
+            self.max_new_tokens,
+            self.max_new_tokens_limit,
+        )
 
 
 def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
     """Per-stage defaults, sized so the whole graph fits a 2-CPU machine; override per cluster."""
-    model_stage = {"ray_actor_options": {"num_cpus": 0.25},
-                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": args.max_batch_size},
-                   "max_ongoing_requests": 2 * args.max_batch_size, "max_queued_requests": 256}
+    model_stage = {
+        "ray_actor_options": {"num_cpus": 0.25},
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": args.max_batch_size},
+        "max_ongoing_requests": 2 * args.max_batch_size,
+        "max_queued_requests": 256,
+    }
     return {
-        "Retriever": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 32, "max_queued_requests": 256,
-                      "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}},
-        "MemoryCache": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 32, "max_queued_requests": 256,
-                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}},
+        "Retriever": {
+            "ray_actor_options": {"num_cpus": 0.25},
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 256,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+        },
+        "MemoryCache": {
+            "ray_actor_options": {"num_cpus": 0.1},
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 256,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+        },
         "LiveEncoderReranker": dict(model_stage),
         "Decoder": dict(model_stage),
-        "Ingress": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 64, "max_queued_requests": 128,
-                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32}},
+        "Ingress": {
+            "ray_actor_options": {"num_cpus": 0.1},
+            "max_ongoing_requests": 64,
+            "max_queued_requests": 128,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+        },
     }
 
 
@@ -106,7 +132,9 @@ def _ms(start: float) -> float:
 class Retriever:
     """Query encoder + FAISS: the top k passages with their text."""
 
-    def __init__(self, index_dir: str, passages: str, encoder_path: str | None, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(
+        self, index_dir: str, passages: str, encoder_path: str | None, max_batch_size: int, batch_wait_timeout_s: float
+    ) -> None:
         self.retriever = DenseRetriever(index_dir, passages, encoder_path)
         self.search.set_max_batch_size(max_batch_size)
         self.search.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -116,7 +144,9 @@ class Retriever:
         start = time.perf_counter()
         results = self.retriever.search(questions, max(top_ks))
         elapsed = _ms(start)
-        return [dict({key: value[:k] for key, value in result.items()}, ms=elapsed) for result, k in zip(results, top_ks)]
+        return [
+            dict({key: value[:k] for key, value in result.items()}, ms=elapsed) for result, k in zip(results, top_ks)
+        ]
 
     def num_passages(self) -> int:
         return self.retriever.num_passages
@@ -140,7 +170,9 @@ class MemoryCache:
 
     def check_health(self) -> None:
         store = self.lookup.store
-        missing = [s["file"] for s in store.manifest["shards"] if not store.fs.get_file_info(f"{store.root}/{s['file']}").size]
+        missing = [
+            s["file"] for s in store.manifest["shards"] if not store.fs.get_file_info(f"{store.root}/{s['file']}").size
+        ]
         if missing:
             raise RuntimeError(f"memory shards unreadable: {', '.join(missing[:3])}")
 
@@ -156,13 +188,24 @@ class LiveEncoderReranker:
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch
-    async def encode(self, question_ids: list[np.ndarray], memories: list[dict[str, Any]], num_selected: list[int]) -> list[dict[str, Any]]:
+    async def encode(
+        self, question_ids: list[np.ndarray], memories: list[dict[str, Any]], num_selected: list[int]
+    ) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        requests = [{"question_ids": q, "memory": mem["memory"], "memory_mask": mem["memory_mask"], "num_selected": min(m, len(mem["memory"]))}
-                    for q, mem, m in zip(question_ids, memories, num_selected)]
+        requests = [
+            {
+                "question_ids": q,
+                "memory": mem["memory"],
+                "memory_mask": mem["memory_mask"],
+                "num_selected": min(m, len(mem["memory"])),
+            }
+            for q, mem, m in zip(question_ids, memories, num_selected)
+        ]
         results = self.reader.live(requests)
         elapsed = _ms(start)
-        return [dict(result, ms=elapsed, memory_ms=mem["ms"], batch=len(requests)) for result, mem in zip(results, memories)]
+        return [
+            dict(result, ms=elapsed, memory_ms=mem["ms"], batch=len(requests)) for result, mem in zip(results, memories)
+        ]
 
     def num_selected(self) -> int | None:
         return self.reader.model.config.num_selected
@@ -184,7 +227,9 @@ class Decoder:
     @serve.batch
     async def generate(self, encodings: list[dict[str, Any]], max_new_tokens: list[int]) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        tokens = self.reader.decode([{"hidden": e["hidden"], "mask": e["mask"], "max_new_tokens": n} for e, n in zip(encodings, max_new_tokens)])
+        tokens = self.reader.decode(
+            [{"hidden": e["hidden"], "mask": e["mask"], "max_new_tokens": n} for e, n in zip(encodings, max_new_tokens)]
+        )
         elapsed = _ms(start)
         return [{"tokens": t, "ms": elapsed, "batch": len(tokens)} for t in tokens]
 
@@ -195,8 +240,16 @@ class Decoder:
 
 # ---- Ingress -------------------------------------------------------------------------------------
 
-api = FastAPI(title="glimmer-ray", description="GLIMMER retrieval-augmented answers: retrieve, rerank in the reader, generate.")
-UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+api = FastAPI(
+    title="glimmer-ray", description="GLIMMER retrieval-augmented answers: retrieve, rerank in the reader, generate."
+)
+UNAVAILABLE = (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    ray.exceptions.RayActorError,
+    ray.exceptions.ActorUnavailableError,
+)
 
 
 @api.exception_handler(RequestValidationError)
@@ -219,9 +272,14 @@ async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
 @api.exception_handler(Exception)
 async def _stage_failure(request: Request, error: Exception) -> JSONResponse:
     if isinstance(error, UNAVAILABLE) or isinstance(getattr(error, "cause", None), UNAVAILABLE):
-        return JSONResponse(status_code=503, content={"error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry"},
-                            headers={"Retry-After": "1"})
-    return JSONResponse(status_code=503, content={"error": f"the request failed in a serving stage: {type(error).__name__}: {error}"})
+        return JSONResponse(
+            status_code=503,
+            content={"error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry"},
+            headers={"Retry-After": "1"},
+        )
+    return JSONResponse(
+        status_code=503, content={"error": f"the request failed in a serving stage: {type(error).__name__}: {error}"}
+    )
 
 
 @serve.deployment
@@ -235,8 +293,12 @@ class Ingress:
         self.questions = QuestionTokenizer(model_dir, self.args.question_tokens)
         self.model_num_selected: int | None = None
         self.max_top_k: int | None = None
-        self.latency = Histogram("glimmer_stage_latency_ms", description="per-stage latency of answered requests",
-                                 boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000], tag_keys=("stage",))
+        self.latency = Histogram(
+            "glimmer_stage_latency_ms",
+            description="per-stage latency of answered requests",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            tag_keys=("stage",),
+        )
         self.recent: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
         self.counts = {"answered": 0, "rejected": 0}
 
@@ -255,7 +317,12 @@ class Ingress:
         encoding = self.live.encode.remote(question_ids, memory, m)
         generated = self.decoder.generate.remote(encoding, max_new_tokens)
         retrieved, encoding, generated = await retrieved, await encoding, await generated
-        timings = {"retriever": retrieved["ms"], "memory": encoding["memory_ms"], "live": encoding["ms"], "decoder": generated["ms"]}
+        timings = {
+            "retriever": retrieved["ms"],
+            "memory": encoding["memory_ms"],
+            "live": encoding["ms"],
+            "decoder": generated["ms"],
+        }
         timings["total"] = _ms(start)
         timings["batch_live"], timings["batch_decoder"] = encoding["batch"], generated["batch"]
         for stage, value in timings.items():
@@ -263,8 +330,15 @@ class Ingress:
                 self.latency.observe(value, tags={"stage": stage})
                 self.recent[stage].append(value)
         self.counts["answered"] += 1
-        return assemble_response(task, k, m, {key: retrieved[key] for key in ("ids", "titles", "texts", "scores")}, encoding,
-                                 self.questions.decode(generated["tokens"]), timings)
+        return assemble_response(
+            task,
+            k,
+            m,
+            {key: retrieved[key] for key in ("ids", "titles", "texts", "scores")},
+            encoding,
+            self.questions.decode(generated["tokens"]),
+            timings,
+        )
 
     @api.post("/v1/answer")
     async def answer(self, request: AnswerRequest) -> AnswerResponse:
@@ -291,8 +365,11 @@ class Ingress:
     @api.get("/v1/metrics")
     async def metrics(self) -> dict[str, Any]:
         """This replica's recent per-stage latencies (ms); Serve's own metrics are on the Prometheus port."""
-        summary = {stage: {"count": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
-                   for stage, v in self.recent.items() if v}
+        summary = {
+            stage: {"count": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+            for stage, v in self.recent.items()
+            if v
+        }
         return {"requests": dict(self.counts), "stage_ms": summary}
 
     async def answer_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -300,11 +377,17 @@ class Ingress:
         try:
             return {"status": 200, "body": (await self._answer(AnswerRequest.model_validate(payload))).model_dump()}
         except ValidationError as error:
-            return {"status": 422, "error": "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())}
+            return {
+                "status": 422,
+                "error": "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()),
+            }
         except RequestError as error:
             return {"status": 400, "error": str(error)}
         except UNAVAILABLE as error:
-            return {"status": 503, "error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry"}
+            return {
+                "status": 503,
+                "error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry",
+            }
 
 
 # ---- The builder ---------------------------------------------------------------------------------
@@ -320,11 +403,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             base.pop("autoscaling_config", None)
         options[stage] = {**base, **override}
     batching = {"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s}
-    retriever = Retriever.options(**options["Retriever"]).bind(app_args.index_dir, app_args.passages, app_args.encoder_path, **batching)
+    retriever = Retriever.options(**options["Retriever"]).bind(
+        app_args.index_dir, app_args.passages, app_args.encoder_path, **batching
+    )
     memory_cache = MemoryCache.options(**options["MemoryCache"]).bind(app_args.memory_store, app_args.cache_bytes)
-    live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(app_args.model_dir, app_args.memory_store, **batching)
+    live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(
+        app_args.model_dir, app_args.memory_store, **batching
+    )
     decoder = Decoder.options(**options["Decoder"]).bind(app_args.model_dir, **batching)
-    return Ingress.options(**options["Ingress"]).bind(retriever, memory_cache, live, decoder, app_args.model_dir, app_args.model_dump())
+    return Ingress.options(**options["Ingress"]).bind(
+        retriever, memory_cache, live, decoder, app_args.model_dir, app_args.model_dump()
+    )
 
 
 # The app with default args (quickstart paths), for `serve build serve_app.app:app` and `serve run serve_app.app:app`.

@@ -36,14 +36,17 @@ def test_ints_are_accepted_as_floats_but_not_the_reverse():
         load_config(Outer, None, ["inner.width=0.5"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["inner.depth=3"], r"unknown key inner.depth; allowed keys here: name, rate, width"),
-    (["outer=3"], r"unknown key outer"),
-    (["flag=yes please"], r"flag: expected true or false"),
-    (["sizes=3"], r"sizes: expected a list"),
-    (["inner=3"], r"inner: expected a mapping"),
-    (["no_equals_sign"], r"not of the form key.path=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inner.depth=3"], r"unknown key inner.depth; allowed keys here: name, rate, width"),
+        (["outer=3"], r"unknown key outer"),
+        (["flag=yes please"], r"flag: expected true or false"),
+        (["sizes=3"], r"sizes: expected a list"),
+        (["inner=3"], r"inner: expected a mapping"),
+        (["no_equals_sign"], r"not of the form key.path=value"),
+    ],
+)
 def test_bad_overrides_raise(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(Outer, None, overrides)

@@ -106,7 +106,9 @@ def read_kilt_examples(
     return examples, report
 
 
-def read_knowledge_source(path: str | os.PathLike, skip_invalid: bool = False) -> tuple[list[dict[str, Any]], ReadReport]:
+def read_knowledge_source(
+    path: str | os.PathLike, skip_invalid: bool = False
+) -> tuple[list[dict[str, Any]], ReadReport]:
     """Read KILT knowledge-source pages; `wikipedia_id` must be unique and `text` a list of strings."""
     report = ReadReport(os.fspath(path))
     pages, seen = [], {}
@@ -153,7 +155,10 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
 
 def prediction_record(example_id: str, answer: str, page_ids: Iterable[str] = ()) -> dict[str, Any]:
     """One line of KILT's submission format: the answer and the ranked provenance pages."""
-    return {"id": example_id, "output": [{"answer": answer, "provenance": [{"wikipedia_id": str(p)} for p in page_ids]}]}
+    return {
+        "id": example_id,
+        "output": [{"answer": answer, "provenance": [{"wikipedia_id": str(p)} for p in page_ids]}],
+    }
 
 
 def gold_answers(example: dict[str, Any]) -> list[str]:
@@ -181,13 +186,22 @@ def gold_paragraphs(example: dict[str, Any]) -> list[list[tuple[str, int | None,
     sets = []
     for output in example.get("output", []):
         if "provenance" in output:
-            sets.append([(str(p["wikipedia_id"]), p.get("start_paragraph_id"), p.get("end_paragraph_id", p.get("start_paragraph_id")))
-                         for p in output["provenance"]])
+            sets.append(
+                [
+                    (
+                        str(p["wikipedia_id"]),
+                        p.get("start_paragraph_id"),
+                        p.get("end_paragraph_id", p.get("start_paragraph_id")),
+                    )
+                    for p in output["provenance"]
+                ]
+            )
     return sets
 
 
-def gold_passages(evidence: list[list[tuple[str, int | None, int | None]]], passages_by_page: dict[str, list[tuple[int, int, str]]]
-                  ) -> list[list[list[str]]]:
+def gold_passages(
+    evidence: list[list[tuple[str, int | None, int | None]]], passages_by_page: dict[str, list[tuple[int, int, str]]]
+) -> list[list[list[str]]]:
     """The passages holding each gold evidence item: per evidence set, per item, the ids of the passages of
     its page whose paragraph range overlaps the item's (every passage of the page when the item names no
     paragraph). `passages_by_page`: wikipedia_id -> [(start_paragraph_id, end_paragraph_id, passage_id)]."""
@@ -234,7 +248,9 @@ def chunk_page(page: dict[str, Any], max_words: int = 200) -> list[Passage]:
     def flush() -> None:
         nonlocal words, start
         if words:
-            passages.append(Passage(f"{wikipedia_id}_{len(passages)}", wikipedia_id, title, " ".join(words), start, end))
+            passages.append(
+                Passage(f"{wikipedia_id}_{len(passages)}", wikipedia_id, title, " ".join(words), start, end)
+            )
         words, start = [], None
 
     for index, paragraph in enumerate(page["text"]):

@@ -29,6 +29,8 @@ import numpy as np
 import ray
 from transformers import AutoTokenizer
 
+from glimmer_ray.data.reading import question_text, tokenize_passages
+
 
 @dataclass(frozen=True)
 class TokenizeConfig:
@@ -36,15 +38,9 @@ class TokenizeConfig:
     passage_tokens: int = 304  # lp (the paper: 304)
     answer_tokens: int = 32  # t
     num_passages: int = 25  # k passages per example
-    evidence_passages: int = 0  # g gold evidence passages per example (a two-hop evidence set has two); 0 = none tokenised
-
-
-def question_text(task: str, text: str) -> str:
-    return f"{task}: {text}"
-
-
-def passage_text(title: str, text: str) -> str:
-    return f"title: {title} context: {text}"
+    evidence_passages: int = (
+        0  # g gold evidence passages per example (a two-hop evidence set has two); 0 = none tokenised
+    )
 
 
 class TokenizeBatch:
@@ -61,14 +57,18 @@ class TokenizeBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         config = self.config
         size = len(batch["id"])
-        question_ids, question_mask = self._encode([question_text(t, q) for t, q in zip(batch["task"], batch["input"])], config.question_tokens)
+        question_ids, question_mask = self._encode(
+            [question_text(t, q) for t, q in zip(batch["task"], batch["input"])], config.question_tokens
+        )
         texts = []
         for row in range(size):
             titles, bodies = list(batch["passage_titles"][row]), list(batch["passage_texts"][row])
             if len(titles) < config.num_passages:
-                raise ValueError(f"example {batch['id'][row]} has {len(titles)} retrieved passages, fewer than k = {config.num_passages}")
-            texts.extend(passage_text(title, body) for title, body in zip(titles[: config.num_passages], bodies[: config.num_passages]))
-        passage_ids, passage_mask = self._encode(texts, config.passage_tokens)
+                raise ValueError(
+                    f"example {batch['id'][row]} has {len(titles)} retrieved passages, fewer than k = {config.num_passages}"
+                )
+            texts.extend(zip(titles[: config.num_passages], bodies[: config.num_passages]))
+        passage_ids, passage_mask = tokenize_passages(self.tokenizer, *_columns(texts), config.passage_tokens)
         answers = [list(a)[0] if len(a) else "" for a in batch["answers"]]
         label_ids, label_mask = self._encode(answers, config.answer_tokens)
         labels = np.where(label_mask == 1, label_ids, -100)
@@ -90,12 +90,14 @@ class TokenizeBatch:
             retrieved = [batch[name] for name in ("passage_ids", "passage_pages", "passage_titles", "passage_texts")]
             evidence, keys, pages = [], [], []
             for row in range(size):
-                chosen = list(zip(*(column[row] for column in gold))) or list(zip(*(column[row] for column in retrieved)))
+                chosen = list(zip(*(column[row] for column in gold))) or list(
+                    zip(*(column[row] for column in retrieved))
+                )
                 chosen = (chosen * config.evidence_passages)[: config.evidence_passages]  # [g] (id, page, title, text)
-                evidence.extend(passage_text(title, body) for _, _, title, body in chosen)
+                evidence.extend((title, body) for _, _, title, body in chosen)
                 keys.append([str(key) for key, _, _, _ in chosen])
                 pages.append([str(page) for _, page, _, _ in chosen])
-            evidence_ids, evidence_mask = self._encode(evidence, config.passage_tokens)
+            evidence_ids, evidence_mask = tokenize_passages(self.tokenizer, *_columns(evidence), config.passage_tokens)
             tokenized["evidence_ids"] = evidence_ids.reshape(size, config.evidence_passages, config.passage_tokens)
             tokenized["evidence_mask"] = evidence_mask.reshape(size, config.evidence_passages, config.passage_tokens)
             tokenized["evidence_keys"] = np.array(keys, dtype=object)  # [b, g]
@@ -103,10 +105,17 @@ class TokenizeBatch:
         return tokenized
 
 
+def _columns(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """(titles, texts) of (title, text) pairs."""
+    return [title for title, _ in pairs], [text for _, text in pairs]
+
+
 def _required(batch: dict[str, np.ndarray], name: str) -> np.ndarray:
     if name not in batch:
-        raise ValueError(f"the retrieved rows have no '{name}' column (written by an older build): "
-                         "rebuild the retrieved files with jobs/build_index.py (overwrite=true)")
+        raise ValueError(
+            f"the retrieved rows have no '{name}' column (written by an older build): "
+            "rebuild the retrieved files with jobs/build_index.py (overwrite=true)"
+        )
     return batch[name]
 
 
@@ -121,7 +130,9 @@ def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_dir: str, config: Toke
     return _cached_tokenizer(tokenizer_dir, config)(batch)
 
 
-def mixed_task_dataset(paths_by_task: dict[str, str | list[str]], rows_per_task: int | None = None, seed: int = 0) -> ray.data.Dataset:
+def mixed_task_dataset(
+    paths_by_task: dict[str, str | list[str]], rows_per_task: int | None = None, seed: int = 0
+) -> ray.data.Dataset:
     """Union of the tasks' retrieved Parquet files (one or several per task) with every task at `rows_per_task`
     rows, shuffled."""
     if not paths_by_task:

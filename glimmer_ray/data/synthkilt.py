@@ -49,13 +49,66 @@ SCALES = {
     "large": Scale(60, 2500, 4000, 30000, 100000, 3000),  # ~36k pages
 }
 
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "z", "th", "sh", "qu"]
+_ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+    "th",
+    "sh",
+    "qu",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "ia"]
 _CODAS = ["", "n", "r", "l", "s", "th", "nd", "rk", "m", "x"]
-_OCCUPATIONS = ["architect", "botanist", "cartographer", "chemist", "composer", "engineer", "geologist", "historian",
-                "linguist", "mathematician", "novelist", "painter", "physician", "sculptor", "astronomer", "economist"]
-_INDUSTRIES = ["shipbuilding", "textiles", "publishing", "mining", "banking", "aviation", "pharmaceuticals", "brewing",
-               "telecommunications", "glassmaking", "railways", "insurance"]
+_OCCUPATIONS = [
+    "architect",
+    "botanist",
+    "cartographer",
+    "chemist",
+    "composer",
+    "engineer",
+    "geologist",
+    "historian",
+    "linguist",
+    "mathematician",
+    "novelist",
+    "painter",
+    "physician",
+    "sculptor",
+    "astronomer",
+    "economist",
+]
+_INDUSTRIES = [
+    "shipbuilding",
+    "textiles",
+    "publishing",
+    "mining",
+    "banking",
+    "aviation",
+    "pharmaceuticals",
+    "brewing",
+    "telecommunications",
+    "glassmaking",
+    "railways",
+    "insurance",
+]
 _FILLER = [
     "{name} is often mentioned in regional histories.",
     "Several archives preserve documents related to {name}.",
@@ -76,10 +129,18 @@ class _World:
         self._used: set[str] = set()
         self.countries = [{"name": self._name(2, 3), "type": "country"} for _ in range(scale.countries)]
         self.cities = [{"name": self._name(2, 3), "type": "city"} for _ in range(scale.cities)]
-        self.organizations = [{"name": self._name(2, 3) + " " + rng.choice(["Works", "Company", "Group", "Institute", "Society"]), "type": "organization"} for _ in range(scale.organizations)]
+        self.organizations = [
+            {
+                "name": self._name(2, 3) + " " + rng.choice(["Works", "Company", "Group", "Institute", "Society"]),
+                "type": "organization",
+            }
+            for _ in range(scale.organizations)
+        ]
         # Families of about four share a surname and mention each other: hard negatives for retrieval.
         families = [self._name(2, 3) for _ in range(max(2, scale.people // 4))]
-        self.people = [{"name": self._name(2, 2) + " " + rng.choice(families), "type": "person"} for _ in range(scale.people)]
+        self.people = [
+            {"name": self._name(2, 2) + " " + rng.choice(families), "type": "person"} for _ in range(scale.people)
+        ]
         members: dict[str, list[str]] = {}
         for person in self.people:
             members.setdefault(person["name"].split(" ")[1], []).append(person["name"])
@@ -89,7 +150,11 @@ class _World:
             country["currency"] = self._name(1, 2).lower() + " " + rng.choice(["crown", "mark", "florin", "thaler"])
             country["language"] = self._name(2, 2) + rng.choice(["ic", "ese", "ish"])
         for index, city in enumerate(self.cities):
-            city["country"] = self.countries[index % len(self.countries)]["name"] if index < len(self.countries) else rng.choice(self.countries)["name"]
+            city["country"] = (
+                self.countries[index % len(self.countries)]["name"]
+                if index < len(self.countries)
+                else rng.choice(self.countries)["name"]
+            )
             city["founded"] = str(rng.randint(1100, 1899))
             city["river"] = self._name(2, 2) + " River"
         for country in self.countries:
@@ -110,9 +175,12 @@ class _World:
         """Deal each attribute's values out again among the entities of its type: the same names, words and
         distribution of facts, but (almost) every fact about an entity changed. Capitals are redrawn among
         each country's cities, so the world stays consistent."""
-        for group, attributes in ((self.countries, ("currency", "language")), (self.cities, ("country", "founded", "river")),
-                                  (self.people, ("born", "birthplace", "occupation", "employer")),
-                                  (self.organizations, ("founded", "headquarters", "industry", "founder"))):
+        for group, attributes in (
+            (self.countries, ("currency", "language")),
+            (self.cities, ("country", "founded", "river")),
+            (self.people, ("born", "birthplace", "occupation", "employer")),
+            (self.organizations, ("founded", "headquarters", "industry", "founder")),
+        ):
             for attribute in attributes:
                 values = [entity[attribute] for entity in group]
                 rng.shuffle(values)
@@ -124,7 +192,9 @@ class _World:
     def _name(self, low: int, high: int) -> str:
         while True:
             syllables = self.rng.randint(low, high)
-            name = "".join(self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+            name = "".join(
+                self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) + self.rng.choice(_CODAS) for _ in range(syllables)
+            ).capitalize()
             if name not in self._used and len(name) > 3:
                 self._used.add(name)
                 return name
@@ -159,7 +229,9 @@ def _fact_paragraphs(entity: dict[str, Any]) -> list[tuple[str | tuple[str, ...]
     ]
 
 
-def _render_page(entity: dict[str, Any], wikipedia_id: str, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
+def _render_page(
+    entity: dict[str, Any], wikipedia_id: str, rng: random.Random
+) -> tuple[dict[str, Any], dict[str, int]]:
     """A KILT knowledge-source page; returns it and the paragraph index of each attribute."""
     paragraphs = [entity["name"]]  # paragraph 0 is the title, as in KILT
     where: dict[str, int] = {}
@@ -175,28 +247,83 @@ def _render_page(entity: dict[str, Any], wikipedia_id: str, rng: random.Random) 
 
 # Question templates: (relation, subject type, attribute, styles per task)
 _ONE_HOP = {
-    ("person", "birthplace"): {"nq": "where was {s} born", "tqa": "Which city is the birthplace of {s}?", "zsre": "place of birth", "trex": "place of birth",
-                               "fever": "{s} was born in {o}."},
-    ("person", "born"): {"nq": "when was {s} born", "tqa": "In what year was {s} born?", "zsre": "date of birth", "trex": "date of birth",
-                         "fever": "{s} was born in {o}."},
-    ("person", "employer"): {"nq": "who does {s} work for", "tqa": "Which organisation employs {s}?", "zsre": "employer", "trex": "employer",
-                             "fever": "{s} works for {o}."},
-    ("person", "occupation"): {"nq": "what is {s}'s occupation", "tqa": "What profession does {s} practise?", "zsre": "occupation", "trex": "occupation",
-                               "fever": "{s} is a {o}."},
-    ("city", "country"): {"nq": "what country is {s} in", "tqa": "In which country would you find {s}?", "zsre": "country", "trex": "country",
-                          "fever": "{s} is in {o}."},
-    ("city", "river"): {"nq": "what river flows through {s}", "tqa": "Which river runs through {s}?", "zsre": "located next to body of water", "trex": "located next to body of water",
-                        "fever": "The {o} flows through {s}."},
-    ("organization", "founder"): {"nq": "who founded {s}", "tqa": "Who was the founder of {s}?", "zsre": "founded by", "trex": "founded by",
-                                  "fever": "{s} was founded by {o}."},
-    ("organization", "headquarters"): {"nq": "where is {s} headquartered", "tqa": "In which city are the headquarters of {s}?", "zsre": "headquarters location",
-                                       "trex": "headquarters location", "fever": "{s} has its headquarters in {o}."},
-    ("organization", "founded"): {"nq": "when was {s} founded", "tqa": "In what year was {s} established?", "zsre": "inception", "trex": "inception",
-                                  "fever": "{s} was founded in {o}."},
-    ("country", "capital"): {"nq": "what is the capital of {s}", "tqa": "Which city is the capital of {s}?", "zsre": "capital", "trex": "capital",
-                             "fever": "The capital of {s} is {o}."},
-    ("country", "currency"): {"nq": "what currency does {s} use", "tqa": "What is the currency of {s}?", "zsre": "currency", "trex": "currency",
-                              "fever": "{s} uses the {o}."},
+    ("person", "birthplace"): {
+        "nq": "where was {s} born",
+        "tqa": "Which city is the birthplace of {s}?",
+        "zsre": "place of birth",
+        "trex": "place of birth",
+        "fever": "{s} was born in {o}.",
+    },
+    ("person", "born"): {
+        "nq": "when was {s} born",
+        "tqa": "In what year was {s} born?",
+        "zsre": "date of birth",
+        "trex": "date of birth",
+        "fever": "{s} was born in {o}.",
+    },
+    ("person", "employer"): {
+        "nq": "who does {s} work for",
+        "tqa": "Which organisation employs {s}?",
+        "zsre": "employer",
+        "trex": "employer",
+        "fever": "{s} works for {o}.",
+    },
+    ("person", "occupation"): {
+        "nq": "what is {s}'s occupation",
+        "tqa": "What profession does {s} practise?",
+        "zsre": "occupation",
+        "trex": "occupation",
+        "fever": "{s} is a {o}.",
+    },
+    ("city", "country"): {
+        "nq": "what country is {s} in",
+        "tqa": "In which country would you find {s}?",
+        "zsre": "country",
+        "trex": "country",
+        "fever": "{s} is in {o}.",
+    },
+    ("city", "river"): {
+        "nq": "what river flows through {s}",
+        "tqa": "Which river runs through {s}?",
+        "zsre": "located next to body of water",
+        "trex": "located next to body of water",
+        "fever": "The {o} flows through {s}.",
+    },
+    ("organization", "founder"): {
+        "nq": "who founded {s}",
+        "tqa": "Who was the founder of {s}?",
+        "zsre": "founded by",
+        "trex": "founded by",
+        "fever": "{s} was founded by {o}.",
+    },
+    ("organization", "headquarters"): {
+        "nq": "where is {s} headquartered",
+        "tqa": "In which city are the headquarters of {s}?",
+        "zsre": "headquarters location",
+        "trex": "headquarters location",
+        "fever": "{s} has its headquarters in {o}.",
+    },
+    ("organization", "founded"): {
+        "nq": "when was {s} founded",
+        "tqa": "In what year was {s} established?",
+        "zsre": "inception",
+        "trex": "inception",
+        "fever": "{s} was founded in {o}.",
+    },
+    ("country", "capital"): {
+        "nq": "what is the capital of {s}",
+        "tqa": "Which city is the capital of {s}?",
+        "zsre": "capital",
+        "trex": "capital",
+        "fever": "The capital of {s} is {o}.",
+    },
+    ("country", "currency"): {
+        "nq": "what currency does {s} use",
+        "tqa": "What is the currency of {s}?",
+        "zsre": "currency",
+        "trex": "currency",
+        "fever": "{s} uses the {o}.",
+    },
 }
 _TWO_HOP = [
     # (subject type, first attribute, second attribute, template)
@@ -207,18 +334,28 @@ _TWO_HOP = [
 ]
 # Descriptions that name an entity by its attributes instead of its name (TriviaQA-style clues):
 # retrieval must match a conjunction of facts among many similar pages.
-_HEADS = {"person": ("occupation", "the {}", "the person"), "organization": ("industry", "the {} organisation", "the organisation"),
-          "city": (None, "", "the city"), "country": (None, "", "the country")}
+_HEADS = {
+    "person": ("occupation", "the {}", "the person"),
+    "organization": ("industry", "the {} organisation", "the organisation"),
+    "city": (None, "", "the city"),
+    "country": (None, "", "the country"),
+}
 _QUALIFIERS = {
     "person": {"birthplace": "born in {}", "born": "born in {}", "employer": "working for {}"},
     "organization": {"founded": "founded in {}", "headquarters": "headquartered in {}", "founder": "founded by {}"},
     "city": {"country": "in {}", "founded": "founded in {}", "river": "on the {}"},
-    "country": {"capital": "whose capital is {}", "language": "whose official language is {}", "currency": "that uses the {}"},
+    "country": {
+        "capital": "whose capital is {}",
+        "language": "whose official language is {}",
+        "currency": "that uses the {}",
+    },
 }
 _TASK_RELATIONS = {
     "nq": [key for key in _ONE_HOP],
     "tqa": [key for key in _ONE_HOP],
-    "zsre": [key for key in _ONE_HOP if key[1] in ("birthplace", "employer", "founder", "headquarters", "capital", "river")],
+    "zsre": [
+        key for key in _ONE_HOP if key[1] in ("birthplace", "employer", "founder", "headquarters", "capital", "river")
+    ],
     "trex": [key for key in _ONE_HOP if key[1] in ("born", "occupation", "country", "founded", "currency", "employer")],
     "fever": [key for key in _ONE_HOP],
 }
@@ -236,7 +373,12 @@ class _Generator:
     def provenance(self, entity: dict[str, Any], attribute: str) -> dict[str, Any]:
         wikipedia_id = self.pages[entity["name"]]["wikipedia_id"]
         paragraph = self.paragraph_of[entity["name"]][attribute]
-        return {"wikipedia_id": wikipedia_id, "title": entity["name"], "start_paragraph_id": paragraph, "end_paragraph_id": paragraph}
+        return {
+            "wikipedia_id": wikipedia_id,
+            "title": entity["name"],
+            "start_paragraph_id": paragraph,
+            "end_paragraph_id": paragraph,
+        }
 
     def example(self, task: str, split: str) -> dict[str, Any]:
         rng = self.rng
@@ -269,7 +411,12 @@ class _Generator:
                 text = template.format(s=subject["name"])
         index = self.counter.get(f"{task}-{split}", 0)
         self.counter[f"{task}-{split}"] = index + 1
-        return {"id": f"{task}-{split}-{index}", "input": text, "output": [{"answer": answer, "provenance": provenance}], "meta": {"subject": subject["name"]}}
+        return {
+            "id": f"{task}-{split}-{index}",
+            "input": text,
+            "output": [{"answer": answer, "provenance": provenance}],
+            "meta": {"subject": subject["name"]},
+        }
 
     def describe(self, subject_type: str, subject: dict[str, Any], asked: str) -> str:
         """The shortest attribute description (never using the asked attribute) that singles out
@@ -297,8 +444,14 @@ class _Generator:
 _PLURAL = {"person": "people", "city": "cities", "organization": "organizations", "country": "countries"}
 
 
-def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int = 0, dev_fraction: float = 0.2,
-             facts_seed: int | None = None, split_seed: int | None = None) -> dict[str, Any]:
+def generate(
+    output_dir: str | os.PathLike,
+    scale: str = "quickstart",
+    seed: int = 0,
+    dev_fraction: float = 0.2,
+    facts_seed: int | None = None,
+    split_seed: int | None = None,
+) -> dict[str, Any]:
     """Write the knowledge source, the train/dev sets of every task and a manifest to `output_dir`.
 
     Layout: `knowledge.jsonl`, `<task>-train-kilt.jsonl`, `<task>-dev-kilt.jsonl`, `manifest.json`.
@@ -342,7 +495,9 @@ def generate(output_dir: str | os.PathLike, scale: str = "quickstart", seed: int
     for task in TASKS:
         for split, count in (("train", sizes.train_per_task), ("dev", sizes.dev_per_task)):
             name = f"{task}-{split}-kilt.jsonl"
-            files[name] = write_jsonl(os.path.join(output_dir, name), (generator.example(task, split) for _ in range(count)))
+            files[name] = write_jsonl(
+                os.path.join(output_dir, name), (generator.example(task, split) for _ in range(count))
+            )
     manifest = {
         "name": "synthkilt",
         "version": VERSION,

@@ -33,7 +33,9 @@ def train_t5_tokenizer(texts: Iterable[str], vocab_size: int = 4000) -> PreTrain
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     sentinels = [f"<extra_id_{i}>" for i in reversed(range(NUM_SENTINELS))]  # <extra_id_0> gets the last id
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

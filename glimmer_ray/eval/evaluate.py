@@ -21,8 +21,14 @@ from glimmer_ray.eval.metrics import average, score_example
 from glimmer_ray.train.steps import model_inputs
 
 
-def dev_batches(paths_by_task: dict[str, str], tokenizer_dir: str, config: TokenizeConfig, batch_size: int,
-                limit_per_task: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+def dev_batches(
+    paths_by_task: dict[str, str],
+    tokenizer_dir: str,
+    config: TokenizeConfig,
+    batch_size: int,
+    limit_per_task: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[dict[str, np.ndarray]]:
     """Tokenised batches of the retrieved dev files, read directly (no Ray), optionally one shard of
     them (`(rank, world_size)`: every rank gets the same number of batches, padded by repetition)."""
     tokenize = TokenizeBatch(tokenizer_dir, config)
@@ -50,15 +56,30 @@ def read_gold_evidence(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     (`evidence_*`, a `TokenizeConfig` with evidence_passages > 0): the oracle reading, which measures the
     reader alone (retrieval and reranking aside), as a gold-evidence warm-up trains it."""
     if "evidence_ids" not in batch:
-        raise ValueError("reading the gold evidence needs batches tokenised with evidence_passages > 0 (evidence_ids / evidence_mask)")
-    return {**batch, "passage_ids": batch["evidence_ids"], "passage_mask": batch["evidence_mask"],
-            "passage_keys": batch["evidence_keys"], "passage_pages": batch["evidence_pages"]}
+        raise ValueError(
+            "reading the gold evidence needs batches tokenised with evidence_passages > 0 (evidence_ids / evidence_mask)"
+        )
+    return {
+        **batch,
+        "passage_ids": batch["evidence_ids"],
+        "passage_mask": batch["evidence_mask"],
+        "passage_keys": batch["evidence_keys"],
+        "passage_pages": batch["evidence_pages"],
+    }
 
 
 @torch.no_grad()
-def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bool = False,
-            fixed_length: bool = False, num_selected: int | None = None, device: torch.device | None = None,
-            memory=None) -> list[dict[str, Any]]:
+def predict(
+    model,
+    batches,
+    tokenizer,
+    max_new_tokens: int = 16,
+    closed_book: bool = False,
+    fixed_length: bool = False,
+    num_selected: int | None = None,
+    device: torch.device | None = None,
+    memory=None,
+) -> list[dict[str, Any]]:
     """Greedy answers with the kept passages. `fixed_length` decodes every step (no early stop), which
     sharded ZeRO-3 evaluation needs: every rank must run the same number of forward passes.
     `memory` (a `MemoryStore` or `LRUMemoryCache`) supplies the passages' pre-computed memory instead
@@ -73,12 +94,18 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
                 passage_memory = stored_memory(memory, batch["passage_keys"], inputs["passage_mask"])
                 inputs["passage_ids"] = None
             tokens, encoding = model.generate(
-                inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"], inputs["passage_mask"],
+                inputs["question_ids"],
+                inputs["question_mask"],
+                inputs["passage_ids"],
+                inputs["passage_mask"],
                 passage_memory=passage_memory,
                 num_selected=1 if closed_book else num_selected,  # closed book: the one empty passage
-                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens if fixed_length else 0,
             )
-            answers = tokenizer.batch_decode(_cut_at_eos(tokens[:, 1:], tokenizer.eos_token_id), skip_special_tokens=True)
+            answers = tokenizer.batch_decode(
+                _cut_at_eos(tokens[:, 1:], tokenizer.eos_token_id), skip_special_tokens=True
+            )
             for row in range(len(answers)):
                 if "owned" in batch and not batch["owned"][row]:
                     continue
@@ -86,19 +113,26 @@ def predict(model, batches, tokenizer, max_new_tokens: int = 16, closed_book: bo
                 keys = [str(p) for p in batch["passage_keys"][row]]
                 kept = [pages[i] for i in encoding.selected[row].tolist()] if not closed_book else []
                 ranked = list(dict.fromkeys(kept + pages))
-                order = (torch.sort(encoding.rerank_scores[row], descending=True, stable=True).indices.tolist()
-                         if encoding.rerank_scores is not None and not closed_book else [])
-                predictions.append({
-                    "id": str(batch["id"][row]),
-                    "task": str(batch["task"][row]),
-                    "answer": answers[row].strip(),
-                    "pages": ranked,
-                    "gold_answers": [str(a) for a in batch["answers"][row]],
-                    "gold_pages": json.loads(batch["gold_pages"][row]),
-                    "gold_passages": json.loads(batch["gold_passages"][row]),
-                    "kept_pages": kept,
-                    "reranked_passages": [keys[i] for i in order],  # all k by rerank score (empty without a reranker)
-                })
+                order = (
+                    torch.sort(encoding.rerank_scores[row], descending=True, stable=True).indices.tolist()
+                    if encoding.rerank_scores is not None and not closed_book
+                    else []
+                )
+                predictions.append(
+                    {
+                        "id": str(batch["id"][row]),
+                        "task": str(batch["task"][row]),
+                        "answer": answers[row].strip(),
+                        "pages": ranked,
+                        "gold_answers": [str(a) for a in batch["answers"][row]],
+                        "gold_pages": json.loads(batch["gold_pages"][row]),
+                        "gold_passages": json.loads(batch["gold_passages"][row]),
+                        "kept_pages": kept,
+                        "reranked_passages": [
+                            keys[i] for i in order
+                        ],  # all k by rerank score (empty without a reranker)
+                    }
+                )
     return predictions
 
 
@@ -114,8 +148,14 @@ def teacher_selection(model, batches, num_selected: int, device: torch.device | 
     with _eval_mode(model):
         for batch in batches:
             inputs = model_inputs(batch, device)
-            target = model.passage_log_likelihood(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"],
-                                                  inputs["passage_mask"], None, inputs["labels"])  # [b, k]
+            target = model.passage_log_likelihood(
+                inputs["question_ids"],
+                inputs["question_mask"],
+                inputs["passage_ids"],
+                inputs["passage_mask"],
+                None,
+                inputs["labels"],
+            )  # [b, k]
             ranking = torch.sort(target, dim=1, descending=True, stable=True).indices  # [b, k], ties: retriever order
             order = ranking[:, :num_selected]  # [b, m]
             for row in range(target.shape[0]):
@@ -123,10 +163,16 @@ def teacher_selection(model, batches, num_selected: int, device: torch.device | 
                     continue
                 pages = [str(p) for p in batch["passage_pages"][row]]
                 keys = [str(p) for p in batch["passage_keys"][row]]
-                selections.append({"id": str(batch["id"][row]), "task": str(batch["task"][row]),
-                                   "gold_pages": json.loads(batch["gold_pages"][row]), "kept_pages": [pages[i] for i in order[row].tolist()],
-                                   "gold_passages": json.loads(batch["gold_passages"][row]),
-                                   "reranked_passages": [keys[i] for i in ranking[row].tolist()]})
+                selections.append(
+                    {
+                        "id": str(batch["id"][row]),
+                        "task": str(batch["task"][row]),
+                        "gold_pages": json.loads(batch["gold_pages"][row]),
+                        "kept_pages": [pages[i] for i in order[row].tolist()],
+                        "gold_passages": json.loads(batch["gold_passages"][row]),
+                        "reranked_passages": [keys[i] for i in ranking[row].tolist()],
+                    }
+                )
     return selections
 
 
@@ -167,9 +213,15 @@ def score_predictions(predictions: list[dict[str, Any]]) -> dict[str, dict[str, 
     """KILT metrics per task and their macro average over tasks (`"average"`)."""
     by_task: dict[str, list[dict[str, float]]] = defaultdict(list)
     for prediction in predictions:
-        by_task[prediction["task"]].append(score_example(
-            prediction["answer"], prediction["gold_answers"], prediction["gold_pages"], prediction["pages"], ks=(1, 5),
-        ))
+        by_task[prediction["task"]].append(
+            score_example(
+                prediction["answer"],
+                prediction["gold_answers"],
+                prediction["gold_pages"],
+                prediction["pages"],
+                ks=(1, 5),
+            )
+        )
     results = {task: {**average(scores), "count": len(scores)} for task, scores in sorted(by_task.items())}
     if results:
         keys = [key for key in next(iter(results.values())) if key != "count"]

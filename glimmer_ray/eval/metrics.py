@@ -180,8 +180,12 @@ def score_example(
     if not golds:
         raise ValueError("an example without a gold answer cannot be scored")
     if prediction:
-        scores = {"em": _best(exact_match, prediction, golds), "f1": _best(f1, prediction, golds),
-                  "accuracy": float(prediction in set(golds)), "rougel": _best(rouge_l, prediction, golds)}
+        scores = {
+            "em": _best(exact_match, prediction, golds),
+            "f1": _best(f1, prediction, golds),
+            "accuracy": float(prediction in set(golds)),
+            "rougel": _best(rouge_l, prediction, golds),
+        }
     else:  # KILT skips an empty guess: it scores 0 on every downstream metric
         scores = dict.fromkeys(("em", "f1", "accuracy", "rougel"), 0.0)
     if gold_provenance is not None and predicted_pages is not None:

@@ -32,9 +32,15 @@ def figure_2_variants() -> list[VariantConfig]:
 def reader_variant(model: GlimmerForConditionalGeneration, variant: VariantConfig) -> GlimmerForConditionalGeneration:
     """The same weights under another split: a new model whose config differs only in alpha, beta and m."""
     config = model.config.to_dict()
-    config.update(live_proportion=variant.live_proportion, rerank_proportion=variant.rerank_proportion, num_selected=variant.num_selected)
+    config.update(
+        live_proportion=variant.live_proportion,
+        rerank_proportion=variant.rerank_proportion,
+        num_selected=variant.num_selected,
+    )
     other = GlimmerForConditionalGeneration(type(model.config).from_dict(config))
     missing, unexpected = other.load_state_dict(model.state_dict(), strict=False)
     if unexpected or [name for name in missing if "lm_head" not in name]:
-        raise ValueError(f"variant {variant.name} does not take the checkpoint's weights: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"variant {variant.name} does not take the checkpoint's weights: missing {missing}, unexpected {unexpected}"
+        )
     return other.eval()

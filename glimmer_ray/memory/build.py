@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from glimmer_ray.data.stream import passage_text
+from glimmer_ray.data.reading import PASSAGE_TEMPLATE, tokenize_passages
 from glimmer_ray.memory.codecs import CODECS, make_codec
 from glimmer_ray.memory.store import (
     FORMAT,
@@ -47,8 +47,14 @@ from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
 class MemoryEncoder:
     """Tokenises passages as the reader's data stream does and runs the memory encoder over them."""
 
-    def __init__(self, model: str | GlimmerForConditionalGeneration, tokenizer: str | Any, passage_tokens: int, batch_size: int = 32,
-                 device: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | GlimmerForConditionalGeneration,
+        tokenizer: str | Any,
+        passage_tokens: int,
+        batch_size: int = 32,
+        device: str | None = None,
+    ) -> None:
         """`model` and `tokenizer`: loaded objects or their directories."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, str):
@@ -65,11 +71,13 @@ class MemoryEncoder:
         ones the reader computes from token ids."""
         memories = []
         for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(
-                [passage_text(t, x) for t, x in zip(titles[start : start + self.batch_size], texts[start : start + self.batch_size])],
-                max_length=self.passage_tokens, truncation=True, padding="max_length", return_tensors="pt",
+            ids, mask = tokenize_passages(
+                self.tokenizer,
+                titles[start : start + self.batch_size],
+                texts[start : start + self.batch_size],
+                self.passage_tokens,
             )
-            ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+            ids, mask = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
             memory = self.model.encode_memory(ids, mask).float().cpu().numpy()  # [n, lp, d]
             lengths = mask.sum(1).tolist()
             memories.extend(memory[row, :length] for row, length in enumerate(lengths))
@@ -79,8 +87,17 @@ class MemoryEncoder:
 class EncodeShards:
     """Ray Data actor: one shard spec in, the shard written, its metadata out."""
 
-    def __init__(self, store_uri: str, model_dir: str, tokenizer_dir: str, passage_tokens: int, codec: str,
-                 codec_params: dict[str, Any], batch_size: int, device: str | None) -> None:
+    def __init__(
+        self,
+        store_uri: str,
+        model_dir: str,
+        tokenizer_dir: str,
+        passage_tokens: int,
+        codec: str,
+        codec_params: dict[str, Any],
+        batch_size: int,
+        device: str | None,
+    ) -> None:
         self.encoder = MemoryEncoder(model_dir, tokenizer_dir, passage_tokens, batch_size, device)
         self.fs, self.root = resolve_filesystem(store_uri)
         centroids = None
@@ -90,7 +107,9 @@ class EncodeShards:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas = []
-        for name, version, ids, titles, texts in zip(batch["name"], batch["version"], batch["passage_ids"], batch["titles"], batch["texts"]):
+        for name, version, ids, titles, texts in zip(
+            batch["name"], batch["version"], batch["passage_ids"], batch["titles"], batch["texts"]
+        ):
             start = time.perf_counter()
             memories = self.encoder.encode(list(titles), list(texts))
             encoded = time.perf_counter()
@@ -109,7 +128,14 @@ def _read_passages(passages_path: str) -> dict[str, list[str]]:
     return columns
 
 
-def _train_pq(fs, root: str, encoder: MemoryEncoder, passages: dict[str, list[str]], codec_params: dict[str, Any], sample_passages: int) -> None:
+def _train_pq(
+    fs,
+    root: str,
+    encoder: MemoryEncoder,
+    passages: dict[str, list[str]],
+    codec_params: dict[str, Any],
+    sample_passages: int,
+) -> None:
     """Train the product quantiser on the memory of the first passages and store its codebook."""
     count = min(sample_passages, len(passages["passage_id"]))
     sample = np.concatenate(encoder.encode(passages["title"][:count], passages["text"][:count]))
@@ -169,7 +195,12 @@ def build_memory(
                 f"{store_uri} holds memory of another memory encoder ({previous['encoder']['fingerprint'][:12]}, from "
                 f"{previous['encoder'].get('model_dir')}); this checkpoint's is {fingerprint[:12]}: write to a new store"
             )
-        settings = (previous["codec"], previous.get("codec_params", {}), previous["tokenizer"]["fingerprint"], previous["tokenizer"]["passage_tokens"])
+        settings = (
+            previous["codec"],
+            previous.get("codec_params", {}),
+            previous["tokenizer"]["fingerprint"],
+            previous["tokenizer"]["passage_tokens"],
+        )
         if settings != (codec, codec_params, tokenizer_print, passage_tokens):
             raise ValueError(
                 f"{store_uri} was built with codec {previous['codec']} {previous.get('codec_params', {})}, passage_tokens "
@@ -178,36 +209,57 @@ def build_memory(
         stored = set(store.passage_ids())
     version = (previous["version"] + 1) if previous else 1
     new_rows = [row for row, pid in enumerate(passages["passage_id"]) if pid not in stored]
-    report: dict[str, Any] = {"store": store_uri, "version": previous["version"] if previous else 0, "passages_total": len(stored),
-                              "passages_new": len(new_rows), "shards_written": 0, "shards_reused": 0}
+    report: dict[str, Any] = {
+        "store": store_uri,
+        "version": previous["version"] if previous else 0,
+        "passages_total": len(stored),
+        "passages_new": len(new_rows),
+        "shards_written": 0,
+        "shards_reused": 0,
+    }
     if not new_rows:
         report["wall_seconds"] = time.perf_counter() - start
-        print(f"[build_memory] {store_uri} already holds all {len(passages['passage_id'])} passages (version {report['version']})")
+        print(
+            f"[build_memory] {store_uri} already holds all {len(passages['passage_id'])} passages (version {report['version']})"
+        )
         return report
 
     plans = []
     for number, first in enumerate(range(0, len(new_rows), shard_size)):
         rows = new_rows[first : first + shard_size]
-        plans.append({
-            "name": f"shard-v{version:04d}-{number:05d}",
-            "version": version,
-            "passage_ids": [passages["passage_id"][r] for r in rows],
-            "titles": [passages["title"][r] for r in rows],
-            "texts": [passages["text"][r] for r in rows],
-        })
+        plans.append(
+            {
+                "name": f"shard-v{version:04d}-{number:05d}",
+                "version": version,
+                "passage_ids": [passages["passage_id"][r] for r in rows],
+                "titles": [passages["title"][r] for r in rows],
+                "texts": [passages["text"][r] for r in rows],
+            }
+        )
     done, pending = {}, []
     for plan in plans:
         meta_path = _join(root, f"{plan['name']}.json")
         if _exists(fs, meta_path) and _exists(fs, _join(root, f"{plan['name']}.arrow")):
             meta = read_json(fs, meta_path)
-            if (meta["first_id"], meta["last_id"], meta["num_passages"]) == (plan["passage_ids"][0], plan["passage_ids"][-1], len(plan["passage_ids"])):
+            if (meta["first_id"], meta["last_id"], meta["num_passages"]) == (
+                plan["passage_ids"][0],
+                plan["passage_ids"][-1],
+                len(plan["passage_ids"]),
+            ):
                 done[plan["name"]] = meta
                 continue
         pending.append(plan)
     report["shards_reused"] = len(done)
 
     if codec == "pq" and not _exists(fs, _join(root, PQ_CENTROIDS)):
-        _train_pq(fs, root, MemoryEncoder(model_dir, tokenizer_dir, passage_tokens, batch_size, "cpu"), passages, codec_params, pq_train_passages)
+        _train_pq(
+            fs,
+            root,
+            MemoryEncoder(model_dir, tokenizer_dir, passage_tokens, batch_size, "cpu"),
+            passages,
+            codec_params,
+            pq_train_passages,
+        )
 
     encode_seconds = 0.0
     tokens_now = 0
@@ -216,8 +268,13 @@ def build_memory(
         written = dataset.map_batches(
             EncodeShards,
             fn_constructor_kwargs={
-                "store_uri": store_uri, "model_dir": model_dir, "tokenizer_dir": tokenizer_dir, "passage_tokens": passage_tokens,
-                "codec": codec, "codec_params": codec_params, "batch_size": batch_size,
+                "store_uri": store_uri,
+                "model_dir": model_dir,
+                "tokenizer_dir": tokenizer_dir,
+                "passage_tokens": passage_tokens,
+                "codec": codec,
+                "codec_params": codec_params,
+                "batch_size": batch_size,
                 "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
             },
             compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -227,7 +284,9 @@ def build_memory(
             batch_format="numpy",
         )
         encode_start = time.perf_counter()
-        with tqdm(total=sum(len(p["passage_ids"]) for p in pending), unit="passage", desc="memory", disable=not progress) as bar:
+        with tqdm(
+            total=sum(len(p["passage_ids"]) for p in pending), unit="passage", desc="memory", disable=not progress
+        ) as bar:
             for meta in written.iter_rows():
                 meta = {key: (value.item() if hasattr(value, "item") else value) for key, value in meta.items()}
                 encode_seconds += meta.pop("encode_seconds")
@@ -247,10 +306,21 @@ def build_memory(
         "codec_params": codec_params,
         "dtype": "float32",  # what reads decode to
         "width": model.config.d_model,
-        "bytes_per_token": make_codec(codec, model.config.d_model, **codec_params).bytes_per_token(model.config.d_model),
-        "encoder": {"fingerprint": fingerprint, "model_dir": os.path.abspath(model_dir) if "://" not in model_dir else model_dir,
-                    "num_memory_layers": model.config.num_memory_layers, "d_model": model.config.d_model},
-        "tokenizer": {"fingerprint": tokenizer_print, "dir": tokenizer_dir, "passage_tokens": passage_tokens, "template": "title: {title} context: {text}"},
+        "bytes_per_token": make_codec(codec, model.config.d_model, **codec_params).bytes_per_token(
+            model.config.d_model
+        ),
+        "encoder": {
+            "fingerprint": fingerprint,
+            "model_dir": os.path.abspath(model_dir) if "://" not in model_dir else model_dir,
+            "num_memory_layers": model.config.num_memory_layers,
+            "d_model": model.config.d_model,
+        },
+        "tokenizer": {
+            "fingerprint": tokenizer_print,
+            "dir": tokenizer_dir,
+            "passage_tokens": passage_tokens,
+            "template": PASSAGE_TEMPLATE,
+        },
         "num_passages": sum(s["num_passages"] for s in shards),
         "num_tokens": sum(s["num_tokens"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
@@ -259,17 +329,19 @@ def build_memory(
     write_json(fs, _join(root, f"manifest-v{version:04d}.json"), manifest)
     write_json(fs, _join(root, MANIFEST), manifest)
     passages_now = sum(len(p["passage_ids"]) for p in pending)
-    report.update({
-        "version": version,
-        "passages_total": manifest["num_passages"],
-        "passages_encoded": passages_now,
-        "tokens_encoded": tokens_now,
-        "encode_seconds": encode_seconds,  # inside the memory encoder, summed over actors
-        "passages_per_second": passages_now / encode_seconds if encode_seconds else None,  # per actor
-        "tokens_per_second": tokens_now / encode_seconds if encode_seconds else None,
-        "bytes": manifest["bytes"],
-        "wall_seconds": time.perf_counter() - start,
-    })
+    report.update(
+        {
+            "version": version,
+            "passages_total": manifest["num_passages"],
+            "passages_encoded": passages_now,
+            "tokens_encoded": tokens_now,
+            "encode_seconds": encode_seconds,  # inside the memory encoder, summed over actors
+            "passages_per_second": passages_now / encode_seconds if encode_seconds else None,  # per actor
+            "tokens_per_second": tokens_now / encode_seconds if encode_seconds else None,
+            "bytes": manifest["bytes"],
+            "wall_seconds": time.perf_counter() - start,
+        }
+    )
     return report
 
 
@@ -285,7 +357,12 @@ def memory_dataset(store_uri: str) -> ray.data.Dataset:
         rows = [row for file in batch["file"] for row in reader.read_shard(str(file))]
         memories = np.empty(len(rows), dtype=object)  # ragged: [n_i, d] each
         memories[:] = [memory for _, memory in rows]
-        return {"passage_id": np.array([pid for pid, _ in rows], dtype=object),
-                "num_tokens": np.array([len(memory) for _, memory in rows]), "memory": memories}
+        return {
+            "passage_id": np.array([pid for pid, _ in rows], dtype=object),
+            "num_tokens": np.array([len(memory) for _, memory in rows]),
+            "memory": memories,
+        }
 
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(read_shard, batch_size=1, batch_format="numpy")
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        read_shard, batch_size=1, batch_format="numpy"
+    )

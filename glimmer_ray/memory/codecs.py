@@ -126,13 +126,17 @@ class ProductQuantizerCodec(Codec):
         self.quantizer = faiss.ProductQuantizer(width, num_subvectors, 8)
         self.trained = False
         if centroids is not None:
-            faiss.copy_array_to_vector(np.ascontiguousarray(centroids, dtype=np.float32).ravel(), self.quantizer.centroids)
+            faiss.copy_array_to_vector(
+                np.ascontiguousarray(centroids, dtype=np.float32).ravel(), self.quantizer.centroids
+            )
             self.trained = True
 
     def train(self, sample: np.ndarray) -> None:
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         if len(sample) < 256:
-            raise ValueError(f"pq training needs at least 256 token vectors, got {len(sample)}; build from more passages")
+            raise ValueError(
+                f"pq training needs at least 256 token vectors, got {len(sample)}; build from more passages"
+            )
         self.quantizer.train(sample)
         self.trained = True
 

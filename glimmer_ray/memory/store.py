@@ -69,7 +69,13 @@ def memory_encoder_fingerprint(model) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"d_model": config.d_model, "num_memory_layers": config.num_memory_layers}).encode())
     tensors = {"shared.weight": model.shared.weight}
-    tensors.update({f"encoder.block.0.{k}": v for k, v in model.encoder.block[0].state_dict().items() if "relative_attention_bias" in k})
+    tensors.update(
+        {
+            f"encoder.block.0.{k}": v
+            for k, v in model.encoder.block[0].state_dict().items()
+            if "relative_attention_bias" in k
+        }
+    )
     for index, block in enumerate(model.memory_blocks):
         tensors.update({f"encoder.block.{index}.{k}": v for k, v in block.state_dict().items()})
     for name in sorted(tensors):
@@ -158,8 +164,15 @@ def encode_shard(passage_ids: list[str], memories: list[np.ndarray], codec: Code
     return sink.getvalue()
 
 
-def write_shard(fs: pafs.FileSystem, root: str, name: str, passage_ids: list[str], memories: list[np.ndarray],
-                codec: Codec, version: int) -> dict[str, Any]:
+def write_shard(
+    fs: pafs.FileSystem,
+    root: str,
+    name: str,
+    passage_ids: list[str],
+    memories: list[np.ndarray],
+    codec: Codec,
+    version: int,
+) -> dict[str, Any]:
     """Write a shard and then its metadata file, both atomically; returns the metadata."""
     payload = encode_shard(passage_ids, memories, codec)
     write_atomic(fs, _join(root, f"{name}.arrow"), payload)
@@ -203,19 +216,27 @@ class MemoryStore:
         self.fs, self.root = resolve_filesystem(uri, filesystem)
         manifest_path = _join(self.root, MANIFEST)
         if not _exists(self.fs, manifest_path):
-            raise MemoryStoreError(f"no memory store at {uri}: {MANIFEST} is missing (build one with jobs/build_memory.py)")
+            raise MemoryStoreError(
+                f"no memory store at {uri}: {MANIFEST} is missing (build one with jobs/build_memory.py)"
+            )
         self.manifest = read_json(self.fs, manifest_path)
         if self.manifest.get("format") != FORMAT:
-            raise MemoryStoreError(f"{manifest_path} is not a {FORMAT} manifest (format {self.manifest.get('format')!r})")
+            raise MemoryStoreError(
+                f"{manifest_path} is not a {FORMAT} manifest (format {self.manifest.get('format')!r})"
+            )
         self.width = int(self.manifest["width"])
         centroids = None
         if self.manifest["codec"] == "pq":
             centroids = np.load(io.BytesIO(read_bytes(self.fs, _join(self.root, PQ_CENTROIDS))))
-        self.codec = make_codec(self.manifest["codec"], self.width, centroids=centroids, **self.manifest.get("codec_params", {}))
+        self.codec = make_codec(
+            self.manifest["codec"], self.width, centroids=centroids, **self.manifest.get("codec_params", {})
+        )
         self.verify_mode = verify
         self._lock = threading.Lock()
         self._shards = [_Shard(meta) for meta in self.manifest["shards"]]
-        self._ranges = sorted((meta["first_id"], meta["last_id"], index) for index, meta in enumerate(self.manifest["shards"]))
+        self._ranges = sorted(
+            (meta["first_id"], meta["last_id"], index) for index, meta in enumerate(self.manifest["shards"])
+        )
         self._firsts = [first for first, _, _ in self._ranges]
         for shard in self._shards:
             info = self.fs.get_file_info(_join(self.root, shard.meta["file"]))
@@ -263,7 +284,9 @@ class MemoryStore:
             while chunk := stream.read(1 << 22):
                 digest.update(chunk)
         if digest.hexdigest() != shard.meta["sha256"]:
-            raise MemoryStoreError(f"shard {shard.meta['file']} of {self.uri} fails its sha256 check: it is corrupt; rebuild it")
+            raise MemoryStoreError(
+                f"shard {shard.meta['file']} of {self.uri} fails its sha256 check: it is corrupt; rebuild it"
+            )
 
     # -- access
 
@@ -275,11 +298,17 @@ class MemoryStore:
                     if self.verify_mode == "open":
                         self._verify_shard(shard)
                     path = _join(self.root, shard.meta["file"])
-                    source = pa.memory_map(path) if isinstance(self.fs, pafs.LocalFileSystem) else self.fs.open_input_file(path)
+                    source = (
+                        pa.memory_map(path)
+                        if isinstance(self.fs, pafs.LocalFileSystem)
+                        else self.fs.open_input_file(path)
+                    )
                     try:
                         table = pa.ipc.open_file(source).read_all()
                     except pa.ArrowInvalid as error:
-                        raise MemoryStoreError(f"shard {shard.meta['file']} of {self.uri} is unreadable: {error}") from error
+                        raise MemoryStoreError(
+                            f"shard {shard.meta['file']} of {self.uri} is unreadable: {error}"
+                        ) from error
                     shard.rows = {pid: row for row, pid in enumerate(table.column("passage_id").to_pylist())}
                     shard.table = table
         return shard
@@ -306,7 +335,9 @@ class MemoryStore:
         scales = table.column("scales")[row].as_buffer()
         expected = table.column("crc32")[row].as_py()
         if zlib.crc32(scales, zlib.crc32(payload)) != expected:
-            raise MemoryStoreError(f"the memory of passage {passage_id!r} in shard {shard.meta['file']} of {self.uri} fails its crc32: the shard is corrupt")
+            raise MemoryStoreError(
+                f"the memory of passage {passage_id!r} in shard {shard.meta['file']} of {self.uri} fails its crc32: the shard is corrupt"
+            )
         return self.codec.decode(payload, scales, self.width)
 
     def fetch(self, passage_ids: list[str], length: int | None = None, source=None) -> tuple[np.ndarray, np.ndarray]:
@@ -380,4 +411,10 @@ class LRUMemoryCache:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
+            return {
+                "entries": len(self._entries),
+                "bytes": self.bytes,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+            }

@@ -59,7 +59,9 @@ class GlimmerConfig(T5Config):
             raise ValueError(f"live_proportion (alpha) must lie in [0, 1], got {live_proportion}")
         if not 0.0 <= float(rerank_proportion) <= 1.0:
             raise ValueError(f"rerank_proportion (beta) must lie in [0, 1], got {rerank_proportion}")
-        if num_selected is not None and (isinstance(num_selected, bool) or int(num_selected) != num_selected or num_selected < 1):
+        if num_selected is not None and (
+            isinstance(num_selected, bool) or int(num_selected) != num_selected or num_selected < 1
+        ):
             raise ValueError(f"num_selected (m) must be a positive integer or None, got {num_selected!r}")
         if scoring not in SCORING_METHODS:
             raise ValueError(f"scoring must be one of {SCORING_METHODS}, got {scoring!r}")
@@ -69,7 +71,12 @@ class GlimmerConfig(T5Config):
         self.scoring = scoring
         self.separate_question_encoder = bool(separate_question_encoder)
         super().__init__(**kwargs)
-        if self.num_selected is not None and scoring == "first_token" and self.num_memory_layers > 0 and self.num_live_a_layers == 0:
+        if (
+            self.num_selected is not None
+            and scoring == "first_token"
+            and self.num_memory_layers > 0
+            and self.num_live_a_layers == 0
+        ):
             raise ValueError(
                 f"with {self.num_layers} layers, alpha {self.live_proportion:.3g} and beta {self.rerank_proportion:.3g} no live layer runs before "
                 "reranking, so first_token scoring would read the question's first token from memory and score every passage alike; "

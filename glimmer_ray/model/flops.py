@@ -101,7 +101,15 @@ def paper_formula(
         return k * n_p * alpha * L * 12 * d2 + k * n_p * L * 2 * d2 + n_t * L * 14 * d2
     if variant == "glimmer":
         m = num_selected if num_selected is not None else k
-        lumen_m = paper_formula("lumen", num_passages=m, pair_tokens=n_p, target_tokens=n_t, num_layers=L, d_model=d_model, live_proportion=alpha)
+        lumen_m = paper_formula(
+            "lumen",
+            num_passages=m,
+            pair_tokens=n_p,
+            target_tokens=n_t,
+            num_layers=L,
+            d_model=d_model,
+            live_proportion=alpha,
+        )
         return lumen_m + (k - m) * n_p * beta * alpha * L * 12 * d2
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, T5ForConditionalGeneration
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.t5.modeling_t5 import T5Block, T5PreTrainedModel, T5Stack
 from transformers.utils import ModelOutput
 
 from glimmer_ray.model.configuration import GlimmerConfig
-
 
 # --------------------------------------------------------------------------------------------
 # Encoder stages: a run of T5 blocks over one sequence, with block 0's relative position bias.
@@ -81,7 +80,10 @@ def run_in_chunks(stage, hidden: torch.Tensor, mask: torch.Tensor, chunk_tokens:
     if hidden.shape[0] <= rows_per_chunk:
         return stage(hidden, mask)
     return torch.cat(
-        [stage(hidden[i : i + rows_per_chunk], mask[i : i + rows_per_chunk]) for i in range(0, hidden.shape[0], rows_per_chunk)]
+        [
+            stage(hidden[i : i + rows_per_chunk], mask[i : i + rows_per_chunk])
+            for i in range(0, hidden.shape[0], rows_per_chunk)
+        ]
     )
 
 
@@ -187,7 +189,9 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
 
     config_class = GlimmerConfig
     base_model_prefix = "glimmer"
-    _keys_to_ignore_on_load_unexpected = [r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"]
+    _keys_to_ignore_on_load_unexpected = [
+        r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"
+    ]
 
     def __init__(self, config: GlimmerConfig) -> None:
         if not isinstance(config, GlimmerConfig):
@@ -214,7 +218,10 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         self.rerank_head = RerankHead(config.d_model, config.scoring)
         if config.separate_question_encoder:
             self.question_encoder = nn.ModuleList(
-                [T5Block(encoder_config, has_relative_attention_bias=i == 0, layer_idx=i) for i in range(config.num_memory_layers)]
+                [
+                    T5Block(encoder_config, has_relative_attention_bias=i == 0, layer_idx=i)
+                    for i in range(config.num_memory_layers)
+                ]
             )
         else:
             self.question_encoder = None
@@ -285,7 +292,9 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         missing = [name for name in missing if not name.startswith("rerank_head.")]
         unexpected = [name for name in unexpected if "EncDecAttention.relative_attention_bias" not in name]
         if missing or unexpected:
-            raise ValueError(f"T5 checkpoint does not fit the GLIMMER layout: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"T5 checkpoint does not fit the GLIMMER layout: missing {missing}, unexpected {unexpected}"
+            )
         model.to(t5.dtype)
         return model
 
@@ -410,7 +419,9 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         """Memory (from tokens, or the pre-computed `passage_memory`) then the live encoder."""
         passage_memory = self._passage_memory(question_ids, question_mask, passage_ids, passage_mask, passage_memory)
         question_memory = self.encode_question(question_ids, question_mask)
-        return self.live_encode(question_memory, question_mask, passage_memory, passage_mask, num_selected, select_by=select_by)
+        return self.live_encode(
+            question_memory, question_mask, passage_memory, passage_mask, num_selected, select_by=select_by
+        )
 
     # ---- Decoder, loss, generation ---------------------------------------------------------
 
@@ -459,7 +470,9 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             select_by: "reranker" (the model) or "retriever" (the first m passages are read; the
                 rerank scores are still returned and distilled), a training warm-up.
         """
-        encoding = self.encode(question_ids, question_mask, passage_ids, passage_mask, passage_memory, num_selected, select_by=select_by)
+        encoding = self.encode(
+            question_ids, question_mask, passage_ids, passage_mask, passage_memory, num_selected, select_by=select_by
+        )
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs labels or decoder_input_ids; use generate() for inference")
@@ -504,10 +517,14 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         was_training = self.training
         self.eval()
         try:
-            passage_memory = self._passage_memory(question_ids, question_mask, passage_ids, passage_mask, passage_memory)
+            passage_memory = self._passage_memory(
+                question_ids, question_mask, passage_ids, passage_mask, passage_memory
+            )
             batch_size, num_passages = passage_memory.shape[:2]
             question_memory = self.encode_question(question_ids, question_mask)
-            pairs, pair_mask = pack_pairs(question_memory, question_mask, passage_memory.to(question_memory.dtype), passage_mask)
+            pairs, pair_mask = pack_pairs(
+                question_memory, question_mask, passage_memory.to(question_memory.dtype), passage_mask
+            )
             length, width = pairs.shape[2:]
             hidden = pairs.reshape(batch_size * num_passages, length, width)  # [b*k, l, d]
             flat_mask = pair_mask.reshape(batch_size * num_passages, length)  # [b*k, l]
@@ -540,11 +557,15 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         before that many tokens (fixed-length answers for benchmarks).
         """
         if max_new_tokens < 1 or min_new_tokens < 0 or min_new_tokens > max_new_tokens:
-            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, got {max_new_tokens}, {min_new_tokens}")
+            raise ValueError(
+                f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, got {max_new_tokens}, {min_new_tokens}"
+            )
         batch_size = encoding_hidden.shape[0]
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         cache = EncoderDecoderCache(DynamicCache(config=self.decoder.config), DynamicCache(config=self.decoder.config))
-        tokens = torch.full((batch_size, 1), self.config.decoder_start_token_id, dtype=torch.long, device=encoding_hidden.device)
+        tokens = torch.full(
+            (batch_size, 1), self.config.decoder_start_token_id, dtype=torch.long, device=encoding_hidden.device
+        )
         finished = torch.zeros(batch_size, dtype=torch.bool, device=encoding_hidden.device)
         for step in range(max_new_tokens):
             output = self.decoder(
@@ -622,14 +643,20 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         if batch_size != question_ids.shape[0]:
             raise ValueError(f"{name} has batch size {batch_size} but question_ids has {question_ids.shape[0]}")
         if num_passages == 0 or passage_length == 0:
-            raise ValueError(f"{name} holds no passages (shape {tuple(source.shape)}); give at least one non-empty passage per question")
+            raise ValueError(
+                f"{name} holds no passages (shape {tuple(source.shape)}); give at least one non-empty passage per question"
+            )
         empty = (passage_mask.sum(-1) == 0).nonzero()
         if len(empty):
             example, passage = empty[0].tolist()
-            raise ValueError(f"passage {passage} of example {example} is empty (its mask is all zeros); drop or pad it with real text")
+            raise ValueError(
+                f"passage {passage} of example {example} is empty (its mask is all zeros); drop or pad it with real text"
+            )
         if passage_memory is not None:
             if passage_memory.shape[-1] != self.config.d_model:
-                raise ValueError(f"passage_memory width {passage_memory.shape[-1]} does not match d_model {self.config.d_model}")
+                raise ValueError(
+                    f"passage_memory width {passage_memory.shape[-1]} does not match d_model {self.config.d_model}"
+                )
             return passage_memory
         flat_ids = passage_ids.reshape(batch_size * num_passages, passage_length)  # [b*k, lp]
         flat_mask = passage_mask.reshape(batch_size * num_passages, passage_length)  # [b*k, lp]
@@ -641,7 +668,9 @@ def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str) -> None:
     if ids.dim() != 2:
         raise ValueError(f"{name} must be [n, length], got shape {tuple(ids.shape)}")
     if mask is None or mask.shape != ids.shape:
-        raise ValueError(f"the mask of {name} must have shape {tuple(ids.shape)}, got {None if mask is None else tuple(mask.shape)}")
+        raise ValueError(
+            f"the mask of {name} must have shape {tuple(ids.shape)}, got {None if mask is None else tuple(mask.shape)}"
+        )
     if ids.shape[1] == 0 or bool((mask.sum(-1) == 0).any()):
         raise ValueError(f"{name} holds an empty sequence (no unmasked token)")
 

@@ -38,7 +38,9 @@ class DenseEncoder:
 
         self.path = path or default_encoder_path()
         if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"dense encoder directory not found: {self.path} (a local sentence-transformers model)")
+            raise FileNotFoundError(
+                f"dense encoder directory not found: {self.path} (a local sentence-transformers model)"
+            )
         self.model = SentenceTransformer(self.path, device=device)
         self.batch_size = batch_size
         self.dimension = int(self.model.get_embedding_dimension())
@@ -50,7 +52,9 @@ class DenseEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        embeddings = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False)
+        embeddings = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True, show_progress_bar=False
+        )
         return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
@@ -125,7 +129,9 @@ class PassageIndex:
         self._search_index = index
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, passage_ids: list[str], config: IndexConfig, encoder_name: str) -> "PassageIndex":
+    def build(
+        cls, embeddings: np.ndarray, passage_ids: list[str], config: IndexConfig, encoder_name: str
+    ) -> "PassageIndex":
         if len(embeddings) == 0:
             raise ValueError("cannot build an index over an empty corpus")
         if len(embeddings) != len(passage_ids):

@@ -18,14 +18,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from glimmer_ray.data.kilt import chunk_page, gold_answers, gold_paragraphs, gold_passages, gold_provenance, read_kilt_examples, read_knowledge_source
+from glimmer_ray.data.kilt import (
+    chunk_page,
+    gold_answers,
+    gold_paragraphs,
+    gold_passages,
+    gold_provenance,
+    read_kilt_examples,
+    read_knowledge_source,
+)
 from glimmer_ray.eval.metrics import covers_passages, recall_at_k
-from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex, default_encoder_path, index_manifest, new_faiss_index
+from glimmer_ray.retrieval.index import (
+    DenseEncoder,
+    IndexConfig,
+    PassageIndex,
+    default_encoder_path,
+    index_manifest,
+    new_faiss_index,
+)
 
 PASSAGE_COLUMNS = ("passage_id", "wikipedia_id", "title", "text", "start_paragraph_id", "end_paragraph_id")
 
 
-def passage_text(title: str, text: str) -> str:
+def dense_passage_text(title: str, text: str) -> str:
     """What the dense encoder reads for a passage."""
     return f"{title}. {text}"
 
@@ -54,11 +69,15 @@ class EmbedPassages:
         self.encoder = DenseEncoder(encoder_path, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [passage_text(title, text) for title, text in zip(batch["title"], batch["text"])]
+        texts = [dense_passage_text(title, text) for title, text in zip(batch["title"], batch["text"])]
         start = time.perf_counter()
         embeddings = self.encoder.encode(texts)
         share = (time.perf_counter() - start) / max(1, len(texts))  # encoder seconds, spread over the rows
-        return {"passage_id": batch["passage_id"], "embedding": embeddings, "encode_seconds": np.full(len(texts), share)}
+        return {
+            "passage_id": batch["passage_id"],
+            "embedding": embeddings,
+            "encode_seconds": np.full(len(texts), share),
+        }
 
 
 def build_passage_index(
@@ -142,14 +161,23 @@ class Retriever:
                 f"holds {self.index.manifest['dimension']}-d ones (built by {self.index.manifest['encoder']})"
             )
         table = pq.read_table(passages_path, columns=list(PASSAGE_COLUMNS)).to_pydict()
-        self.passages = {pid: (wid, title, text) for pid, wid, title, text in zip(table["passage_id"], table["wikipedia_id"], table["title"], table["text"])}
-        self.passages_by_page: dict[str, list[tuple[int, int, str]]] = {}  # wikipedia_id -> paragraph ranges of its passages
-        for pid, wid, first, last in zip(table["passage_id"], table["wikipedia_id"], table["start_paragraph_id"], table["end_paragraph_id"]):
+        self.passages = {
+            pid: (wid, title, text)
+            for pid, wid, title, text in zip(table["passage_id"], table["wikipedia_id"], table["title"], table["text"])
+        }
+        self.passages_by_page: dict[
+            str, list[tuple[int, int, str]]
+        ] = {}  # wikipedia_id -> paragraph ranges of its passages
+        for pid, wid, first, last in zip(
+            table["passage_id"], table["wikipedia_id"], table["start_paragraph_id"], table["end_paragraph_id"]
+        ):
             self.passages_by_page.setdefault(str(wid), []).append((int(first), int(last), pid))
         unknown = [pid for pid in self.index.passage_ids if pid not in self.passages]
         if unknown:
-            raise ValueError(f"the index at {index_dir} holds {len(unknown)} passage ids missing from {passages_path} "
-                             f"(e.g. {unknown[0]!r}): index and passages come from different builds; rebuild the index")
+            raise ValueError(
+                f"the index at {index_dir} holds {len(unknown)} passage ids missing from {passages_path} "
+                f"(e.g. {unknown[0]!r}): index and passages come from different builds; rebuild the index"
+            )
 
     @property
     def num_passages(self) -> int:
@@ -235,13 +263,22 @@ def retrieve_examples(
         raise ValueError("no examples to retrieve for")
     start = time.perf_counter()
     numbered = [{**row, "_position": position} for position, row in enumerate(rows)]
-    retrieved = ray.data.from_items(numbered).map_batches(
-        RetrieveBatch,
-        fn_constructor_kwargs={"index_dir": index_dir, "passages_path": passages_path, "encoder_path": encoder_path, "num_passages": num_passages},
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        batch_size=batch_size,
-        batch_format="pandas",
-    ).to_pandas()
+    retrieved = (
+        ray.data.from_items(numbered)
+        .map_batches(
+            RetrieveBatch,
+            fn_constructor_kwargs={
+                "index_dir": index_dir,
+                "passages_path": passages_path,
+                "encoder_path": encoder_path,
+                "num_passages": num_passages,
+            },
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            batch_size=batch_size,
+            batch_format="pandas",
+        )
+        .to_pandas()
+    )
     # Ray Data does not keep row order across the actor pool: restore the input (KILT file) order
     retrieved = retrieved.sort_values("_position", kind="stable").drop(columns=["_position"]).reset_index(drop=True)
     seconds = time.perf_counter() - start
@@ -254,8 +291,13 @@ def retrieve_examples(
         pq.write_table(pa.Table.from_pandas(group.drop(columns=["split"]), preserve_index=False), temporary)
         os.replace(temporary, path)
         files[f"{task}-{split}"] = len(group)
-    return {"examples": len(retrieved), "files": files, "wall_seconds": seconds, "retrieve_seconds": busy,
-            "queries_per_second": len(retrieved) / max(busy, 1e-9)}
+    return {
+        "examples": len(retrieved),
+        "files": files,
+        "wall_seconds": seconds,
+        "retrieve_seconds": busy,
+        "queries_per_second": len(retrieved) / max(busy, 1e-9),
+    }
 
 
 def passage_recall(provenance: list[list[str]], passage_pages: list[str], k: int) -> float:
@@ -278,7 +320,10 @@ def retrieval_recall(
     totals = {k: 0.0 for k in ks}
     for gold, ranked in zip(*(table[column] for column in columns)):
         for k in ks:
-            totals[k] += (passage_recall(json.loads(gold), list(ranked), k) if level == "page"
-                          else float(covers_passages(json.loads(gold), list(ranked)[:k])))
+            totals[k] += (
+                passage_recall(json.loads(gold), list(ranked), k)
+                if level == "page"
+                else float(covers_passages(json.loads(gold), list(ranked)[:k]))
+            )
     count = max(1, len(table[columns[0]]))
     return {k: totals[k] / count for k in ks}

@@ -15,7 +15,9 @@ from glimmer_ray.data.stream import TokenizeConfig
 
 @dataclass
 class ModelSection:
-    checkpoint: str | None = None  # T5 checkpoint directory, or a GLIMMER export to continue from; null = random T5.1.1 of the shape below
+    checkpoint: str | None = (
+        None  # T5 checkpoint directory, or a GLIMMER export to continue from; null = random T5.1.1 of the shape below
+    )
     d_model: int = 64  # random init: width d
     num_layers: int = 4  # random init: L, encoder and decoder each
     num_heads: int = 4  # random init: attention heads
@@ -32,7 +34,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     dir: str = "outputs/quickstart"  # output of jobs/prepare_data.py (retrieved/, tokenizer/)
-    train_dirs: list[str] = field(default_factory=list)  # more prepare_data outputs whose train files join dir's, read with dir's tokenizer: counterfactual twins (facts_seed) ask the same questions with other answers, which only reading can give
+    train_dirs: list[str] = field(
+        default_factory=list
+    )  # more prepare_data outputs whose train files join dir's, read with dir's tokenizer: counterfactual twins (facts_seed) ask the same questions with other answers, which only reading can give
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))  # trained and evaluated
     question_tokens: int = 48  # lq
     passage_tokens: int = 96  # lp
@@ -57,10 +61,18 @@ class OptimSection:
     pdist_weight: float = 1.0  # lambda of the perplexity-distillation loss
     pdist_temperature: float = 1.0  # tau (the paper's ablation: 0.1 better)
     freeze_memory: bool = False  # the frozen-memory ablation: memory layers not trained
-    rerank_warmup_steps: int = 0  # for these first steps the decoder reads the retriever's top m (the reranker still distils)
-    distill_start_step: int = 0  # before this step no perplexity distillation: the reader first learns to read (<= rerank_warmup_steps)
-    reader_warmup_steps: int = 0  # first steps reading only the retriever's first `reader_warmup_passages`: no reranking, no distillation
-    reader_warmup_passages: int = 1  # passages read during the reader warm-up (<= data.num_passages); k/p times cheaper steps
+    rerank_warmup_steps: int = (
+        0  # for these first steps the decoder reads the retriever's top m (the reranker still distils)
+    )
+    distill_start_step: int = (
+        0  # before this step no perplexity distillation: the reader first learns to read (<= rerank_warmup_steps)
+    )
+    reader_warmup_steps: int = (
+        0  # first steps reading only the retriever's first `reader_warmup_passages`: no reranking, no distillation
+    )
+    reader_warmup_passages: int = (
+        1  # passages read during the reader warm-up (<= data.num_passages); k/p times cheaper steps
+    )
     reader_warmup_source: str = "retrieved"  # retrieved: the first reader_warmup_passages | gold: the data.evidence_passages gold evidence passages
 
 
@@ -133,7 +145,9 @@ class TrainConfig:
         if not self.deepspeed.enabled and self.scaling.num_workers != 1:
             raise ValueError("deepspeed.enabled=false (plain PyTorch) runs on exactly one worker")
         if self.model.num_selected is not None and self.model.num_selected > self.data.num_passages:
-            raise ValueError(f"model.num_selected ({self.model.num_selected}) exceeds data.num_passages ({self.data.num_passages})")
+            raise ValueError(
+                f"model.num_selected ({self.model.num_selected}) exceeds data.num_passages ({self.data.num_passages})"
+            )
         if self.optim.max_steps < 1 or self.checkpoint.every_steps < 1:
             raise ValueError("optim.max_steps and checkpoint.every_steps must be positive")
         if self.optim.rerank_warmup_steps < 0:
@@ -141,22 +155,31 @@ class TrainConfig:
         if self.optim.reader_warmup_steps < 0:
             raise ValueError(f"optim.reader_warmup_steps must be >= 0, got {self.optim.reader_warmup_steps}")
         if not 1 <= self.optim.reader_warmup_passages <= self.data.num_passages:
-            raise ValueError(f"optim.reader_warmup_passages must be between 1 and data.num_passages ({self.data.num_passages}), "
-                             f"got {self.optim.reader_warmup_passages}")
+            raise ValueError(
+                f"optim.reader_warmup_passages must be between 1 and data.num_passages ({self.data.num_passages}), "
+                f"got {self.optim.reader_warmup_passages}"
+            )
         if self.optim.reader_warmup_source not in ("retrieved", "gold"):
-            raise ValueError(f"optim.reader_warmup_source must be 'retrieved' or 'gold', got {self.optim.reader_warmup_source!r}")
+            raise ValueError(
+                f"optim.reader_warmup_source must be 'retrieved' or 'gold', got {self.optim.reader_warmup_source!r}"
+            )
         if self.data.evidence_passages < 1:
             raise ValueError(f"data.evidence_passages must be >= 1, got {self.data.evidence_passages}")
         if not 0 <= self.optim.distill_start_step <= self.optim.rerank_warmup_steps:
-            raise ValueError(f"optim.distill_start_step ({self.optim.distill_start_step}) must be between 0 and optim.rerank_warmup_steps "
-                             f"({self.optim.rerank_warmup_steps}): the reranker must distil before it selects")
+            raise ValueError(
+                f"optim.distill_start_step ({self.optim.distill_start_step}) must be between 0 and optim.rerank_warmup_steps "
+                f"({self.optim.rerank_warmup_steps}): the reranker must distil before it selects"
+            )
         if self.optim.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
 
 
 def task_paths(config: TrainConfig, split: str, directory: str | None = None) -> dict[str, str]:
     """The retrieved Parquet file of every configured task for `split` in `directory` (default data.dir)."""
-    paths = {task: os.path.join(directory or config.data.dir, "retrieved", f"{task}-{split}.parquet") for task in config.data.tasks}
+    paths = {
+        task: os.path.join(directory or config.data.dir, "retrieved", f"{task}-{split}.parquet")
+        for task in config.data.tasks
+    }
     missing = [path for path in paths.values() if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"retrieved data missing: {missing[0]} (run jobs/prepare_data.py first)")
@@ -171,5 +194,9 @@ def train_paths(config: TrainConfig) -> dict[str, list[str]]:
 
 def tokenize_config(config: TrainConfig) -> TokenizeConfig:
     data = config.data
-    evidence = data.evidence_passages if config.optim.reader_warmup_source == "gold" and config.optim.reader_warmup_steps else 0
+    evidence = (
+        data.evidence_passages
+        if config.optim.reader_warmup_source == "gold" and config.optim.reader_warmup_steps
+        else 0
+    )
     return TokenizeConfig(data.question_tokens, data.passage_tokens, data.answer_tokens, data.num_passages, evidence)

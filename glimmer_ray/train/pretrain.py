@@ -64,8 +64,17 @@ class DenoisingBatches:
     """Random batches of corrupted passages: input_ids/attention_mask [b, l_in], labels [b, l_out]
     (-100 after the passage's </s>)."""
 
-    def __init__(self, passages: list[list[int]], batch_size: int, first_sentinel: int, seed: int = 0,
-                 noise_density: float = 0.15, mean_span_length: float = 3.0, eos_token_id: int = 1, pad_token_id: int = 0) -> None:
+    def __init__(
+        self,
+        passages: list[list[int]],
+        batch_size: int,
+        first_sentinel: int,
+        seed: int = 0,
+        noise_density: float = 0.15,
+        mean_span_length: float = 3.0,
+        eos_token_id: int = 1,
+        pad_token_id: int = 0,
+    ) -> None:
         if not passages:
             raise ValueError("no passages to pre-train on")
         self.passages = passages
@@ -79,8 +88,17 @@ class DenoisingBatches:
 
     def next(self) -> dict[str, torch.Tensor]:
         chosen = self.rng.integers(0, len(self.passages), size=self.batch_size)
-        pairs = [corrupt(self.passages[i], self.rng, self.first_sentinel, self.noise_density, self.mean_span_length, self.eos_token_id)
-                 for i in chosen.tolist()]
+        pairs = [
+            corrupt(
+                self.passages[i],
+                self.rng,
+                self.first_sentinel,
+                self.noise_density,
+                self.mean_span_length,
+                self.eos_token_id,
+            )
+            for i in chosen.tolist()
+        ]
         input_length = max(len(source) for source, _ in pairs)
         target_length = max(len(target) for _, target in pairs)
         input_ids = torch.full((self.batch_size, input_length), self.pad_token_id, dtype=torch.long)  # [b, l_in]
@@ -122,7 +140,7 @@ def pretrain_t5(
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from glimmer_ray.data.stream import passage_text
+    from glimmer_ray.data.reading import passage_text
     from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 
     torch.set_num_threads(max(1, num_cpus))
@@ -131,11 +149,24 @@ def pretrain_t5(
     passages = pq.read_table(os.path.join(data_dir, "passages.parquet"), columns=["title", "text"]).to_pylist()
     encoded = tokenizer([passage_text(p["title"], p["text"]) for p in passages], add_special_tokens=False)["input_ids"]
     encoded = [ids[: max_tokens - 1] for ids in encoded]
-    batches = DenoisingBatches(encoded, batch_size, first_sentinel=tokenizer.convert_tokens_to_ids("<extra_id_0>"), seed=seed,
-                               noise_density=noise_density, mean_span_length=mean_span_length,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    t5_config = t5_1_1_config(vocab_size=len(tokenizer), d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff,
-                              dropout_rate=dropout_rate)
+    batches = DenoisingBatches(
+        encoded,
+        batch_size,
+        first_sentinel=tokenizer.convert_tokens_to_ids("<extra_id_0>"),
+        seed=seed,
+        noise_density=noise_density,
+        mean_span_length=mean_span_length,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    t5_config = t5_1_1_config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        d_ff=d_ff,
+        dropout_rate=dropout_rate,
+    )
     model = random_t5(t5_config, seed=seed).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / max(1, warmup_steps)))
@@ -155,16 +186,24 @@ def pretrain_t5(
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         window_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
         if step % log_every_steps == 0 or step == steps:
-            print(f"[pretrain] step {step}/{steps} loss {window_loss / window_steps:.3f} "
-                  f"tokens/s {window_tokens / (time.perf_counter() - window_start):.0f} elapsed {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"[pretrain] step {step}/{steps} loss {window_loss / window_steps:.3f} "
+                f"tokens/s {window_tokens / (time.perf_counter() - window_start):.0f} elapsed {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
             window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
 
     staging = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.cpu().save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    summary = {"passages": len(encoded), "steps": steps, "first_loss": first_loss, "final_loss": loss_value,
-               "seconds": time.perf_counter() - start}
+    summary = {
+        "passages": len(encoded),
+        "steps": steps,
+        "first_loss": first_loss,
+        "final_loss": loss_value,
+        "seconds": time.perf_counter() - start,
+    }
     with open(os.path.join(staging, "pretrain.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     shutil.rmtree(output_dir, ignore_errors=True)

@@ -1,9 +1,9 @@
 """Pieces of a training step shared by the training and evaluation jobs.
 
-    deepspeed_config   the DeepSpeed dict for ZeRO stage 1/2/3, offload and precision
-    model_inputs       a numpy batch of the tokenised stream -> model keyword arguments
-    curriculum_step    a step's inputs and forward arguments: reader warm-up, distillation, reranker selection
-    reranker_recall    share of examples whose kept passages cover their gold pages (or gold passages)
+deepspeed_config   the DeepSpeed dict for ZeRO stage 1/2/3, offload and precision
+model_inputs       a numpy batch of the tokenised stream -> model keyword arguments
+curriculum_step    a step's inputs and forward arguments: reader warm-up, distillation, reranker selection
+reranker_recall    share of examples whose kept passages cover their gold pages (or gold passages)
 """
 
 from __future__ import annotations
@@ -53,8 +53,15 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     if warmup_steps > 0:  # DeepSpeed's own schedule: linear from 0 to learning_rate, then constant
-        config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": learning_rate,
-                                                              "warmup_num_steps": warmup_steps, "warmup_type": "linear"}}
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": learning_rate,
+                "warmup_num_steps": warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
     if optimizer == "adamw":
         config["optimizer"] = {
             "type": "AdamW",
@@ -73,13 +80,19 @@ INPUT_KEYS = ("question_ids", "question_mask", "passage_ids", "passage_mask", "l
 EVIDENCE_KEYS = ("evidence_ids", "evidence_mask")  # the gold evidence passages, read only by a gold reader warm-up
 
 
-def model_inputs(batch: dict[str, np.ndarray], device: torch.device, closed_book: bool = False, eos_token_id: int = 1) -> dict[str, torch.Tensor]:
+def model_inputs(
+    batch: dict[str, np.ndarray], device: torch.device, closed_book: bool = False, eos_token_id: int = 1
+) -> dict[str, torch.Tensor]:
     """Tensors for `GlimmerForConditionalGeneration.forward` from a tokenised batch.
 
     `closed_book` replaces the k passages by one passage holding only `</s>`: the reader then sees the
     question alone (the closed-book baseline trained the same way).
     """
-    inputs = {key: torch.as_tensor(np.asarray(batch[key]), device=device) for key in INPUT_KEYS + EVIDENCE_KEYS if key in batch}
+    inputs = {
+        key: torch.as_tensor(np.asarray(batch[key]), device=device)
+        for key in INPUT_KEYS + EVIDENCE_KEYS
+        if key in batch
+    }
     if closed_book:
         batch_size = inputs["question_ids"].shape[0]
         inputs["passage_ids"] = torch.full((batch_size, 1, 1), eos_token_id, dtype=torch.long, device=device)
@@ -87,8 +100,9 @@ def model_inputs(batch: dict[str, np.ndarray], device: torch.device, closed_book
     return inputs
 
 
-def curriculum_step(inputs: dict[str, torch.Tensor], step: int, optim: Any, closed_book: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+def curriculum_step(
+    inputs: dict[str, torch.Tensor], step: int, optim: Any, closed_book: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
     """The inputs and forward arguments of training step `step` (0-based) under the curriculum of `optim`
     (an `OptimSection`), and whether it is a reader warm-up step:
 
@@ -106,14 +120,22 @@ def curriculum_step(inputs: dict[str, torch.Tensor], step: int, optim: Any, clos
     num_passages = None
     if reader_warmup and optim.reader_warmup_source == "gold":
         if not evidence:
-            raise ValueError("reader_warmup_source 'gold' needs the stream's evidence_ids / evidence_mask (the gold evidence passages)")
+            raise ValueError(
+                "reader_warmup_source 'gold' needs the stream's evidence_ids / evidence_mask (the gold evidence passages)"
+            )
         inputs = {**inputs, "passage_ids": evidence["evidence_ids"], "passage_mask": evidence["evidence_mask"]}
         num_passages = inputs["passage_ids"].shape[1]
     elif reader_warmup:
         num_passages = optim.reader_warmup_passages
         if not 1 <= num_passages <= inputs["passage_ids"].shape[1]:
-            raise ValueError(f"reader_warmup_passages must be between 1 and k = {inputs['passage_ids'].shape[1]}, got {num_passages}")
-        inputs = {**inputs, "passage_ids": inputs["passage_ids"][:, :num_passages], "passage_mask": inputs["passage_mask"][:, :num_passages]}
+            raise ValueError(
+                f"reader_warmup_passages must be between 1 and k = {inputs['passage_ids'].shape[1]}, got {num_passages}"
+            )
+        inputs = {
+            **inputs,
+            "passage_ids": inputs["passage_ids"][:, :num_passages],
+            "passage_mask": inputs["passage_mask"][:, :num_passages],
+        }
     distil = step >= optim.distill_start_step and not reader_warmup and not closed_book
     arguments = {
         "pdist_weight": optim.pdist_weight if distil else 0.0,

@@ -26,8 +26,13 @@ def test_launcher_yaml_satisfies_rays_schema(path):
     validate_config(config)  # jsonschema of ray/autoscaler/ray-schema.json; raises on any violation
     types = config["available_node_types"]
     assert config["head_node_type"] in types
-    assert sum(t.get("max_workers", 0) for name, t in types.items() if name != config["head_node_type"]) <= config["max_workers"]
-    assert any("pip install" in command and "-e" in command for command in config["setup_commands"]), "setup must install this package"
+    assert (
+        sum(t.get("max_workers", 0) for name, t in types.items() if name != config["head_node_type"])
+        <= config["max_workers"]
+    )
+    assert any("pip install" in command and "-e" in command for command in config["setup_commands"]), (
+        "setup must install this package"
+    )
     assert path.read_text().startswith("# ray up cluster/")
 
 
@@ -60,9 +65,16 @@ def test_rayjob_runs_the_xxl_training_config():
     config = ROOT / entry[entry.index("--config") + 1]
     assert (ROOT / entry[1]).exists() and config.exists()
     _check_cluster_spec(job["spec"]["rayClusterSpec"])
-    gpus = [g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpus = [
+        g
+        for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     workers = yaml.safe_load(config.read_text())["scaling"]["num_workers"]
-    capacity = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) for g in gpus)
+    capacity = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in gpus
+    )
     assert capacity >= workers, "the GPU groups cannot host the training workers of the config"
 
 

@@ -23,7 +23,12 @@ EXAMPLE = {
     "id": "q1",
     "input": "who wrote the book",
     "output": [
-        {"answer": "Ann Smith", "provenance": [{"wikipedia_id": "12", "title": "Ann Smith", "start_paragraph_id": 1, "end_paragraph_id": 1}]},
+        {
+            "answer": "Ann Smith",
+            "provenance": [
+                {"wikipedia_id": "12", "title": "Ann Smith", "start_paragraph_id": 1, "end_paragraph_id": 1}
+            ],
+        },
         {"answer": "Ann Smith"},
         {"answer": "A. Smith", "provenance": [{"wikipedia_id": "12"}, {"wikipedia_id": "40"}]},
     ],
@@ -43,15 +48,21 @@ def test_reads_examples_and_gold(tmp_path):
     assert gold_provenance(examples[0]) == [["12"], ["12", "40"]]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    (json.dumps({"input": "x", "output": [{"answer": "y"}]}), "missing 'id'"),
-    (json.dumps({"id": "a", "input": "", "output": [{"answer": "y"}]}), "'input' must be a non-empty string"),
-    (json.dumps({"id": "a", "input": "x"}), "missing 'output'"),
-    (json.dumps({"id": "a", "input": "x", "output": [{"answer": "y", "provenance": [{"title": "t"}]}]}), "needs a 'wikipedia_id'"),
-    (json.dumps({"id": "a", "input": "x", "output": [{"answer": " "}]}), "no output has a non-empty 'answer'"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"input": "x", "output": [{"answer": "y"}]}), "missing 'id'"),
+        (json.dumps({"id": "a", "input": "", "output": [{"answer": "y"}]}), "'input' must be a non-empty string"),
+        (json.dumps({"id": "a", "input": "x"}), "missing 'output'"),
+        (
+            json.dumps({"id": "a", "input": "x", "output": [{"answer": "y", "provenance": [{"title": "t"}]}]}),
+            "needs a 'wikipedia_id'",
+        ),
+        (json.dumps({"id": "a", "input": "x", "output": [{"answer": " "}]}), "no output has a non-empty 'answer'"),
+    ],
+)
 def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     path = _write(tmp_path / "bad.jsonl", [json.dumps(EXAMPLE), line])
     with pytest.raises(KiltFormatError, match=rf"bad.jsonl:2: .*{message}"):
@@ -106,21 +117,37 @@ def test_chunking_keeps_pages_paragraphs_and_word_limit():
 
 
 def test_gold_passages_are_the_passages_holding_the_provenance_paragraphs():
-    page = {"wikipedia_id": "12", "wikipedia_title": "Ann Smith",
-            "text": ["Ann Smith", "one two three", "four five", "a " * 12 + "end", "six"]}
+    page = {
+        "wikipedia_id": "12",
+        "wikipedia_title": "Ann Smith",
+        "text": ["Ann Smith", "one two three", "four five", "a " * 12 + "end", "six"],
+    }
     by_page = {}
     for passage in chunk_page(page, max_words=5):  # 12_0 = paragraphs 1-2, 12_1..12_3 = paragraph 3 (12_3 also 4)
-        by_page.setdefault(passage.wikipedia_id, []).append((passage.start_paragraph_id, passage.end_paragraph_id, passage.passage_id))
+        by_page.setdefault(passage.wikipedia_id, []).append(
+            (passage.start_paragraph_id, passage.end_paragraph_id, passage.passage_id)
+        )
     evidence = gold_paragraphs(EXAMPLE)
-    assert evidence == [[("12", 1, 1)], [("12", None, None), ("40", None, None)]]  # the output without provenance adds no set
-    assert gold_passages(evidence, by_page) == [[["12_0"]], [["12_0", "12_1", "12_2", "12_3"], []]]  # page 40 is not in the corpus
+    assert evidence == [
+        [("12", 1, 1)],
+        [("12", None, None), ("40", None, None)],
+    ]  # the output without provenance adds no set
+    assert gold_passages(evidence, by_page) == [
+        [["12_0"]],
+        [["12_0", "12_1", "12_2", "12_3"], []],
+    ]  # page 40 is not in the corpus
     assert gold_passages([[("12", 3, 3)]], by_page) == [[["12_1", "12_2", "12_3"]]]  # a paragraph cut into windows
-    assert gold_passages([[("12", 2, 4)]], by_page) == [[["12_0", "12_1", "12_2", "12_3"]]]  # a range overlapping several
+    assert gold_passages([[("12", 2, 4)]], by_page) == [
+        [["12_0", "12_1", "12_2", "12_3"]]
+    ]  # a range overlapping several
 
 
 def test_predictions_in_kilt_submission_format(tmp_path):
     path = tmp_path / "out" / "nq-dev-kilt.jsonl"
     assert write_jsonl(path, [prediction_record("q1", "Ann Smith", ["12", "40"])]) == 1
     line = json.loads(path.read_text())
-    assert line == {"id": "q1", "output": [{"answer": "Ann Smith", "provenance": [{"wikipedia_id": "12"}, {"wikipedia_id": "40"}]}]}
+    assert line == {
+        "id": "q1",
+        "output": [{"answer": "Ann Smith", "provenance": [{"wikipedia_id": "12"}, {"wikipedia_id": "40"}]}],
+    }
     assert not list(path.parent.glob("*.tmp-*"))

@@ -113,10 +113,17 @@ def test_a_split_seed_twin_asks_in_train_about_the_benchmark_dev_subjects(tiny_b
     twin = synthkilt.generate(tmp_path / "twin", "tiny", seed=3, facts_seed=1, split_seed=1)
     assert twin["split_seed"] == 1 and manifest["split_seed"] is None
     same_split = synthkilt.generate(tmp_path / "same", "tiny", seed=3, facts_seed=1)
-    assert twin["sha256"]["knowledge.jsonl"] == same_split["sha256"]["knowledge.jsonl"]  # the same pages, only the split moved
+    assert (
+        twin["sha256"]["knowledge.jsonl"] == same_split["sha256"]["knowledge.jsonl"]
+    )  # the same pages, only the split moved
+
     def asked(path, split):
-        return {example["meta"]["subject"] for task in synthkilt.TASKS
-                for example in read_kilt_examples(path / f"{task}-{split}-kilt.jsonl")[0]}
+        return {
+            example["meta"]["subject"]
+            for task in synthkilt.TASKS
+            for example in read_kilt_examples(path / f"{task}-{split}-kilt.jsonl")[0]
+        }
+
     benchmark_dev = asked(directory, "dev")
     assert not asked(tmp_path / "same", "train") & benchmark_dev
     assert len(asked(tmp_path / "twin", "train") & benchmark_dev) >= len(benchmark_dev) // 2

@@ -46,13 +46,19 @@ def test_rouge_l_hand_worked():
 
 def test_rouge_l_equals_the_rouge_package_kilt_uses():
     import rouge  # the package KILT calls (a test dependency)
+
     scorer = rouge.Rouge()
     generator = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "the", "of", "Alpha", "x"]
     for _ in range(300):
+
         def text():
-            sentences = [" ".join(generator.choice(words) for _ in range(generator.randint(1, 6))) for _ in range(generator.randint(1, 3))]
+            sentences = [
+                " ".join(generator.choice(words) for _ in range(generator.randint(1, 6)))
+                for _ in range(generator.randint(1, 3))
+            ]
             return ". ".join(sentences)
+
         prediction, gold = text(), text()
         expected = scorer.get_scores(prediction, gold, avg=True)["rouge-l"]["f"]
         assert rouge_l(prediction, gold) == pytest.approx(expected, abs=1e-12), (prediction, gold)
@@ -74,7 +80,9 @@ def test_recall_at_k_hand_worked():
     assert recall_at_k(gold, ["A", "B", "X", "C"], 2) == 0.5  # rank: [True, False, True] after C moves set1 last
     assert recall_at_k(gold, ["A", "B", "X", "C"], 3) == 1.0
     assert recall_at_k([["A"], ["A"]], ["A"], 1) == 1.0  # duplicate evidence sets count once
-    assert recall_at_k([["A", "B"]], ["A", "A", "A", "A", "A", "B"], 5) == 1.0  # repeated pages are one rank (KILT: 1.0)
+    assert (
+        recall_at_k([["A", "B"]], ["A", "A", "A", "A", "A", "B"], 5) == 1.0
+    )  # repeated pages are one rank (KILT: 1.0)
     with pytest.raises(ValueError):
         recall_at_k(gold, ["A"], 0)
 

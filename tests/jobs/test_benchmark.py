@@ -27,10 +27,20 @@ def prepared(ray_cluster, tmp_path_factory, load_job):
     """The tiny benchmark with 8 passages retrieved per example, and a random reader saved with its tokenizer."""
     root = tmp_path_factory.mktemp("benchmark_data")
     prepare = load_job("prepare_data")
-    prepare.main(prepare.PrepareConfig(output_dir=str(root), scale="tiny", num_passages=8, recall_ks=[1, 8], tokenizer_vocab_size=600,
-                                       index=IndexConfig(use_gpu=False)))
+    prepare.main(
+        prepare.PrepareConfig(
+            output_dir=str(root),
+            scale="tiny",
+            num_passages=8,
+            recall_ks=[1, 8],
+            tokenizer_vocab_size=600,
+            index=IndexConfig(use_gpu=False),
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    t5_dir = save_random_t5(root / "t5", t5_1_1_config(vocab_size=len(tokenizer), d_model=32, num_layers=4, num_heads=2, dropout_rate=0.0))
+    t5_dir = save_random_t5(
+        root / "t5", t5_1_1_config(vocab_size=len(tokenizer), d_model=32, num_layers=4, num_heads=2, dropout_rate=0.0)
+    )
     reader = GlimmerForConditionalGeneration.from_t5(t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=4)
     reader.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -39,12 +49,24 @@ def prepared(ray_cluster, tmp_path_factory, load_job):
 
 def test_benchmark_runs_every_setting_side_by_side(prepared, tmp_path, load_job):
     benchmark = load_job("benchmark")
-    variants = [VariantConfig("FiD k=4", 4, None, 1.0, 0.25), VariantConfig("LUMEN k=4", 4, None, 0.5, 0.25),
-                VariantConfig("GLIMMER k=8 m=4", 8, 4, 0.5, 0.5)]
-    config = benchmark.BenchmarkConfig(data_dir=prepared, model_dir=os.path.join(prepared, "model"), variants=variants,
-                                       sweeps=[VariantConfig("GLIMMER k=4 m=4", 4, 4, 0.5, 0.5)], question_tokens=24, passage_tokens=48,
-                                       answer_tokens=4, limit_per_task=3, batch_size=4, timing_rounds=2,
-                                       output=str(tmp_path / "out" / "benchmark.json"))
+    variants = [
+        VariantConfig("FiD k=4", 4, None, 1.0, 0.25),
+        VariantConfig("LUMEN k=4", 4, None, 0.5, 0.25),
+        VariantConfig("GLIMMER k=8 m=4", 8, 4, 0.5, 0.5),
+    ]
+    config = benchmark.BenchmarkConfig(
+        data_dir=prepared,
+        model_dir=os.path.join(prepared, "model"),
+        variants=variants,
+        sweeps=[VariantConfig("GLIMMER k=4 m=4", 4, 4, 0.5, 0.5)],
+        question_tokens=24,
+        passage_tokens=48,
+        answer_tokens=4,
+        limit_per_task=3,
+        batch_size=4,
+        timing_rounds=2,
+        output=str(tmp_path / "out" / "benchmark.json"),
+    )
     results = benchmark.main(config)
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["variants"][0]["variant"]["name"] == "FiD k=4"
     assert (tmp_path / "out" / "benchmark.png").stat().st_size > 0
@@ -52,9 +74,13 @@ def test_benchmark_runs_every_setting_side_by_side(prepared, tmp_path, load_job)
     (glimmer_all,) = results["sweeps"]
     for result in results["variants"] + results["sweeps"]:
         assert result["examples"] == 3 * len(synthkilt.TASKS)
-        assert set(result["em"]) == set(synthkilt.TASKS) | {"average"} and all(0.0 <= v <= 1.0 for v in result["em"].values())
+        assert set(result["em"]) == set(synthkilt.TASKS) | {"average"} and all(
+            0.0 <= v <= 1.0 for v in result["em"].values()
+        )
         assert len(result["seconds_per_round"]) == 2  # every variant timed in each round
-        assert result["seconds_per_example"] == pytest.approx(np.median(result["seconds_per_round"]) / result["examples"])
+        assert result["seconds_per_example"] == pytest.approx(
+            np.median(result["seconds_per_round"]) / result["examples"]
+        )
     # FiD reads the retriever's first k: its recall, counted by hand from the retrieved files
     by_hand = []
     for task in synthkilt.TASKS:
@@ -62,7 +88,11 @@ def test_benchmark_runs_every_setting_side_by_side(prepared, tmp_path, load_job)
             by_hand.append(covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:4]))
     assert fid["recall_at_m"] == pytest.approx(sum(by_hand) / len(by_hand))
     assert glimmer_all["recall_at_m"] == fid["recall_at_m"]  # keeping m = k of the same k passages reads them all
-    assert fid["layers"] == {"memory": 0, "live_a": 1, "live_b": 3} and glimmer["layers"] == {"memory": 2, "live_a": 1, "live_b": 1}
+    assert fid["layers"] == {"memory": 0, "live_a": 1, "live_b": 3} and glimmer["layers"] == {
+        "memory": 2,
+        "live_a": 1,
+        "live_b": 1,
+    }
     # the paper's formulas: memory makes LUMEN cheaper than FiD on the same k; GLIMMER's extra k pays live stage A only
     assert lumen["formula_flops"] < fid["formula_flops"]
     assert glimmer_all["formula_flops"] < glimmer["formula_flops"]

@@ -12,21 +12,37 @@ import pytest
 from glimmer_ray.data import synthkilt
 
 pytestmark = pytest.mark.ray
-FAST_TRAINING = ["optim.max_steps=4", "checkpoint.every_steps=4", "log.every_steps=2", "data.dev_limit_per_task=4",
-                 "scaling.num_workers=1", "deepspeed.enabled=false", "data.num_passages=4", "model.num_selected=2",
-                 "data.cache=false"]  # materialising the stream costs more than these 4 steps; tests/train covers it
+FAST_TRAINING = [
+    "optim.max_steps=4",
+    "checkpoint.every_steps=4",
+    "log.every_steps=2",
+    "data.dev_limit_per_task=4",
+    "scaling.num_workers=1",
+    "deepspeed.enabled=false",
+    "data.num_passages=4",
+    "model.num_selected=2",
+    "data.cache=false",
+]  # materialising the stream costs more than these 4 steps; tests/train covers it
 FAST_PRETRAINING = ["steps=6", "d_model=32", "batch_size=4", "num_cpus=1", "log_every_steps=3"]
 
 
 def test_quickstart_runs_every_stage_and_reuses_them(ray_cluster, tmp_path, load_job):
     quickstart = load_job("quickstart")
-    config = quickstart.QuickstartConfig(output_dir=str(tmp_path / "qs"), scale="tiny", train_overrides=FAST_TRAINING,
-                                         pretrain_overrides=FAST_PRETRAINING, questions=2, port=8437)
+    config = quickstart.QuickstartConfig(
+        output_dir=str(tmp_path / "qs"),
+        scale="tiny",
+        train_overrides=FAST_TRAINING,
+        pretrain_overrides=FAST_PRETRAINING,
+        questions=2,
+        port=8437,
+    )
     summary = quickstart.main(config)
     root = tmp_path / "qs"
     for task in synthkilt.TASKS:
         gold = [json.loads(line) for line in (root / "data" / f"{task}-dev-kilt.jsonl").read_text().splitlines()]
-        predictions = [json.loads(line) for line in (root / "predictions" / f"{task}-dev-kilt.jsonl").read_text().splitlines()]
+        predictions = [
+            json.loads(line) for line in (root / "predictions" / f"{task}-dev-kilt.jsonl").read_text().splitlines()
+        ]
         assert [p["id"] for p in predictions] == [g["id"] for g in gold]  # every dev example answered, in order
         for prediction in predictions:  # KILT's submission format
             assert set(prediction) == {"id", "output"} and isinstance(prediction["output"][0]["answer"], str)

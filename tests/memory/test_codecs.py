@@ -33,7 +33,13 @@ def test_payload_has_the_stated_bytes_per_token(name, vectors):
 
 
 def test_bytes_per_token_are_those_of_the_formats():
-    assert [make_codec(n, WIDTH, num_subvectors=16).bytes_per_token(WIDTH) for n in CODECS] == [4 * WIDTH, 2 * WIDTH, 2 * WIDTH, WIDTH + 4, 16]
+    assert [make_codec(n, WIDTH, num_subvectors=16).bytes_per_token(WIDTH) for n in CODECS] == [
+        4 * WIDTH,
+        2 * WIDTH,
+        2 * WIDTH,
+        WIDTH + 4,
+        16,
+    ]
 
 
 def test_fp32_is_exact(vectors):

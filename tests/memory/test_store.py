@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.data import synthkilt
-from glimmer_ray.data.stream import passage_text
+from glimmer_ray.data.reading import passage_text
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.memory.build import build_memory, memory_dataset
 from glimmer_ray.memory.store import LRUMemoryCache, MemoryEncoderMismatch, MemoryStore, MemoryStoreError
@@ -35,7 +35,9 @@ K, M = 4, 2
 
 
 def _reader(directory, vocab_size: int, seed: int) -> str:
-    t5 = random_t5(t5_1_1_config(vocab_size=vocab_size, d_model=32, num_layers=4, num_heads=4, dropout_rate=0.0), seed=seed)
+    t5 = random_t5(
+        t5_1_1_config(vocab_size=vocab_size, d_model=32, num_layers=4, num_heads=4, dropout_rate=0.0), seed=seed
+    )
     model = GlimmerForConditionalGeneration.from_t5(t5, live_proportion=0.5, rerank_proportion=0.5, num_selected=M)
     model.save_pretrained(directory)
     return str(directory)
@@ -48,16 +50,35 @@ def artifacts(ray_cluster, tmp_path_factory):
     passages = str(root / "passages.parquet")
     write_passages(str(root / "data" / "knowledge.jsonl"), passages, max_words=200)
     table = pq.read_table(passages)
-    tokenizer = train_t5_tokenizer((passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist())), vocab_size=500)
+    tokenizer = train_t5_tokenizer(
+        (passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist())), vocab_size=500
+    )
     save_tokenizer(tokenizer, root / "tokenizer")
     vocab = len(AutoTokenizer.from_pretrained(str(root / "tokenizer")))
-    return {"root": root, "passages": passages, "tokenizer": str(root / "tokenizer"), "model": _reader(root / "model", vocab, 0),
-            "other_model": _reader(root / "other_model", vocab, 1), "ids": sorted(table["passage_id"].to_pylist()), "table": table}
+    return {
+        "root": root,
+        "passages": passages,
+        "tokenizer": str(root / "tokenizer"),
+        "model": _reader(root / "model", vocab, 0),
+        "other_model": _reader(root / "other_model", vocab, 1),
+        "ids": sorted(table["passage_id"].to_pylist()),
+        "table": table,
+    }
 
 
 def _build(artifacts, store, codec="fp32", passages=None, **options):
-    return build_memory(passages or artifacts["passages"], str(store), artifacts["model"], artifacts["tokenizer"], LP,
-                        codec=codec, shard_size=options.pop("shard_size", 8), batch_size=4, progress=False, **options)
+    return build_memory(
+        passages or artifacts["passages"],
+        str(store),
+        artifacts["model"],
+        artifacts["tokenizer"],
+        LP,
+        codec=codec,
+        shard_size=options.pop("shard_size", 8),
+        batch_size=4,
+        progress=False,
+        **options,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +116,21 @@ def _example_batch(artifacts, rng_seed=0):
     keys = [[row["passage_id"] for row in group] for group in chosen]
     texts = [passage_text(row["title"], row["text"]) for group in chosen for row in group]
     passages = tokenizer(texts, max_length=LP, truncation=True, padding="max_length", return_tensors="pt")
-    questions = tokenizer(["nq: what is the capital", "tqa: who founded the society"], max_length=12, truncation=True, padding="max_length", return_tensors="pt")
-    labels = tokenizer(["Brandruxkin", "Tedeil"], max_length=6, truncation=True, padding="max_length", return_tensors="pt")
+    questions = tokenizer(
+        ["nq: what is the capital", "tqa: who founded the society"],
+        max_length=12,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    labels = tokenizer(
+        ["Brandruxkin", "Tedeil"], max_length=6, truncation=True, padding="max_length", return_tensors="pt"
+    )
     return {
-        "question_ids": questions["input_ids"], "question_mask": questions["attention_mask"],
-        "passage_ids": passages["input_ids"].view(2, K, LP), "passage_mask": passages["attention_mask"].view(2, K, LP),
+        "question_ids": questions["input_ids"],
+        "question_mask": questions["attention_mask"],
+        "passage_ids": passages["input_ids"].view(2, K, LP),
+        "passage_mask": passages["attention_mask"].view(2, K, LP),
         "labels": labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100),
     }, keys
 
@@ -147,12 +178,29 @@ def test_killed_build_resumes_without_duplicates_or_gaps(artifacts, ray_cluster)
     import ray
 
     path = artifacts["root"] / "store-killed"
-    config = [f"passages={artifacts['passages']}", f"model_dir={artifacts['model']}", f"tokenizer_dir={artifacts['tokenizer']}",
-              f"store={path}", f"passage_tokens={LP}", "shard_size=1", "batch_size=1", "num_cpus_per_actor=0.5",
-              f"ray_address={ray.get_runtime_context().gcs_address}"]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "jobs", "build_memory.py"), "--config",
-                                os.path.join(ROOT, "jobs", "configs", "build_memory.yaml"), *config],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    config = [
+        f"passages={artifacts['passages']}",
+        f"model_dir={artifacts['model']}",
+        f"tokenizer_dir={artifacts['tokenizer']}",
+        f"store={path}",
+        f"passage_tokens={LP}",
+        "shard_size=1",
+        "batch_size=1",
+        "num_cpus_per_actor=0.5",
+        f"ray_address={ray.get_runtime_context().gcs_address}",
+    ]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "jobs", "build_memory.py"),
+            "--config",
+            os.path.join(ROOT, "jobs", "configs", "build_memory.yaml"),
+            *config,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not (path / "shard-v0001-00002.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
@@ -200,7 +248,14 @@ def test_memory_of_another_encoder_is_refused(artifacts, fp32_store):
     with pytest.raises(MemoryEncoderMismatch, match="rebuild the memory"):
         store.check_model(other)
     with pytest.raises(MemoryEncoderMismatch, match="another memory encoder"):
-        build_memory(artifacts["passages"], str(fp32_store[0]), artifacts["other_model"], artifacts["tokenizer"], LP, progress=False)
+        build_memory(
+            artifacts["passages"],
+            str(fp32_store[0]),
+            artifacts["other_model"],
+            artifacts["tokenizer"],
+            LP,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="new shards must match"):
         _build(artifacts, fp32_store[0], codec="int8")
 
@@ -226,7 +281,10 @@ def test_corrupt_or_missing_shards_are_reported_by_name(artifacts, fp32_store, t
     unchecked = MemoryStore(str(path), verify="none")
     with pytest.raises(MemoryStoreError, match=f"passage '{pid}' in shard {victim['file']} .* crc32"):
         unchecked.get(pid)
-    assert np.array_equal(unchecked.get(store.manifest["shards"][0]["first_id"]), MemoryStore(str(fp32_store[0])).get(store.manifest["shards"][0]["first_id"]))
+    assert np.array_equal(
+        unchecked.get(store.manifest["shards"][0]["first_id"]),
+        MemoryStore(str(fp32_store[0])).get(store.manifest["shards"][0]["first_id"]),
+    )
 
     shard_file.unlink()
     with pytest.raises(MemoryStoreError, match=f"shard {victim['file']} .* is missing"):
@@ -285,9 +343,17 @@ def test_evaluation_reads_stored_memory_and_refuses_other_tokenisation(artifacts
     store = MemoryStore(str(fp32_store[0]))
     inputs, keys = _example_batch(artifacts)
     batch = {name: tensor.numpy() for name, tensor in inputs.items()}
-    batch.update({"id": np.array(["a", "b"]), "task": np.array(["nq", "tqa"]), "answers": np.array([["x"], ["y"]], dtype=object),
-                  "gold_pages": np.array(["[]", "[]"]), "gold_passages": np.array(["[]", "[]"]), "passage_keys": np.array(keys, dtype=object),
-                  "passage_pages": np.array([[k.split("_")[0] for k in group] for group in keys], dtype=object)})
+    batch.update(
+        {
+            "id": np.array(["a", "b"]),
+            "task": np.array(["nq", "tqa"]),
+            "answers": np.array([["x"], ["y"]], dtype=object),
+            "gold_pages": np.array(["[]", "[]"]),
+            "gold_passages": np.array(["[]", "[]"]),
+            "passage_keys": np.array(keys, dtype=object),
+            "passage_pages": np.array([[k.split("_")[0] for k in group] for group in keys], dtype=object),
+        }
+    )
     from_tokens = predict(model, [batch], tokenizer, max_new_tokens=4)
     from_store = predict(model, [batch], tokenizer, max_new_tokens=4, memory=LRUMemoryCache(store, 1 << 20))
     assert from_tokens == from_store

@@ -28,8 +28,15 @@ SETTINGS = {
 def _inputs(model, batch_size=2, num_passages=5):
     question_ids = torch.randint(2, 200, (batch_size, QUESTION_TOKENS))
     passage_ids = torch.randint(2, 200, (batch_size, num_passages, PASSAGE_TOKENS))
-    memory = model.encode_memory(passage_ids.view(-1, PASSAGE_TOKENS), torch.ones(batch_size * num_passages, PASSAGE_TOKENS, dtype=torch.long))
-    return question_ids, torch.ones_like(question_ids), memory.view(batch_size, num_passages, PASSAGE_TOKENS, -1), torch.ones_like(passage_ids)
+    memory = model.encode_memory(
+        passage_ids.view(-1, PASSAGE_TOKENS), torch.ones(batch_size * num_passages, PASSAGE_TOKENS, dtype=torch.long)
+    )
+    return (
+        question_ids,
+        torch.ones_like(question_ids),
+        memory.view(batch_size, num_passages, PASSAGE_TOKENS, -1),
+        torch.ones_like(passage_ids),
+    )
 
 
 @pytest.mark.parametrize("variant", list(SETTINGS))
@@ -38,13 +45,21 @@ def test_measured_projection_flops_equal_the_formulas(tiny_t5_dir, variant):
     config = model.config
     assert config.d_ff * 3 == 8 * config.d_model and config.num_heads * config.d_kv == config.d_model
     measured = measure_reader_flops(model, *_inputs(model), target_tokens=TARGET_TOKENS)
-    formula = formula_flops(config, num_passages=5, pair_tokens=PAIR_TOKENS, target_tokens=TARGET_TOKENS, question_tokens=QUESTION_TOKENS)
+    formula = formula_flops(
+        config, num_passages=5, pair_tokens=PAIR_TOKENS, target_tokens=TARGET_TOKENS, question_tokens=QUESTION_TOKENS
+    )
     assert measured.projections == pytest.approx(formula.total, rel=1e-12)
     # The printed formula (real-valued alpha and beta) gives the same number when layers split evenly.
     printed = paper_formula(
-        variant, num_passages=5, pair_tokens=PAIR_TOKENS, target_tokens=TARGET_TOKENS,
-        num_layers=config.num_layers, d_model=config.d_model, live_proportion=config.live_proportion,
-        rerank_proportion=config.rerank_proportion, num_selected=config.num_selected,
+        variant,
+        num_passages=5,
+        pair_tokens=PAIR_TOKENS,
+        target_tokens=TARGET_TOKENS,
+        num_layers=config.num_layers,
+        d_model=config.d_model,
+        live_proportion=config.live_proportion,
+        rerank_proportion=config.rerank_proportion,
+        num_selected=config.num_selected,
     )
     assert formula.paper_total == pytest.approx(printed, rel=1e-12)
     assert measured.lm_head == TARGET_TOKENS * config.d_model * config.vocab_size
@@ -57,7 +72,9 @@ def test_formulas_order_fid_lumen_glimmer_as_in_figure_2():
     shape = dict(pair_tokens=48 + 304, target_tokens=8, num_layers=12, d_model=768)
     fid = paper_formula("fid", num_passages=5, **shape)
     lumen = paper_formula("lumen", num_passages=10, live_proportion=1 / 3, **shape)
-    glimmer = paper_formula("glimmer", num_passages=25, num_selected=5, live_proportion=1 / 3, rerank_proportion=0.25, **shape)
+    glimmer = paper_formula(
+        "glimmer", num_passages=25, num_selected=5, live_proportion=1 / 3, rerank_proportion=0.25, **shape
+    )
     # hand-worked: per n_p L d^2, FiD 5 * 14 = 70, LUMEN 10 * (4 + 2) = 60, GLIMMER 5 * 6 + 20 * 1 = 50
     decoder = 8 * 12 * 14 * 768**2
     unit = 352 * 12 * 768**2

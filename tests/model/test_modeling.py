@@ -60,7 +60,9 @@ def test_padded_question_reads_like_the_unpadded_string(tiny_t5_dir, hf_t5):
     passage_mask[1, 0, 7:] = 0  # example 1 has a 7-token passage
     output = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
     for example in range(2):
-        tokens = torch.cat([question_ids[example][question_mask[example] == 1], passage_ids[example, 0][passage_mask[example, 0] == 1]])
+        tokens = torch.cat(
+            [question_ids[example][question_mask[example] == 1], passage_ids[example, 0][passage_mask[example, 0] == 1]]
+        )
         reference = hf_t5(input_ids=tokens[None], labels=labels[example : example + 1])
         _assert_float32_close(output.logits[example : example + 1], reference.logits)
 
@@ -90,7 +92,9 @@ def test_split_encoder_matches_reference_from_hf_blocks(tiny_t5_dir, hf_t5, live
     encoding = model.encode(question_ids, question_mask, passage_ids, passage_mask)
     length = question_ids.shape[1] + passage_ids.shape[2]
     for passage in range(2):
-        reference = _reference_split_encoder(hf_t5, model.config.num_memory_layers, question_ids, passage_ids[:, passage])
+        reference = _reference_split_encoder(
+            hf_t5, model.config.num_memory_layers, question_ids, passage_ids[:, passage]
+        )
         actual = encoding.hidden[:, passage * length : (passage + 1) * length]
         _assert_float32_close(actual, reference)
 
@@ -107,7 +111,9 @@ def test_forward_from_memory_equals_forward_from_ids(tiny_t5_dir):
     model = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
     question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch()
     from_ids = model(question_ids, question_mask, passage_ids=passage_ids, passage_mask=passage_mask, labels=labels)
-    memory = model.encode_memory(passage_ids.view(-1, passage_ids.shape[-1]), passage_mask.view(-1, passage_mask.shape[-1]))
+    memory = model.encode_memory(
+        passage_ids.view(-1, passage_ids.shape[-1]), passage_mask.view(-1, passage_mask.shape[-1])
+    )
     memory = memory.view(*passage_ids.shape, -1)  # [b, k, lp, d]
     from_memory = model(question_ids, question_mask, passage_memory=memory, passage_mask=passage_mask, labels=labels)
     assert torch.equal(from_ids.logits, from_memory.logits)
@@ -162,14 +168,20 @@ def test_scores_read_stage_a_at_first_token_or_mean(tiny_t5_dir):
     memory = first._passage_memory(question_ids, question_mask, passage_ids, passage_mask, None)
     from glimmer_ray.model.modeling import pack_pairs, run_encoder_blocks
 
-    pairs, pair_mask = pack_pairs(first.encode_question(question_ids, question_mask), question_mask, memory, passage_mask)
+    pairs, pair_mask = pack_pairs(
+        first.encode_question(question_ids, question_mask), question_mask, memory, passage_mask
+    )
     stage_a = run_encoder_blocks(first.live_a_blocks, first._position_bias_source, pairs[0], pair_mask[0], first.config)
     projection = first.rerank_head.proj
     expected_first = projection(stage_a[:, 0]).squeeze(-1)
     valid = pair_mask[0].float()[..., None]
     expected_mean = projection((stage_a * valid).sum(1) / valid.sum(1)).squeeze(-1)
-    torch.testing.assert_close(first.encode(question_ids, question_mask, passage_ids, passage_mask).rerank_scores[0], expected_first)
-    torch.testing.assert_close(mean.encode(question_ids, question_mask, passage_ids, passage_mask).rerank_scores[0], expected_mean)
+    torch.testing.assert_close(
+        first.encode(question_ids, question_mask, passage_ids, passage_mask).rerank_scores[0], expected_first
+    )
+    torch.testing.assert_close(
+        mean.encode(question_ids, question_mask, passage_ids, passage_mask).rerank_scores[0], expected_mean
+    )
 
 
 def test_glimmer_with_m_equal_k_is_lumen(tiny_t5_dir):
@@ -213,7 +225,9 @@ def test_retriever_selection_reads_the_first_m_and_still_distils(tiny_t5_dir):
 
 def test_pdist_target_reads_each_passage_alone_without_dropout(tiny_t5_dropout_dir, tiny_t5_dir):
     """Target for passage i equals the FiD (k = 1) reader's mean answer log-likelihood on pair i."""
-    model = GlimmerForConditionalGeneration.from_t5(tiny_t5_dropout_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
+    model = GlimmerForConditionalGeneration.from_t5(
+        tiny_t5_dropout_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2
+    )
     model.train()
     question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch(num_passages=3)
     labels[0, 3:] = -100
@@ -222,8 +236,13 @@ def test_pdist_target_reads_each_passage_alone_without_dropout(tiny_t5_dropout_d
     model.eval()
     for passage in range(3):
         single = model(
-            question_ids, question_mask, passage_ids[:, passage : passage + 1], passage_mask[:, passage : passage + 1],
-            labels=labels, num_selected=1, pdist_weight=0.0,
+            question_ids,
+            question_mask,
+            passage_ids[:, passage : passage + 1],
+            passage_mask[:, passage : passage + 1],
+            labels=labels,
+            num_selected=1,
+            pdist_weight=0.0,
         )
         log_probs = torch.log_softmax(single.logits, dim=-1)
         for example in range(2):
@@ -250,9 +269,16 @@ def test_scorer_learns_only_from_pdist(tiny_t5_dir):
     output = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
     assert output.loss.item() == pytest.approx(output.lm_loss.item() + output.pdist_loss.item(), rel=1e-6)
     target = model.passage_log_likelihood(question_ids, question_mask, passage_ids, passage_mask, None, labels)
-    torch.testing.assert_close(output.pdist_target, target)  # the target distilled is the one returned (training logs it)
-    assert perplexity_distillation_loss(output.rerank_scores, output.pdist_target).item() == pytest.approx(output.pdist_loss.item(), rel=1e-5)
-    assert model(question_ids, question_mask, passage_ids, passage_mask, labels=labels, pdist_weight=0.0).pdist_target is None
+    torch.testing.assert_close(
+        output.pdist_target, target
+    )  # the target distilled is the one returned (training logs it)
+    assert perplexity_distillation_loss(output.rerank_scores, output.pdist_target).item() == pytest.approx(
+        output.pdist_loss.item(), rel=1e-5
+    )
+    assert (
+        model(question_ids, question_mask, passage_ids, passage_mask, labels=labels, pdist_weight=0.0).pdist_target
+        is None
+    )
     output.lm_loss.backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in model.rerank_head.parameters())
     assert model.encoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0  # memory layers do learn
@@ -286,7 +312,9 @@ def _gold_top1(model, generator, batches=4):
 
 def test_training_raises_the_rank_of_the_answer_passage(tiny_t5_dir):
     torch.manual_seed(0)
-    model = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=1)
+    model = GlimmerForConditionalGeneration.from_t5(
+        tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=1
+    )
     before = _gold_top1(model.eval(), torch.Generator().manual_seed(123))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(7)
@@ -309,14 +337,18 @@ def test_greedy_generation_matches_hf_generate_in_fid_setting(tiny_t5_dir, hf_t5
     model = _glimmer(tiny_t5_dir)
     question_ids, question_mask, passage_ids, passage_mask, _ = _random_batch(num_passages=1)
     tokens, _ = model.generate(question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=8)
-    reference = hf_t5.generate(input_ids=torch.cat([question_ids, passage_ids[:, 0]], 1), max_new_tokens=8, do_sample=False, num_beams=1)
+    reference = hf_t5.generate(
+        input_ids=torch.cat([question_ids, passage_ids[:, 0]], 1), max_new_tokens=8, do_sample=False, num_beams=1
+    )
     assert torch.equal(tokens, reference)
 
 
 def test_greedy_generation_with_cache_equals_argmax_of_full_forward(tiny_t5_dir):
     model = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
     question_ids, question_mask, passage_ids, passage_mask, _ = _random_batch()
-    tokens, encoding = model.generate(question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=6, min_new_tokens=6)
+    tokens, encoding = model.generate(
+        question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=6, min_new_tokens=6
+    )
     assert tokens.shape == (2, 7)
     logits = model.decode(encoding.hidden, encoding.mask, tokens[:, :-1])
     assert torch.equal(logits.argmax(-1), tokens[:, 1:])
@@ -325,13 +357,16 @@ def test_greedy_generation_with_cache_equals_argmax_of_full_forward(tiny_t5_dir)
 # ---- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(live_proportion=1.5), "live_proportion"),
-    (dict(live_proportion=-0.1), "live_proportion"),
-    (dict(rerank_proportion=2.0), "rerank_proportion"),
-    (dict(num_selected=0), "num_selected"),
-    (dict(scoring="max"), "scoring"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(live_proportion=1.5), "live_proportion"),
+        (dict(live_proportion=-0.1), "live_proportion"),
+        (dict(rerank_proportion=2.0), "rerank_proportion"),
+        (dict(num_selected=0), "num_selected"),
+        (dict(scoring="max"), "scoring"),
+    ],
+)
 def test_bad_config_raises(options, message):
     with pytest.raises(ValueError, match=message):
         GlimmerConfig(**options)
@@ -384,10 +419,13 @@ def test_from_t5_copies_every_weight(tiny_t5_dir, hf_t5):
             assert torch.equal(tensor, state["encoder.block." + name[len("question_encoder.") :]])
 
 
-@pytest.mark.parametrize("options", [
-    dict(live_proportion=0.5, rerank_proportion=0.5, num_selected=2),
-    dict(live_proportion=0.5, separate_question_encoder=True, scoring="mean_pool", num_selected=1),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(live_proportion=0.5, rerank_proportion=0.5, num_selected=2),
+        dict(live_proportion=0.5, separate_question_encoder=True, scoring="mean_pool", num_selected=1),
+    ],
+)
 def test_save_pretrained_round_trips_bit_exactly(tiny_t5_dir, tmp_path, options):
     model = _glimmer(tiny_t5_dir, **options)
     with torch.no_grad():
@@ -419,7 +457,9 @@ def test_chunked_live_stages_equal_one_pass(tiny_t5_dir):
     question_memory = model.encode_question(question_ids, question_mask)
     memory = model._passage_memory(question_ids, question_mask, passage_ids, passage_mask, None)
     whole = model.live_encode(question_memory, question_mask, memory, passage_mask, chunk_tokens=10**6)
-    chunked = model.live_encode(question_memory, question_mask, memory, passage_mask, chunk_tokens=20)  # one pair per chunk
+    chunked = model.live_encode(
+        question_memory, question_mask, memory, passage_mask, chunk_tokens=20
+    )  # one pair per chunk
     assert torch.equal(whole.selected, chunked.selected)
     _assert_float32_close(chunked.rerank_scores, whole.rerank_scores)
     _assert_float32_close(chunked.hidden, whole.hidden)

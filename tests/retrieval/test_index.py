@@ -44,7 +44,7 @@ def test_save_load_round_trip(tmp_path):
     index.save(tmp_path / "index")
     loaded = PassageIndex.load(tmp_path / "index", use_gpu=False)
     assert loaded.passage_ids == ids and loaded.manifest["encoder"] == "test-encoder"
-    assert index.search(vectors[:3], 4) [1] == loaded.search(vectors[:3], 4)[1]
+    assert index.search(vectors[:3], 4)[1] == loaded.search(vectors[:3], 4)[1]
     assert not list(tmp_path.glob("index.tmp-*"))
 
 
@@ -57,7 +57,9 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown index type 'lsh'"):
         PassageIndex.build(vectors, ids, IndexConfig(type="lsh", use_gpu=False), "e")
     with pytest.raises(ValueError, match="pq_m 7 must divide"):
-        PassageIndex.build(_corpus(count=500)[0], _corpus(count=500)[1], IndexConfig(type="ivfpq", nlist=4, pq_m=7, use_gpu=False), "e")
+        PassageIndex.build(
+            _corpus(count=500)[0], _corpus(count=500)[1], IndexConfig(type="ivfpq", nlist=4, pq_m=7, use_gpu=False), "e"
+        )
     with pytest.raises(FileNotFoundError, match="not a passage index"):
         PassageIndex.load(tmp_path)
     index = PassageIndex.build(vectors, ids, IndexConfig(use_gpu=False), "e")

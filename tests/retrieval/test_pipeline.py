@@ -13,7 +13,8 @@ import pytest
 
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_knowledge_source
-from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig, mixed_task_dataset, passage_text, tokenized_dataset
+from glimmer_ray.data.reading import passage_text
+from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig, mixed_task_dataset, tokenized_dataset
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex
@@ -30,16 +31,21 @@ pytestmark = pytest.mark.ray
 K = 5
 
 
-
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
     synthkilt.generate(root / "data", "tiny", seed=1)
     passages = str(root / "passages.parquet")
     stats = write_passages(str(root / "data" / "knowledge.jsonl"), passages, max_words=200)
-    index_stats = build_passage_index(passages, str(root / "index"), IndexConfig(type="flat", use_gpu=False), batch_size=32)
-    rows = [row for task in synthkilt.TASKS for split in ("train", "dev")
-            for row in example_rows(str(root / "data" / f"{task}-{split}-kilt.jsonl"), task, split)]
+    index_stats = build_passage_index(
+        passages, str(root / "index"), IndexConfig(type="flat", use_gpu=False), batch_size=32
+    )
+    rows = [
+        row
+        for task in synthkilt.TASKS
+        for split in ("train", "dev")
+        for row in example_rows(str(root / "data" / f"{task}-{split}-kilt.jsonl"), task, split)
+    ]
     retrieval = retrieve_examples(rows, str(root / "index"), passages, str(root / "retrieved"), K, batch_size=32)
     pages, _ = read_knowledge_source(root / "data" / "knowledge.jsonl")
     tokenizer = train_t5_tokenizer((" ".join(p["text"]) for p in pages), vocab_size=600)
@@ -65,8 +71,13 @@ def test_pipeline_retrieval_equals_direct_search(prepared):
     assert all(len(row) == K for row in table["passage_texts"])
     for task in synthkilt.TASKS:  # every retrieved file keeps its KILT file's order (Ray Data's actor pool does not)
         for split in ("train", "dev"):
-            kilt_ids = [row["id"] for row in example_rows(str(root / "data" / f"{task}-{split}-kilt.jsonl"), task, split)]
-            assert pq.read_table(root / "retrieved" / f"{task}-{split}.parquet", columns=["id"])["id"].to_pylist() == kilt_ids
+            kilt_ids = [
+                row["id"] for row in example_rows(str(root / "data" / f"{task}-{split}-kilt.jsonl"), task, split)
+            ]
+            assert (
+                pq.read_table(root / "retrieved" / f"{task}-{split}.parquet", columns=["id"])["id"].to_pylist()
+                == kilt_ids
+            )
     assert "_position" not in table
 
 
@@ -74,7 +85,9 @@ def test_recall_is_kilt_recall_over_passage_pages(prepared):
     root, _, _, _ = prepared
     path = root / "retrieved" / "hotpotqa-dev.parquet"
     table = pq.read_table(path).to_pydict()
-    manual = np.mean([passage_recall(json.loads(p), list(pages), K) for p, pages in zip(table["provenance"], table["passage_pages"])])
+    manual = np.mean(
+        [passage_recall(json.loads(p), list(pages), K) for p, pages in zip(table["provenance"], table["passage_pages"])]
+    )
     assert retrieval_recall(str(path), (K,))[K] == pytest.approx(manual)
     # hand-worked: the pages of the first two passages complete the evidence set {a, b}
     assert passage_recall([["a", "b"]], ["b", "b", "a", "c"], 2) == 0.0
@@ -101,14 +114,28 @@ def test_gold_passages_hold_the_answers_and_rank_like_the_pages(prepared):
             assert row["gold_titles"] == [passages[holders[0]]["title"] for holders in evidence[0]]
             # a passage-level hit implies a page-level hit
             kept = row["passage_ids"][:2]
-            assert not covers_passages(evidence, kept) or covers_evidence([pages], [passages[p]["wikipedia_id"] for p in kept])
+            assert not covers_passages(evidence, kept) or covers_evidence(
+                [pages], [passages[p]["wikipedia_id"] for p in kept]
+            )
         path = str(root / "retrieved" / f"{task}-dev.parquet")
         table = pq.read_table(path).to_pydict()
-        manual = np.mean([covers_passages(json.loads(g), list(ids)[:2]) for g, ids in zip(table["gold_passages"], table["passage_ids"])])
+        manual = np.mean(
+            [
+                covers_passages(json.loads(g), list(ids)[:2])
+                for g, ids in zip(table["gold_passages"], table["passage_ids"])
+            ]
+        )
         by_passage, by_page = retrieval_recall(path, (2, K), level="passage"), retrieval_recall(path, (2, K))
         assert by_passage[2] == pytest.approx(manual)
-        first = np.mean([covers_passages(json.loads(g), list(ids)[:2]) for g, ids in zip(table["gold_passages"][:3], table["passage_ids"][:3])])
-        assert retrieval_recall(path, (2,), level="passage", limit=3)[2] == pytest.approx(first)  # jobs/evaluate.py's dev limit
+        first = np.mean(
+            [
+                covers_passages(json.loads(g), list(ids)[:2])
+                for g, ids in zip(table["gold_passages"][:3], table["passage_ids"][:3])
+            ]
+        )
+        assert retrieval_recall(path, (2,), level="passage", limit=3)[2] == pytest.approx(
+            first
+        )  # jobs/evaluate.py's dev limit
         assert by_passage[2] <= by_page[2] and by_passage[K] <= by_page[K]
 
 
@@ -120,7 +147,9 @@ def test_tasks_are_mixed_uniformly(prepared, tmp_path):
     assert counts == {"nq": 60, "fever": 60}
     counts = Counter(mixed_task_dataset(paths, rows_per_task=25, seed=0).to_pandas()["task"])
     assert counts == {"nq": 25, "fever": 25}
-    copy = shutil.copy(paths["nq"], tmp_path / "nq-train.parquet")  # a twin's file (data.train_dirs): same rows, another file
+    copy = shutil.copy(
+        paths["nq"], tmp_path / "nq-train.parquet"
+    )  # a twin's file (data.train_dirs): same rows, another file
     twice = {"nq": [paths["nq"], str(copy)], "fever": small["fever"]}  # several files of a task count as one
     counts = Counter(mixed_task_dataset(twice, seed=0).to_pandas()["task"])
     assert counts == {"nq": 120, "fever": 120}
@@ -146,9 +175,13 @@ def test_tokenized_stream_has_fixed_shapes(prepared):
     assert batch["question_ids"].shape == (12, 24) and batch["passage_ids"].shape == (12, K, 64)
     assert batch["labels"].shape == (12, 8) and batch["passage_mask"].sum(-1).min() > 0
     assert batch["evidence_ids"].shape == (12, 2, 64) and batch["evidence_mask"].sum(-1).min() > 0
-    for task, evidence in zip(batch["task"], batch["evidence_ids"]):  # one-hop evidence is repeated up to g = 2, two-hop is not
+    for task, evidence in zip(
+        batch["task"], batch["evidence_ids"]
+    ):  # one-hop evidence is repeated up to g = 2, two-hop is not
         assert (task == "hotpotqa") != bool((evidence[0] == evidence[1]).all())
-    assert ((batch["labels"] == -100) | (batch["labels"] >= 0)).all() and (batch["labels"] == 1).any(axis=1).all()  # </s> ends every answer
+    assert ((batch["labels"] == -100) | (batch["labels"] >= 0)).all() and (batch["labels"] == 1).any(
+        axis=1
+    ).all()  # </s> ends every answer
     assert stream.count() == 4 * len(synthkilt.TASKS)
 
 
@@ -163,8 +196,13 @@ def test_examples_without_evidence_warm_up_on_the_first_retrieved_passages(prepa
     gold, _ = tokenize._encode([passage_text(rows[1]["gold_titles"][0], rows[1]["gold_texts"][0])], 64)
     assert (tokenized["evidence_ids"][1] == gold).all()  # row 1: its gold passage, twice
     assert tokenized["evidence_keys"].tolist()[:2] == [list(rows[0]["passage_ids"][:2]), [rows[1]["gold_ids"][0]] * 2]
-    assert tokenized["evidence_pages"].tolist()[:2] == [list(rows[0]["passage_pages"][:2]), [rows[1]["gold_page_ids"][0]] * 2]
-    assert "evidence_ids" not in TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(batch)  # g = 0: none
+    assert tokenized["evidence_pages"].tolist()[:2] == [
+        list(rows[0]["passage_pages"][:2]),
+        [rows[1]["gold_page_ids"][0]] * 2,
+    ]
+    assert "evidence_ids" not in TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(24, 64, 8, K))(
+        batch
+    )  # g = 0: none
     del batch["gold_ids"]
     with pytest.raises(ValueError, match="no 'gold_ids' column"):
         tokenize(batch)

@@ -5,7 +5,6 @@ replica during a burst, and the refusal of memory built by another encoder."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -26,14 +25,23 @@ from glimmer_ray.serving import InProcessPipeline
 pytestmark = pytest.mark.ray
 PORT = 8431
 URL = f"http://127.0.0.1:{PORT}"
-QUESTIONS = ["what is the capital of Kraxbrath", "who founded the society", "when was the composer born",
-             "which country is the city in", "what currency does the country use"]
+QUESTIONS = [
+    "what is the capital of Kraxbrath",
+    "who founded the society",
+    "when was the composer born",
+    "which country is the city in",
+    "what currency does the country use",
+]
 
 
 def _reader(directory, tokenizer_dir: str, seed: int) -> str:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    t5 = random_t5(t5_1_1_config(vocab_size=len(tokenizer), d_model=32, num_layers=4, num_heads=4, dropout_rate=0.0), seed=seed)
-    GlimmerForConditionalGeneration.from_t5(t5, live_proportion=0.5, rerank_proportion=0.5, num_selected=2).save_pretrained(directory)
+    t5 = random_t5(
+        t5_1_1_config(vocab_size=len(tokenizer), d_model=32, num_layers=4, num_heads=4, dropout_rate=0.0), seed=seed
+    )
+    GlimmerForConditionalGeneration.from_t5(
+        t5, live_proportion=0.5, rerank_proportion=0.5, num_selected=2
+    ).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
 
@@ -42,17 +50,35 @@ def _reader(directory, tokenizer_dir: str, seed: int) -> str:
 def artifacts(ray_cluster, tmp_path_factory, load_job):
     root = tmp_path_factory.mktemp("serve")
     prepare = load_job("prepare_data")
-    prepare.main(prepare.PrepareConfig(output_dir=str(root), scale="tiny", num_passages=4, recall_ks=[4], tokenizer_vocab_size=600,
-                                       index=IndexConfig(use_gpu=False)))
+    prepare.main(
+        prepare.PrepareConfig(
+            output_dir=str(root),
+            scale="tiny",
+            num_passages=4,
+            recall_ks=[4],
+            tokenizer_vocab_size=600,
+            index=IndexConfig(use_gpu=False),
+        )
+    )
     model = _reader(root / "model", str(root / "tokenizer"), seed=0)
-    build_memory(str(root / "passages.parquet"), str(root / "memory"), model, str(root / "tokenizer"), 40, progress=False)
+    build_memory(
+        str(root / "passages.parquet"), str(root / "memory"), model, str(root / "tokenizer"), 40, progress=False
+    )
     return {"root": root, "model": model, "other_model": _reader(root / "other_model", str(root / "tokenizer"), seed=1)}
 
 
 def _args(artifacts, **overrides) -> dict:
     root = artifacts["root"]
-    args = {"model_dir": artifacts["model"], "index_dir": str(root / "index"), "passages": str(root / "passages.parquet"),
-            "memory_store": str(root / "memory"), "question_tokens": 24, "top_k": 4, "max_top_k": 8, "max_new_tokens": 6}
+    args = {
+        "model_dir": artifacts["model"],
+        "index_dir": str(root / "index"),
+        "passages": str(root / "passages.parquet"),
+        "memory_store": str(root / "memory"),
+        "question_tokens": 24,
+        "top_k": 4,
+        "max_top_k": 8,
+        "max_new_tokens": 6,
+    }
     args.update(overrides)
     return args
 
@@ -81,13 +107,22 @@ def _same_answer(served: dict, local) -> None:
     assert served["answer"] == local.answer
     assert [p["id"] for p in served["passages"]] == [p.id for p in local.passages]
     assert [p["selected"] for p in served["passages"]] == [p.selected for p in local.passages]
-    np.testing.assert_allclose([p["rerank_score"] for p in served["passages"]], [p.rerank_score for p in local.passages], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose([p["retrieval_score"] for p in served["passages"]], [p.retrieval_score for p in local.passages], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        [p["rerank_score"] for p in served["passages"]], [p.rerank_score for p in local.passages], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        [p["retrieval_score"] for p in served["passages"]],
+        [p.retrieval_score for p in local.passages],
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_http_answers_match_the_in_process_pipeline(app, pipeline):
     for question in QUESTIONS:
-        response = requests.post(f"{URL}/v1/answer", json={"question": question, "task": "nq", "top_k": 4, "num_selected": 2}, timeout=60)
+        response = requests.post(
+            f"{URL}/v1/answer", json={"question": question, "task": "nq", "top_k": 4, "num_selected": 2}, timeout=60
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         _same_answer(body, pipeline.answer({"question": question, "task": "nq", "top_k": 4, "num_selected": 2}))
@@ -150,13 +185,17 @@ def test_bad_input_gets_a_4xx_with_its_reason(app, body, status, message):
 
 
 def test_malformed_and_mistyped_bodies_are_4xx(app):
-    response = requests.post(f"{URL}/v1/answer", data="{not json", headers={"content-type": "application/json"}, timeout=30)
+    response = requests.post(
+        f"{URL}/v1/answer", data="{not json", headers={"content-type": "application/json"}, timeout=30
+    )
     assert response.status_code == 400 and "malformed JSON" in response.json()["error"]
     response = requests.post(f"{URL}/v1/answer", json=["a list"], timeout=30)
     assert response.status_code == 422
     response = requests.post(f"{URL}/v1/answer:batch", json={"requests": []}, timeout=30)
     assert response.status_code == 422 and "requests" in response.json()["error"]
-    response = requests.post(f"{URL}/v1/answer:batch", json={"requests": [{"question": "a"}, {"question": "b", "top_k": 0}]}, timeout=30)
+    response = requests.post(
+        f"{URL}/v1/answer:batch", json={"requests": [{"question": "a"}, {"question": "b", "top_k": 0}]}, timeout=30
+    )
     assert response.status_code == 400 and "every request of a batch" in response.json()["error"]
 
 
@@ -164,7 +203,9 @@ def _burst(count: int, during=None) -> list[int]:
     statuses: list[int] = [0] * count
 
     def one(index: int) -> None:
-        response = requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[index % len(QUESTIONS)], "top_k": 4}, timeout=120)
+        response = requests.post(
+            f"{URL}/v1/answer", json={"question": QUESTIONS[index % len(QUESTIONS)], "top_k": 4}, timeout=120
+        )
         statuses[index] = response.status_code
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
@@ -212,8 +253,13 @@ def test_memory_of_another_encoder_is_refused_at_start_up(app, artifacts):
 
     from serve_app.app import build_app
 
-    bad = build_app(_args(artifacts, model_dir=artifacts["other_model"],
-                          deployments={"LiveEncoderReranker": {"num_replicas": 1, "max_constructor_retry_count": 1}}))
+    bad = build_app(
+        _args(
+            artifacts,
+            model_dir=artifacts["other_model"],
+            deployments={"LiveEncoderReranker": {"num_replicas": 1, "max_constructor_retry_count": 1}},
+        )
+    )
     with pytest.raises(RuntimeError, match="LiveEncoderReranker"):
         serve.run(bad, name="mismatched", route_prefix="/mismatched")
     message = serve.status().applications["mismatched"].deployments["LiveEncoderReranker"].message

@@ -26,15 +26,22 @@ def test_serve_config_validates_and_matches_the_app():
         options = deployment.model_dump(exclude_unset=True)
         assert "autoscaling_config" in options and "ray_actor_options" in options
     live = next(d for d in app.deployments if d.name == "LiveEncoderReranker")
-    assert live.max_ongoing_requests >= AppArgs.model_validate(app.args).max_batch_size  # DESIGN.md section 5: batches must fill
+    assert (
+        live.max_ongoing_requests >= AppArgs.model_validate(app.args).max_batch_size
+    )  # DESIGN.md section 5: batches must fill
 
 
 def test_builder_is_pure_and_serve_build_writes_a_config(tmp_path):
     build_app({})  # no artifact is touched until replicas start
     assert set(default_options(AppArgs())) == set(STAGES)
     serve_cli = pathlib.Path(sys.executable).parent / "serve"  # the console script of this environment
-    completed = subprocess.run([str(serve_cli), "build", "serve_app.app:app", "-o", str(tmp_path / "built.yaml")],
-                               capture_output=True, text=True, cwd=ROOT, timeout=120)
+    completed = subprocess.run(
+        [str(serve_cli), "build", "serve_app.app:app", "-o", str(tmp_path / "built.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     built = yaml.safe_load((tmp_path / "built.yaml").read_text())
     assert {d["name"] for d in built["applications"][0]["deployments"]} == set(STAGES)

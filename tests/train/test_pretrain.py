@@ -14,12 +14,14 @@ SENTINEL = 999  # <extra_id_0> in a 1000-token vocabulary
 
 def _spans_filled(corrupted: list[int], original: list[int]) -> bool:
     """True when putting some non-empty run of the original back for every sentinel gives the original."""
+
     def match(i: int, j: int) -> bool:
         if i == len(corrupted):
             return j == len(original)
         if corrupted[i] >= SENTINEL - 100:
             return any(match(i + 1, end) for end in range(j + 1, len(original) + 1))
         return j < len(original) and corrupted[i] == original[j] and match(i + 1, j + 1)
+
     return match(0, 0)
 
 
@@ -71,22 +73,47 @@ def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_
     pages = [json.loads(line) for line in open(directory / "knowledge.jsonl")]
     save_tokenizer(train_t5_tokenizer((" ".join(page["text"]) for page in pages), vocab_size=600), data / "tokenizer")
     job = load_job("pretrain")
-    config = job.PretrainConfig(data_dir=str(data), output_dir=str(tmp_path / "t5"), d_model=32, num_layers=2, num_heads=2, steps=60,
-                                batch_size=8, warmup_steps=10, num_cpus=1, log_every_steps=20)
-    summary = pretrain_t5(**{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")})  # the Ray task's body, here
+    config = job.PretrainConfig(
+        data_dir=str(data),
+        output_dir=str(tmp_path / "t5"),
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        steps=60,
+        batch_size=8,
+        warmup_steps=10,
+        num_cpus=1,
+        log_every_steps=20,
+    )
+    summary = pretrain_t5(
+        **{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")}
+    )  # the Ray task's body, here
     assert summary["final_loss"] < 0.6 * summary["first_loss"]
     assert not os.path.exists(str(tmp_path / "t5") + ".tmp")
     files = os.listdir(tmp_path / "t5")
     assert "model.safetensors" in files and "pretrain.json" in files
-    glimmer = GlimmerForConditionalGeneration.from_t5(str(tmp_path / "t5"), live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
-    assert glimmer.config.d_model == 32 and glimmer.config.vocab_size == len(AutoTokenizer.from_pretrained(tmp_path / "t5"))
+    glimmer = GlimmerForConditionalGeneration.from_t5(
+        str(tmp_path / "t5"), live_proportion=0.5, rerank_proportion=0.5, num_selected=2
+    )
+    assert glimmer.config.d_model == 32 and glimmer.config.vocab_size == len(
+        AutoTokenizer.from_pretrained(tmp_path / "t5")
+    )
     # another corpus, tokenised by the fine-tuning data's tokenizer (tokenizer_dir), which the checkpoint carries
     other = tmp_path / "other"
     save_tokenizer(train_t5_tokenizer([p["wikipedia_title"] for p in pages], vocab_size=200), other / "tokenizer")
-    pretrain_t5(**{**{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")},
-                   "output_dir": str(tmp_path / "t5-other"), "tokenizer_dir": str(other / "tokenizer"), "steps": 2})
-    assert (AutoTokenizer.from_pretrained(tmp_path / "t5-other").get_vocab() == AutoTokenizer.from_pretrained(other / "tokenizer").get_vocab()
-            != AutoTokenizer.from_pretrained(data / "tokenizer").get_vocab())
+    pretrain_t5(
+        **{
+            **{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")},
+            "output_dir": str(tmp_path / "t5-other"),
+            "tokenizer_dir": str(other / "tokenizer"),
+            "steps": 2,
+        }
+    )
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "t5-other").get_vocab()
+        == AutoTokenizer.from_pretrained(other / "tokenizer").get_vocab()
+        != AutoTokenizer.from_pretrained(data / "tokenizer").get_vocab()
+    )
     # a finished checkpoint is reused, an absent data directory refused
     assert job.main(config)["final_loss"] == summary["final_loss"]
     with pytest.raises(SystemExit, match="prepare_data"):

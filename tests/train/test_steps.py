@@ -14,9 +14,14 @@ from glimmer_ray.train.steps import curriculum_step, deepspeed_config, model_inp
 
 
 def test_deepspeed_config_sections():
-    config = deepspeed_config(micro_batch_size=4, gradient_accumulation_steps=2, zero_stage=3, offload_optimizer=True, bf16=True)
+    config = deepspeed_config(
+        micro_batch_size=4, gradient_accumulation_steps=2, zero_stage=3, offload_optimizer=True, bf16=True
+    )
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
-    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert (
+        config["zero_optimization"]["stage"] == 3
+        and config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    )
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert config["bf16"] == {"enabled": True} and config["optimizer"]["type"] == "AdamW"
     adafactor = deepspeed_config(micro_batch_size=1, optimizer="adafactor")
@@ -46,15 +51,20 @@ def test_passage_recall_needs_the_passage_that_holds_the_fact():
     assert reranker_recall(torch.tensor([[0]]), pages, gold_pages) == 1.0
     assert reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="passage") == 0.0
     assert reranker_recall(torch.tensor([[1]]), keys, gold_passages, level="passage") == 1.0
-    assert retriever_recall(1, keys, gold_passages, level="passage") == 0.0 and retriever_recall(2, keys, gold_passages, level="passage") == 1.0
+    assert (
+        retriever_recall(1, keys, gold_passages, level="passage") == 0.0
+        and retriever_recall(2, keys, gold_passages, level="passage") == 1.0
+    )
     with pytest.raises(ValueError, match="level"):
         reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="paragraph")
 
 
 def test_closed_book_inputs_hold_no_passage():
     batch = {
-        "question_ids": np.ones((2, 3), dtype=np.int64), "question_mask": np.ones((2, 3), dtype=np.int64),
-        "passage_ids": np.ones((2, 4, 5), dtype=np.int64), "passage_mask": np.ones((2, 4, 5), dtype=np.int64),
+        "question_ids": np.ones((2, 3), dtype=np.int64),
+        "question_mask": np.ones((2, 3), dtype=np.int64),
+        "passage_ids": np.ones((2, 4, 5), dtype=np.int64),
+        "passage_mask": np.ones((2, 4, 5), dtype=np.int64),
         "labels": np.full((2, 2), 7, dtype=np.int64),
     }
     inputs = model_inputs(batch, torch.device("cpu"))
@@ -67,23 +77,41 @@ def _inputs(num_passages=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     question_ids = torch.randint(2, 256, (2, 6), generator=generator)
     passage_ids = torch.randint(2, 256, (2, num_passages, 9), generator=generator)
-    return {"question_ids": question_ids, "question_mask": torch.ones_like(question_ids), "passage_ids": passage_ids,
-            "passage_mask": torch.ones_like(passage_ids), "labels": torch.randint(2, 256, (2, 5), generator=generator)}
+    return {
+        "question_ids": question_ids,
+        "question_mask": torch.ones_like(question_ids),
+        "passage_ids": passage_ids,
+        "passage_mask": torch.ones_like(passage_ids),
+        "labels": torch.randint(2, 256, (2, 5), generator=generator),
+    }
 
 
 def test_curriculum_reads_the_first_passage_then_distils_then_reranks(tiny_t5_dir):
     """reader warm-up (steps 0-1): FiD over the retriever's first passage only, no distillation; steps 2-3:
     distillation while the retriever's first m are read; from step 4 the reranker's top m."""
-    glimmer = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2).eval()
+    glimmer = GlimmerForConditionalGeneration.from_t5(
+        tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2
+    ).eval()
     lumen = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5).eval()
-    optim = OptimSection(reader_warmup_steps=2, reader_warmup_passages=1, distill_start_step=2, rerank_warmup_steps=4, pdist_weight=0.5)
+    optim = OptimSection(
+        reader_warmup_steps=2, reader_warmup_passages=1, distill_start_step=2, rerank_warmup_steps=4, pdist_weight=0.5
+    )
     inputs = _inputs()
 
     warm, arguments, reader_warmup = curriculum_step(inputs, 1, optim)
-    assert reader_warmup and warm["passage_ids"].shape == (2, 1, 9) and torch.equal(warm["passage_ids"][:, 0], inputs["passage_ids"][:, 0])
+    assert (
+        reader_warmup
+        and warm["passage_ids"].shape == (2, 1, 9)
+        and torch.equal(warm["passage_ids"][:, 0], inputs["passage_ids"][:, 0])
+    )
     output = glimmer(**warm, **arguments)
-    first_only = lumen(inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"][:, :1], inputs["passage_mask"][:, :1],
-                       labels=inputs["labels"])
+    first_only = lumen(
+        inputs["question_ids"],
+        inputs["question_mask"],
+        inputs["passage_ids"][:, :1],
+        inputs["passage_mask"][:, :1],
+        labels=inputs["labels"],
+    )
     torch.testing.assert_close(output.logits, first_only.logits, rtol=1e-5, atol=1e-4)
     assert output.pdist_loss is None and output.loss.item() == pytest.approx(output.lm_loss.item())
 
@@ -99,7 +127,9 @@ def test_curriculum_reads_the_first_passage_then_distils_then_reranks(tiny_t5_di
 
 
 def test_gold_reader_warmup_reads_the_evidence_passages_then_the_retrieved_ones(tiny_t5_dir):
-    glimmer = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2).eval()
+    glimmer = GlimmerForConditionalGeneration.from_t5(
+        tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2
+    ).eval()
     lumen = GlimmerForConditionalGeneration.from_t5(tiny_t5_dir, live_proportion=0.5).eval()
     optim = OptimSection(reader_warmup_steps=1, reader_warmup_source="gold", pdist_weight=1.0)
     inputs = _inputs()
@@ -108,14 +138,24 @@ def test_gold_reader_warmup_reads_the_evidence_passages_then_the_retrieved_ones(
 
     warm, arguments, reader_warmup = curriculum_step(inputs, 0, optim)
     assert reader_warmup and set(warm) == {"question_ids", "question_mask", "passage_ids", "passage_mask", "labels"}
-    assert torch.equal(warm["passage_ids"], evidence) and arguments["num_selected"] == 2 and arguments["pdist_weight"] == 0.0
+    assert (
+        torch.equal(warm["passage_ids"], evidence)
+        and arguments["num_selected"] == 2
+        and arguments["pdist_weight"] == 0.0
+    )
     output = glimmer(**warm, **arguments)
-    gold_only = lumen(inputs["question_ids"], inputs["question_mask"], evidence, torch.ones_like(evidence), labels=inputs["labels"])
+    gold_only = lumen(
+        inputs["question_ids"], inputs["question_mask"], evidence, torch.ones_like(evidence), labels=inputs["labels"]
+    )
     torch.testing.assert_close(output.logits, gold_only.logits, rtol=1e-5, atol=1e-4)
 
     assert "evidence_ids" in inputs  # the caller's inputs are left as they were
-    after, arguments, reader_warmup = curriculum_step(inputs, 1, optim)  # the evidence is dropped, the k retrieved are read
-    assert not reader_warmup and "evidence_ids" not in after and torch.equal(after["passage_ids"], inputs["passage_ids"])
+    after, arguments, reader_warmup = curriculum_step(
+        inputs, 1, optim
+    )  # the evidence is dropped, the k retrieved are read
+    assert (
+        not reader_warmup and "evidence_ids" not in after and torch.equal(after["passage_ids"], inputs["passage_ids"])
+    )
     assert glimmer(**after, **arguments).pdist_loss is not None
     with pytest.raises(ValueError, match="needs the stream's evidence_ids"):
         curriculum_step(_inputs(), 0, optim)
@@ -123,7 +163,9 @@ def test_gold_reader_warmup_reads_the_evidence_passages_then_the_retrieved_ones(
 
 def test_closed_book_never_distils_and_reader_warmup_must_fit_k():
     optim = OptimSection(reader_warmup_steps=10, reader_warmup_passages=3)
-    closed = model_inputs({key: value.numpy() for key, value in _inputs().items()}, torch.device("cpu"), closed_book=True, eos_token_id=1)
+    closed = model_inputs(
+        {key: value.numpy() for key, value in _inputs().items()}, torch.device("cpu"), closed_book=True, eos_token_id=1
+    )
     same, arguments, reader_warmup = curriculum_step(closed, 0, optim, closed_book=True)
     assert not reader_warmup and same["passage_ids"].shape == (2, 1, 1)
     assert arguments["num_selected"] == 1 and arguments["pdist_weight"] == 0.0

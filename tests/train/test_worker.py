@@ -8,43 +8,55 @@ import pytest
 import torch
 
 from glimmer_ray.config import load_config
+from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig
-from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.train.worker import build_model, check_checkpoint_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(**overrides) -> TrainConfig:
-    return load_config(TrainConfig, os.path.join(ROOT, "jobs", "configs", "train_quickstart.yaml"),
-                       [f"{key}={value}" for key, value in overrides.items()])
+    return load_config(
+        TrainConfig,
+        os.path.join(ROOT, "jobs", "configs", "train_quickstart.yaml"),
+        [f"{key}={value}" for key, value in overrides.items()],
+    )
 
 
 def test_a_glimmer_export_continues_with_its_weights_and_the_configured_split(tmp_path):
     t5 = random_t5(t5_1_1_config(vocab_size=64, d_model=32, num_layers=6, num_heads=2, dropout_rate=0.1), seed=3)
-    exported = GlimmerForConditionalGeneration.from_t5(t5, live_proportion=1 / 3, rerank_proportion=0.25, num_selected=2)
+    exported = GlimmerForConditionalGeneration.from_t5(
+        t5, live_proportion=1 / 3, rerank_proportion=0.25, num_selected=2
+    )
     with torch.no_grad():
         exported.rerank_head.proj.weight.normal_()  # a trained scoring head, unlike from_t5's fresh one
     exported.save_pretrained(tmp_path / "export")
 
-    model = build_model(_config(**{"model.checkpoint": tmp_path / "export", "model.num_selected": 3, "model.live_proportion": 0.5}),
-                        vocab_size=64)
+    model = build_model(
+        _config(**{"model.checkpoint": tmp_path / "export", "model.num_selected": 3, "model.live_proportion": 0.5}),
+        vocab_size=64,
+    )
     assert model.config.num_selected == 3 and model.config.live_proportion == 0.5  # as configured now
     saved = exported.state_dict()
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())  # every weight carried over
     assert model.config.dropout_rate == 0.1
 
     with pytest.raises(ValueError, match="separate_question_encoder=False"):
-        build_model(_config(**{"model.checkpoint": tmp_path / "export", "model.separate_question_encoder": "true"}), vocab_size=64)
+        build_model(
+            _config(**{"model.checkpoint": tmp_path / "export", "model.separate_question_encoder": "true"}),
+            vocab_size=64,
+        )
 
 
 def test_a_t5_checkpoint_gets_a_fresh_scoring_head(tmp_path):
     t5 = random_t5(t5_1_1_config(vocab_size=64, d_model=32, num_layers=6, num_heads=2), seed=3)
     t5.save_pretrained(tmp_path / "t5")
     model = build_model(_config(**{"model.checkpoint": tmp_path / "t5"}), vocab_size=64)
-    assert torch.equal(model.memory_blocks[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight)
+    assert torch.equal(
+        model.memory_blocks[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight
+    )
     assert model.config.num_selected == 3
 
 
@@ -58,6 +70,8 @@ def test_a_checkpoint_saved_with_another_tokenizer_is_refused(tmp_path):
     train_t5_tokenizer(texts, vocab_size=120).save_pretrained(tmp_path / "same")
     check_checkpoint_tokenizer(str(tmp_path / "same"), data_tokenizer)
     t5.save_pretrained(tmp_path / "other")
-    train_t5_tokenizer(texts + ["Quaeth Drinx founded the Zoum Works."], vocab_size=120).save_pretrained(tmp_path / "other")
+    train_t5_tokenizer(texts + ["Quaeth Drinx founded the Zoum Works."], vocab_size=120).save_pretrained(
+        tmp_path / "other"
+    )
     with pytest.raises(ValueError, match="another tokenizer.*tokenizer_dir="):
         check_checkpoint_tokenizer(str(tmp_path / "other"), data_tokenizer)
