@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
+from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
 from glimmer_ray.eval.metrics import covers_evidence
@@ -52,9 +53,6 @@ class BenchmarkConfig:
     variants: list[VariantConfig] = field(default_factory=figure_2_variants)  # Figure 2; the first is the baseline
     sweeps: list[VariantConfig] = field(default_factory=_sweeps)  # Figures 3 and 5
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
-    question_tokens: int = 32  # as trained
-    passage_tokens: int = 96  # as trained
-    answer_tokens: int = 12  # greedy answer length, at most
     limit_per_task: int | None = 60  # dev examples per task; null = all
     batch_size: int = 8  # examples per call
     timing_rounds: int = 3  # round-robin passes over every variant; each variant's time is its median pass
@@ -103,21 +101,28 @@ def _dev_passages(config: BenchmarkConfig, k: int) -> dict[str, tuple[str, str]]
 
 
 def _prepare_variant(
-    base: GlimmerForConditionalGeneration, tokenizer, variant: VariantConfig, config: BenchmarkConfig
+    base: GlimmerForConditionalGeneration,
+    tokenizer,
+    reading: ReadingConfig,
+    variant: VariantConfig,
+    config: BenchmarkConfig,
 ) -> dict:
     """The variant's reader, its pre-computed memory and its tokenised dev batches, warmed up by one call (not timed)."""
     model = reader_variant(base, variant)
-    memory = PrecomputedMemory(model, tokenizer, _dev_passages(config, variant.num_passages), config.passage_tokens)
+    memory = PrecomputedMemory(model, tokenizer, _dev_passages(config, variant.num_passages), reading.passage_tokens)
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
-    tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, variant.num_passages)
+    tokenize = TokenizeConfig(
+        reading.question_tokens, reading.passage_tokens, reading.answer_tokens, variant.num_passages
+    )
     batches = list(
         dev_batches(
             paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task
         )
     )
-    predict(model, batches[:1], tokenizer, max_new_tokens=config.answer_tokens, memory=memory)  # warm-up
+    predict(model, batches[:1], tokenizer, max_new_tokens=reading.answer_tokens, memory=memory)  # warm-up
     return {
         "variant": variant,
+        "reading": reading,
         "model": model,
         "memory": memory,
         "batches": batches,
@@ -133,7 +138,7 @@ def _timed_pass(prepared: dict, tokenizer, config: BenchmarkConfig) -> None:
         prepared["model"],
         prepared["batches"],
         tokenizer,
-        max_new_tokens=config.answer_tokens,
+        max_new_tokens=prepared["reading"].answer_tokens,
         memory=prepared["memory"],
     )
     prepared["seconds"].append(time.perf_counter() - start)
@@ -151,11 +156,20 @@ def _summarise(prepared: dict, tokenizer, config: BenchmarkConfig) -> dict:
     with torch.no_grad():
         passage_memory = model.encode_memory(one["passage_ids"][0], one["passage_mask"][0])[None]  # [1, k, lp, d]
     measured = measure_reader_flops(
-        model, one["question_ids"], one["question_mask"], passage_memory, one["passage_mask"], config.answer_tokens
+        model,
+        one["question_ids"],
+        one["question_mask"],
+        passage_memory,
+        one["passage_mask"],
+        prepared["reading"].answer_tokens,
     )
     pair_tokens = int(one["question_mask"].sum() + one["passage_mask"][0].sum(-1).float().mean())
     formula = formula_flops(
-        model.config, variant.num_passages, pair_tokens, config.answer_tokens, int(one["question_mask"].sum())
+        model.config,
+        variant.num_passages,
+        pair_tokens,
+        prepared["reading"].answer_tokens,
+        int(one["question_mask"].sum()),
     )
     return {
         "variant": to_dict(variant),
@@ -227,6 +241,7 @@ def main(config: BenchmarkConfig) -> dict:
         torch.set_num_threads(config.threads)
     base = GlimmerForConditionalGeneration.from_pretrained(config.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    reading = load_reading(config.model_dir)  # the token lengths it was trained with
     results: dict = {"config": to_dict(config), "model": config.model_dir, "variants": [], "sweeps": []}
 
     # loop: every setting on the same weights and examples, timed round-robin
@@ -235,7 +250,7 @@ def main(config: BenchmarkConfig) -> dict:
         for group, variants in (("variants", config.variants), ("sweeps", config.sweeps))
         for variant in variants
     ]
-    prepared = [_prepare_variant(base, tokenizer, variant, config) for _, variant in groups]
+    prepared = [_prepare_variant(base, tokenizer, reading, variant, config) for _, variant in groups]
     for round_index in range(config.timing_rounds):
         shift = round_index % len(prepared)
         for item in prepared[shift:] + prepared[:shift]:

@@ -20,11 +20,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 from transformers import AutoTokenizer
 
+from glimmer_ray.cli import ray_session
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
+from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
 from glimmer_ray.eval.metrics import covers_evidence
@@ -41,10 +42,6 @@ class BenchmarkMemoryConfig:
     codecs: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp16", "int8", "pq"])  # fp32 is the reference
     pq_subvectors: int = 16  # pq bytes per token
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
-    question_tokens: int = 32  # as trained
-    passage_tokens: int = 96  # as trained
-    answer_tokens: int = 12  # greedy answer length, at most
-    num_passages: int = 10  # k read by the reader on dev
     limit_per_task: int | None = 60  # dev examples per task; null = all
     latency_passages: int = 25  # k fetched per random-access request
     latency_trials: int = 50  # requests timed per setting
@@ -53,12 +50,14 @@ class BenchmarkMemoryConfig:
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
 
-def _quality(model, tokenizer, config: BenchmarkMemoryConfig, store) -> dict:
+def _quality(model, tokenizer, reading: ReadingConfig, config: BenchmarkMemoryConfig, store) -> dict:
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
-    tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
+    tokenize = TokenizeConfig(
+        reading.question_tokens, reading.passage_tokens, reading.answer_tokens, reading.num_passages
+    )
     batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, 16, config.limit_per_task)
     start = time.perf_counter()
-    predictions = predict(model, batches, tokenizer, max_new_tokens=config.answer_tokens, memory=store)
+    predictions = predict(model, batches, tokenizer, max_new_tokens=reading.answer_tokens, memory=store)
     seconds = time.perf_counter() - start
     scores = score_predictions(predictions)
     return {
@@ -71,23 +70,23 @@ def _quality(model, tokenizer, config: BenchmarkMemoryConfig, store) -> dict:
     }
 
 
-def _latency(store_dir: str, ids: list[str], config: BenchmarkMemoryConfig) -> dict:
+def _latency(store_dir: str, ids: list[str], passage_tokens: int, config: BenchmarkMemoryConfig) -> dict:
     rng = np.random.default_rng(0)
     requests = [list(rng.choice(ids, config.latency_passages, replace=False)) for _ in range(config.latency_trials)]
     cold = []
     for request in requests:
         start = time.perf_counter()
         MemoryStore(store_dir, verify="none").fetch(
-            request, length=config.passage_tokens
+            request, length=passage_tokens
         )  # fresh object: opens and maps shards
         cold.append(time.perf_counter() - start)
     cache = LRUMemoryCache(MemoryStore(store_dir, verify="none"), config.cache_bytes)
     for request in requests:
-        cache.fetch(request, length=config.passage_tokens)
+        cache.fetch(request, length=passage_tokens)
     cached = []
     for request in requests:
         start = time.perf_counter()
-        cache.fetch(request, length=config.passage_tokens)
+        cache.fetch(request, length=passage_tokens)
         cached.append(time.perf_counter() - start)
     return {
         "cold_ms_p50": 1e3 * float(np.median(cold)),
@@ -120,13 +119,17 @@ def _throughput(store: MemoryStore, store_dir: str) -> dict:
 
 
 def main(config: BenchmarkMemoryConfig) -> dict:
-    # setup
     if "fp32" not in config.codecs:
         raise SystemExit("codecs must include fp32, the reference the others are measured against")
-    started_ray = not ray.is_initialized()
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    with ray_session(config.ray_address):
+        return _benchmark(config)
+
+
+def _benchmark(config: BenchmarkMemoryConfig) -> dict:
+    # setup
     model = GlimmerForConditionalGeneration.from_pretrained(config.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    reading = load_reading(config.model_dir)  # the token lengths and k it was trained with
     passages = os.path.join(config.data_dir, "passages.parquet")
     results: dict = {"config": to_dict(config), "codecs": {}}
 
@@ -139,7 +142,7 @@ def main(config: BenchmarkMemoryConfig) -> dict:
             store_dir,
             config.model_dir,
             os.path.join(config.data_dir, "tokenizer"),
-            config.passage_tokens,
+            reading.passage_tokens,
             codec=codec,
             codec_params={"num_subvectors": config.pq_subvectors},
             shard_size=config.shard_size,
@@ -162,7 +165,7 @@ def main(config: BenchmarkMemoryConfig) -> dict:
     # measurements, side by side on the same model and examples
     reference = stores["fp32"]
     ids = reference.passage_ids()
-    from_tokens = _quality(model, tokenizer, config, None)
+    from_tokens = _quality(model, tokenizer, reading, config, None)
     results["from_tokens"] = {k: v for k, v in from_tokens.items() if k != "answers"}
     for codec, store in stores.items():
         errors_max, errors_sum, values_sum, count = 0.0, 0.0, 0.0, 0
@@ -173,7 +176,7 @@ def main(config: BenchmarkMemoryConfig) -> dict:
             errors_sum += float(difference.sum())
             values_sum += float(np.abs(exact).sum())
             count += exact.size
-        quality = _quality(model, tokenizer, config, store)
+        quality = _quality(model, tokenizer, reading, config, store)
         results["codecs"][codec].update(
             {
                 "bytes_per_token": store.manifest["bytes_per_token"],
@@ -189,7 +192,7 @@ def main(config: BenchmarkMemoryConfig) -> dict:
                 / len(from_tokens["answers"]),
                 "reranker_recall_at_m": quality["reranker_recall_at_m"],
                 "reranker_recall_change": quality["reranker_recall_at_m"] - from_tokens["reranker_recall_at_m"],
-                "latency": _latency(os.path.join(config.output_dir, codec), ids, config),
+                "latency": _latency(os.path.join(config.output_dir, codec), ids, reading.passage_tokens, config),
                 "throughput": _throughput(store, os.path.join(config.output_dir, codec)),
             }
         )
@@ -245,10 +248,6 @@ def main(config: BenchmarkMemoryConfig) -> dict:
     with open(path, "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"wrote {path}")
-
-    # cleanup
-    if started_ray:
-        ray.shutdown()
     return results
 
 

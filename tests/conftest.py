@@ -38,7 +38,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def load_job():
-    """Import a `jobs/<name>.py` script as a module (jobs are scripts, not a package)."""
+    """Import a `jobs/<name>.py` script (`dev/<name>` for jobs/dev/) as a module (jobs are scripts, not a package)."""
     import importlib.util
     import pathlib
     import sys
@@ -46,7 +46,7 @@ def load_job():
     root = pathlib.Path(__file__).resolve().parents[1]
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"job_{name}", root / "jobs" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"job_{name.replace('/', '_')}", root / "jobs" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)

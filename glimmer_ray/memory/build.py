@@ -10,8 +10,10 @@ adding passages writes new shards under a new manifest version and leaves the re
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from glimmer_ray.data.reading import PASSAGE_TEMPLATE, tokenize_passages
+from glimmer_ray.cli import check_spare_cpu
+from glimmer_ray.config import to_dict
+from glimmer_ray.data.reading import PASSAGE_TEMPLATE, load_reading, tokenize_passages
 from glimmer_ray.memory.codecs import CODECS, make_codec
 from glimmer_ray.memory.store import (
     FORMAT,
@@ -366,3 +370,59 @@ def memory_dataset(store_uri: str) -> ray.data.Dataset:
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         read_shard, batch_size=1, batch_format="numpy"
     )
+
+
+@dataclass
+class BuildMemoryConfig:
+    passages: str = "outputs/quickstart/passages.parquet"  # jobs/prepare_data.py output
+    model_dir: str = "outputs/quickstart/model"  # trained reader (Hugging Face layout)
+    tokenizer_dir: str | None = None  # null = the reader's own, exported beside it
+    store: str = "outputs/quickstart/memory"  # local directory or s3:// / gs:// URI
+    codec: str = "fp32"  # fp32 | bf16 | fp16 | int8 | pq
+    pq_subvectors: int = 16  # pq: bytes per token (divides d_model)
+    shard_size: int = 1024  # passages per shard
+    batch_size: int = 32  # passages per memory-encoder call
+    concurrency: int = 1  # encoder actors
+    num_cpus_per_actor: float = 1.0  # CPUs per encoder actor
+    num_gpus_per_actor: float = 0.0  # GPUs per encoder actor (0: CPU)
+    report: str | None = None  # JSON report path; null = <store>/build_report.json when local
+    ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
+
+
+def run_build_memory(config: BuildMemoryConfig) -> dict:
+    """`build_memory` with the passage length the reader was trained with (its reading.json), in the caller's
+    Ray session; writes the report as JSON (`report`, or <store>/build_report.json for a local store)."""
+    if config.num_gpus_per_actor == 0:
+        check_spare_cpu(
+            config.concurrency * config.num_cpus_per_actor,
+            f"{config.concurrency} encoder actors x {config.num_cpus_per_actor} CPU",
+            "use fewer actors or fewer CPUs each",
+        )
+    report = build_memory(
+        config.passages,
+        config.store,
+        config.model_dir,
+        config.tokenizer_dir or config.model_dir,
+        load_reading(config.model_dir).passage_tokens,
+        codec=config.codec,
+        codec_params={"num_subvectors": config.pq_subvectors},
+        shard_size=config.shard_size,
+        batch_size=config.batch_size,
+        concurrency=config.concurrency,
+        num_cpus_per_actor=config.num_cpus_per_actor,
+        num_gpus_per_actor=config.num_gpus_per_actor,
+    )
+    report["config"] = to_dict(config)
+    if report.get("passages_encoded"):
+        print(
+            f"[build_memory] version {report['version']}: {report['passages_encoded']} passages, {report['tokens_encoded']} tokens "
+            f"encoded at {report['passages_per_second']:.1f} passages/s, {report['tokens_per_second']:.0f} tokens/s per actor; "
+            f"{report['shards_written']} shards written, {report['shards_reused']} reused; store {report['passages_total']} passages, "
+            f"{report['bytes'] / 2**20:.2f} MiB; {report['wall_seconds']:.1f} s in all"
+        )
+    path = config.report or (os.path.join(config.store, "build_report.json") if "://" not in config.store else None)
+    if path:
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=2, default=str)
+        print(f"wrote {path}")
+    return report

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
-import sys
 
 import pytest
 
 from glimmer_ray.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-JOB_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
-
-
-def _job_module(script: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(script.stem, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+JOB_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml")) + sorted(
+    (ROOT / "jobs" / "dev" / "configs").glob("*.yaml")
+)
 
 
 def _config_class(module):
@@ -33,14 +25,29 @@ def test_there_are_job_configs():
     assert JOB_CONFIGS, "jobs/configs/ holds no YAML"
 
 
-@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda path: path.name)
-def test_job_yaml_loads_and_names_its_command(path):
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda path: str(path.relative_to(ROOT / "jobs")))
+def test_job_yaml_loads_and_names_its_command(path, load_job):
     header = path.read_text().splitlines()[0]
-    match = re.search(r"python (jobs/\S+\.py) --config (jobs/configs/\S+\.yaml)", header)
+    match = re.search(r"python jobs/(\S+)\.py --config (jobs/\S+\.yaml)", header)
     assert match, f"{path.name}: the first line must give the command that runs it"
-    script, config_path = ROOT / match.group(1), ROOT / match.group(2)
-    assert config_path == path and script.exists()
-    module = _job_module(script)
-    config = load_config(_config_class(module), path)
+    assert ROOT / match.group(2) == path and (ROOT / "jobs" / f"{match.group(1)}.py").exists()
+    config = load_config(_config_class(load_job(match.group(1))), path)
     if hasattr(config, "validate"):
         config.validate()  # cross-field checks, e.g. m <= k
+
+
+def test_jobs_never_import_jobs():
+    """Jobs are recipes: what two of them share lives in the library (torchtune's rule for recipes/)."""
+    offenders = []
+    for script in sorted((ROOT / "jobs").rglob("*.py")):
+        text = script.read_text()
+        if re.search(
+            r"sys\.path\.(append|insert)|importlib|spec_from_file_location|^\s*import (?!\S*\.)\w+\s*#\s*noqa",
+            text,
+            re.M,
+        ):
+            offenders.append(str(script.relative_to(ROOT)))
+        siblings = {path.stem for path in (ROOT / "jobs").rglob("*.py")}
+        imported = set(re.findall(r"^\s*(?:from|import) (\w+)", text, re.M))
+        offenders += [f"{script.relative_to(ROOT)} imports {name}" for name in sorted(imported & siblings)]
+    assert not offenders, offenders

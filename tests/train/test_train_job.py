@@ -246,7 +246,7 @@ def test_workers_that_would_starve_the_data_stream_are_refused(tiny_data, tmp_pa
 def test_probe_reranker_job_trains_the_scorer_alone_on_both_targets(tiny_data, tmp_path, load_job):
     from glimmer_ray.model.random_t5 import save_random_t5, t5_1_1_config
 
-    probe = load_job("probe_reranker")
+    probe = load_job("dev/probe_reranker")
     vocab = len(AutoTokenizer.from_pretrained(os.path.join(tiny_data, "tokenizer")))
     t5_dir = save_random_t5(
         tmp_path / "t5", t5_1_1_config(vocab_size=vocab, d_model=32, num_layers=2, num_heads=2, dropout_rate=0.0)

@@ -1,7 +1,7 @@
 """Probe a trained reader's reranker alone: can its first live layers and scoring head learn to rank the k passages?
 
-    python jobs/probe_reranker.py --config jobs/configs/probe_reranker.yaml
-    ray job submit --working-dir . -- python jobs/probe_reranker.py --config jobs/configs/probe_reranker.yaml
+    python jobs/dev/probe_reranker.py --config jobs/dev/configs/probe_reranker.yaml
+    ray job submit --working-dir . -- python jobs/dev/probe_reranker.py --config jobs/dev/configs/probe_reranker.yaml
 
 The memory of every question and passage, and the perplexity-distillation teacher's scores, are computed once with
 the reader frozen. Then, for each target in `targets`, a copy of the reader trains only live stage A and the rerank
@@ -34,7 +34,7 @@ from transformers import AutoTokenizer
 
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
-from glimmer_ray.data.reading import question_text
+from glimmer_ray.data.reading import load_reading, question_text
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -53,10 +53,6 @@ class ProbeConfig:
         default_factory=list
     )  # more prepared directories whose training examples join data_dir's
     tasks: list[str] = field(default_factory=lambda: list(synthkilt.TASKS))
-    question_tokens: int = 32  # as trained
-    passage_tokens: int = 96  # as trained
-    answer_tokens: int = 12  # as trained
-    num_passages: int = 10  # k
     targets: list[str] = field(
         default_factory=lambda: ["teacher", "gold"]
     )  # teacher | gold | corpus, each from the same start
@@ -143,9 +139,9 @@ def cache_inputs(
                 "passage_mask": inputs["passage_mask"],
                 "passage_ids": inputs["passage_ids"],  # [b, k, lp], for the corpus target's queries
                 "question_memory": model.encode_question(inputs["question_ids"], inputs["question_mask"]),  # [b, lq, d]
-                "passage_memory": model._passage_memory(
-                    inputs["question_ids"], inputs["question_mask"], inputs["passage_ids"], inputs["passage_mask"], None
-                ),  # [b, k, lp, d]
+                "passage_memory": model.encode_memory(
+                    inputs["passage_ids"].flatten(0, 1), inputs["passage_mask"].flatten(0, 1)
+                ).unflatten(0, inputs["passage_ids"].shape[:2]),  # [b*k, lp, d] -> [b, k, lp, d]
                 "teacher": model.passage_log_likelihood(
                     inputs["question_ids"],
                     inputs["question_mask"],
@@ -304,12 +300,15 @@ def main(config: ProbeConfig) -> dict:
     torch.manual_seed(config.seed)
     split = {} if config.rerank_proportion is None else {"rerank_proportion": config.rerank_proportion}
     base = GlimmerForConditionalGeneration.from_pretrained(config.model, **split).eval()
+    reading = load_reading(config.model)  # the token lengths and k it was trained with
     m = base.config.num_selected
-    if m is None or m >= config.num_passages:
+    if m is None or m >= reading.num_passages:
         raise SystemExit(
-            f"{config.model} does not rerank (num_selected {m} of k = {config.num_passages}); probe a GLIMMER reader with m < k"
+            f"{config.model} does not rerank (num_selected {m} of k = {reading.num_passages}); probe a GLIMMER reader with m < k"
         )
-    tokenize = TokenizeConfig(config.question_tokens, config.passage_tokens, config.answer_tokens, config.num_passages)
+    tokenize = TokenizeConfig(
+        reading.question_tokens, reading.passage_tokens, reading.answer_tokens, reading.num_passages
+    )
     tokenizer_dir = os.path.join(config.data_dir, "tokenizer")
 
     def paths(directory: str, split: str) -> dict[str, str]:
@@ -368,7 +367,7 @@ def main(config: ProbeConfig) -> dict:
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.01)
         rng = random.Random(config.seed)
-        corpus = CorpusQueries(tokenizer_dir, config.question_tokens, config.seed) if target == "corpus" else None
+        corpus = CorpusQueries(tokenizer_dir, reading.question_tokens, config.seed) if target == "corpus" else None
 
         history = [evaluate(model, target, 0, [], dev, train_probe, m)]
         losses: list[float] = []

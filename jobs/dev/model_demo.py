@@ -5,8 +5,8 @@ three readers from it with `GlimmerForConditionalGeneration.from_t5`, runs each 
 same random question and passages, and prints the reranker's choices, the greedy answer tokens and
 the paper's FLOPs next to the FLOPs counted in the forward pass.
 
-    python jobs/model_demo.py --config jobs/configs/model_demo.yaml
-    ray job submit --working-dir . -- python jobs/model_demo.py --config jobs/configs/model_demo.yaml
+    python jobs/dev/model_demo.py --config jobs/dev/configs/model_demo.yaml
+    ray job submit --working-dir . -- python jobs/dev/model_demo.py --config jobs/dev/configs/model_demo.yaml
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
+from glimmer_ray.cli import cluster_cpus, ray_session
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.flops import formula_flops, measure_reader_flops
@@ -120,16 +121,15 @@ def main(config: DemoConfig) -> list[dict]:
     max_k = max(reader.num_passages for reader in config.readers)
     question = torch.randint(2, config.model.vocab_size, (config.question_tokens,), generator=generator)
     passages = torch.randint(2, config.model.vocab_size, (max_k, config.passage_tokens), generator=generator)
-    started_ray = not ray.is_initialized()  # shut down only a cluster this job started
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    print(f"Ray cluster: {ray.cluster_resources().get('CPU', 0):.0f} CPUs")
 
     # loop: one Ray task per reader
-    futures = [
-        run_reader.remote(checkpoint, to_dict(reader), question, passages, config.answer_tokens)
-        for reader in config.readers
-    ]
-    results = ray.get(futures)
+    with ray_session(config.ray_address):
+        print(f"Ray cluster: {cluster_cpus():.0f} CPUs")
+        futures = [
+            run_reader.remote(checkpoint, to_dict(reader), question, passages, config.answer_tokens)
+            for reader in config.readers
+        ]
+        results = ray.get(futures)
 
     # report
     baseline = results[0]["formula_flops"]["total"]
@@ -150,10 +150,6 @@ def main(config: DemoConfig) -> list[dict]:
     with open(config.output, "w") as handle:
         json.dump({"config": to_dict(config), "results": results}, handle, indent=2)
     print(f"wrote {config.output}")
-
-    # cleanup
-    if started_ray:
-        ray.shutdown()
     return results
 
 
