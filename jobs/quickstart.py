@@ -3,9 +3,9 @@
     python jobs/quickstart.py --config jobs/configs/quickstart.yaml [output_dir=DIR]
     ray job submit --working-dir . -- python jobs/quickstart.py --config jobs/configs/quickstart.yaml
 
-Every stage is one of the jobs (prepare_data with build_index, pretrain, train, build_memory, evaluate, serve)
-called with this directory: the Serve app is deployed on the same cluster as jobs/serve.py deploys it,
-a few dev questions are answered over HTTP (the passages retrieved, the ones the reranker kept, the
+Every stage is the library function behind one of the jobs (prepare_data with build_index, pretrain, train,
+build_memory, evaluate, serve), called with this directory on one Ray cluster: the Serve app is deployed as
+jobs/serve.py deploys it, a few dev questions are answered over HTTP (the passages retrieved, the ones the reranker kept, the
 answer) and the app is shut down. Everything lands under `output_dir`, laid out for other tools:
 
     data/<task>-dev-kilt.jsonl          gold dev sets (KILT format)        index/, passages.parquet, retrieved/
@@ -19,19 +19,22 @@ Re-running with the same output directory reuses finished stages.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-import ray
-
+from glimmer_ray.cli import ray_session
 from glimmer_ray.config import load_config, parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
+from glimmer_ray.data.prepare import PrepareConfig, prepare_data
+from glimmer_ray.eval.run import EvaluateConfig, ModelEntry, run_evaluation
+from glimmer_ray.memory.build import BuildMemoryConfig, run_build_memory
 from glimmer_ray.retrieval.index import IndexConfig
 from glimmer_ray.train.config import TrainConfig
+from glimmer_ray.train.pretrain import PretrainConfig, run_pretraining
+from glimmer_ray.train.run import run_training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,15 +65,6 @@ class QuickstartConfig:
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
 
-def _job(name: str):
-    """The module of `jobs/<name>.py` (jobs are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _path(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(HERE, "..", path)
 
@@ -81,11 +75,14 @@ def _banner(number: int, name: str, detail: str) -> float:
 
 
 def main(config: QuickstartConfig) -> dict:
+    with ray_session(config.ray_address, log_to_driver=True):
+        return _quickstart(config)
+
+
+def _quickstart(config: QuickstartConfig) -> dict:
     # setup
     root = os.path.abspath(config.output_dir)
     os.makedirs(root, exist_ok=True)
-    started_ray = not ray.is_initialized()
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
     pretrain_dir = os.path.join(root, "t5-pretrained")
     train = load_config(
         TrainConfig,
@@ -108,9 +105,8 @@ def main(config: QuickstartConfig) -> dict:
         "data",
         f"SynthKILT {config.scale} -> passages -> FAISS index -> top-{train.data.num_passages} passages per example",
     )
-    prepare = _job("prepare_data")
-    report = prepare.main(
-        prepare.PrepareConfig(
+    report = prepare_data(
+        PrepareConfig(
             output_dir=root,
             scale=config.scale,
             tasks=list(config.tasks),
@@ -124,9 +120,8 @@ def main(config: QuickstartConfig) -> dict:
 
     # 2. pre-training of the T5 on the passages (no checkpoint can be downloaded), reused when complete
     if config.pretrain_config:
-        pretrain_job = _job("pretrain")
         pretrain = load_config(
-            pretrain_job.PretrainConfig,
+            PretrainConfig,
             _path(config.pretrain_config),
             list(config.pretrain_overrides) + [f"data_dir={root}", f"output_dir={pretrain_dir}", "ray_address=null"],
         )
@@ -135,7 +130,7 @@ def main(config: QuickstartConfig) -> dict:
             "pretrain",
             f"text infilling on the passages, {pretrain.steps} steps, d_model {pretrain.d_model}, {pretrain.num_layers} layers",
         )
-        result = pretrain_job.main(pretrain)
+        result = run_pretraining(pretrain)
         summary["stages"]["pretrain"] = {
             "seconds": time.perf_counter() - clock,
             "loss": [result["first_loss"], result["final_loss"]],
@@ -153,7 +148,7 @@ def main(config: QuickstartConfig) -> dict:
         print(f"[train] reusing {model_dir}")
         summary["stages"]["train"] = {"seconds": 0.0, "reused": True}
     else:
-        result = _job("train").main(train)
+        result = run_training(train)
         summary["stages"]["train"] = {
             "seconds": time.perf_counter() - clock,
             "metrics": {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
@@ -161,14 +156,12 @@ def main(config: QuickstartConfig) -> dict:
 
     # 4. memory of every passage
     clock = _banner(4, "memory", f"memory encoder over every passage -> {config.memory_codec} shards")
-    build = _job("build_memory")
-    memory = build.main(
-        build.BuildMemoryConfig(
+    memory = run_build_memory(
+        BuildMemoryConfig(
             passages=os.path.join(root, "passages.parquet"),
             model_dir=model_dir,
             tokenizer_dir=os.path.join(root, "tokenizer"),
             store=os.path.join(root, "memory"),
-            passage_tokens=train.data.passage_tokens,
             codec=config.memory_codec,
             num_cpus_per_actor=0.5,
         )
@@ -181,7 +174,6 @@ def main(config: QuickstartConfig) -> dict:
 
     # 5. dev evaluation from the stored memory
     clock = _banner(5, "evaluate", "KILT metrics per task; predictions in KILT's submission format")
-    evaluate = _job("evaluate")
     metrics_path = os.path.join(root, "metrics.json")
     if os.path.exists(metrics_path) and os.path.getmtime(metrics_path) > os.path.getmtime(
         os.path.join(model_dir, "config.json")
@@ -191,15 +183,11 @@ def main(config: QuickstartConfig) -> dict:
             metrics = json.load(handle)
         summary["stages"]["evaluate"] = {"reused": True}
     else:
-        metrics = evaluate.main(
-            evaluate.EvaluateConfig(
-                models=[evaluate.ModelEntry(name="glimmer", path=model_dir, memory=os.path.join(root, "memory"))],
+        metrics = run_evaluation(
+            EvaluateConfig(
+                models=[ModelEntry(name="glimmer", path=model_dir, memory=os.path.join(root, "memory"))],
                 data_dir=root,
                 tasks=list(config.tasks),
-                question_tokens=train.data.question_tokens,
-                passage_tokens=train.data.passage_tokens,
-                answer_tokens=train.data.answer_tokens,
-                num_passages=train.data.num_passages,
                 output_dir=root,
                 flat_predictions=True,
             )
@@ -222,7 +210,7 @@ def main(config: QuickstartConfig) -> dict:
     clock = _banner(
         6, "serve", f"Serve app on http://127.0.0.1:{config.port}, {config.questions} dev questions over HTTP"
     )
-    answers = _serve_and_ask(config, train, root, model_dir) if config.questions > 0 else []
+    answers = _serve_and_ask(config, root, model_dir) if config.questions > 0 else []
     summary["stages"]["serve"] = {"answers": answers, "seconds": time.perf_counter() - clock}
 
     # report
@@ -263,30 +251,21 @@ def main(config: QuickstartConfig) -> dict:
     print(
         f"\nartifacts in {root}: data/<task>-dev-kilt.jsonl (gold), predictions/<task>-dev-kilt.jsonl, metrics.json, model/, memory/, index/, quickstart.json"
     )
-
-    # cleanup
-    if started_ray:
-        ray.shutdown()
     return summary
 
 
-def _serve_and_ask(config: QuickstartConfig, train: TrainConfig, root: str, model_dir: str) -> list[dict]:
+def _serve_and_ask(config: QuickstartConfig, root: str, model_dir: str) -> list[dict]:
     import pyarrow.parquet as pq
     from ray import serve
 
     from glimmer_ray.client import GlimmerAPIError, GlimmerClient
+    from serve_app.deploy import ask, deploy
 
-    serve_job = _job("serve")
     args = {
         "model_dir": model_dir,
         "index_dir": os.path.join(root, "index"),
         "passages": os.path.join(root, "passages.parquet"),
         "memory_store": os.path.join(root, "memory"),
-        "tasks": list(config.tasks),
-        "default_task": config.tasks[0],
-        "question_tokens": train.data.question_tokens,
-        "top_k": train.data.num_passages,
-        "max_new_tokens": train.data.answer_tokens,
         "deployments": {
             stage: {"num_replicas": 1}
             for stage in ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
@@ -294,13 +273,13 @@ def _serve_and_ask(config: QuickstartConfig, train: TrainConfig, root: str, mode
     }
     answers = []
     try:
-        client = GlimmerClient(serve_job.deploy(args, port=config.port))
+        client = GlimmerClient(deploy(args, port=config.port))
         for task in config.tasks[: config.questions]:
             for row in pq.read_table(
                 os.path.join(root, "retrieved", f"{task}-dev.parquet"), columns=["input", "answers"]
             ).to_pylist()[:5]:
                 try:
-                    result = serve_job.ask(client, row["input"], task, gold=row["answers"])
+                    result = ask(client, row["input"], task, gold=row["answers"])
                 except GlimmerAPIError as error:  # e.g. a question longer than the reader's lq: the next one
                     print(f"[serve] skipped a {task} question: {error}")
                     continue
