@@ -8,6 +8,7 @@ Jobs (`jobs/*.py`) are recipes: each parses its config, then calls library funct
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 
@@ -49,3 +50,12 @@ def run_stage(name: str, output: str, overwrite: bool) -> bool:
         return False
     print(f"[{name}] ...", flush=True)
     return True
+
+
+def write_report(path: str, report: dict) -> str:
+    """Write a job's report as indented JSON (values JSON cannot hold as their str), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2, default=str)
+    print(f"wrote {path}")
+    return path

@@ -24,20 +24,33 @@ class GlimmerAPIError(RuntimeError):
         self.status, self.message = status, message
 
 
-def _payload(
-    question: str, task: str | None, top_k: int | None, num_selected: int | None, max_new_tokens: int | None
-) -> dict[str, Any]:
-    fields = {
-        "question": question,
-        "task": task,
-        "top_k": top_k,
-        "num_selected": num_selected,
-        "max_new_tokens": max_new_tokens,
-    }
-    return {key: value for key, value in fields.items() if value is not None}
+class _AnswerClient:
+    """`answer` for both transports: the request body the API takes, the typed response it returns."""
+
+    def answer(
+        self,
+        question: str,
+        task: str | None = None,
+        top_k: int | None = None,
+        num_selected: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> AnswerResponse:
+        fields = {
+            "question": question,
+            "task": task,
+            "top_k": top_k,
+            "num_selected": num_selected,
+            "max_new_tokens": max_new_tokens,
+        }
+        return AnswerResponse.model_validate(
+            self._answer({key: value for key, value in fields.items() if value is not None})
+        )
+
+    def _answer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
 
-class GlimmerClient:
+class GlimmerClient(_AnswerClient):
     """HTTP client: `POST /v1/answer`, `POST /v1/answer:batch`, `GET /healthz`."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 120.0) -> None:
@@ -54,17 +67,8 @@ class GlimmerClient:
             raise GlimmerAPIError(response.status_code, message)
         return response.json()
 
-    def answer(
-        self,
-        question: str,
-        task: str | None = None,
-        top_k: int | None = None,
-        num_selected: int | None = None,
-        max_new_tokens: int | None = None,
-    ) -> AnswerResponse:
-        return AnswerResponse.model_validate(
-            self._post("/v1/answer", _payload(question, task, top_k, num_selected, max_new_tokens))
-        )
+    def _answer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._post("/v1/answer", payload)
 
     def answer_batch(self, requests_: list[AnswerRequest | dict[str, Any]]) -> list[AnswerResponse]:
         body = {"requests": [r.model_dump(exclude_none=True) if isinstance(r, AnswerRequest) else r for r in requests_]}
@@ -77,7 +81,7 @@ class GlimmerClient:
         return response.json()
 
 
-class GlimmerHandleClient:
+class GlimmerHandleClient(_AnswerClient):
     """In-cluster client through `serve.get_app_handle` (no HTTP); same results and errors."""
 
     def __init__(self, app_name: str = "glimmer") -> None:
@@ -85,17 +89,8 @@ class GlimmerHandleClient:
 
         self.handle = serve.get_app_handle(app_name)
 
-    def answer(
-        self,
-        question: str,
-        task: str | None = None,
-        top_k: int | None = None,
-        num_selected: int | None = None,
-        max_new_tokens: int | None = None,
-    ) -> AnswerResponse:
-        reply = self.handle.answer_payload.remote(
-            _payload(question, task, top_k, num_selected, max_new_tokens)
-        ).result()
+    def _answer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        reply = self.handle.answer_payload.remote(payload).result()
         if reply["status"] != 200:
             raise GlimmerAPIError(reply["status"], reply["error"])
-        return AnswerResponse.model_validate(reply["body"])
+        return reply["body"]

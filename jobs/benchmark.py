@@ -14,7 +14,6 @@ PNG of dev EM against time per example, like Figure 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoTokenizer
 
+from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.reading import ReadingConfig, load_reading
@@ -299,10 +299,7 @@ def main(config: BenchmarkConfig) -> dict:
         "MF: million FLOPs per example, multiply-add = 1; formula includes the question's memory pass; "
         f"time: the median of {config.timing_rounds} round-robin passes)"
     )
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with open(config.output, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {config.output}")
+    write_report(config.output, results)
     if config.plot:
         _plot(results["variants"], results["sweeps"], os.path.splitext(config.output)[0] + ".png")
         print(f"wrote {os.path.splitext(config.output)[0] + '.png'}")

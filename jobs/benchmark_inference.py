@@ -10,8 +10,6 @@ example, so that machine noise falls on all of them alike; ratios to FiD are the
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 import time
@@ -19,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.eval.variants import VariantConfig, figure_2_variants
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -156,14 +155,7 @@ def main(config: BenchmarkConfig) -> dict:
     if config.tune_allocator:
         tune_cpu_allocator()
     shape = config.model
-    t5_config = t5_1_1_config(
-        vocab_size=shape.vocab_size,
-        d_model=shape.d_model,
-        num_layers=shape.num_layers,
-        num_heads=shape.num_heads,
-        d_ff=shape.d_ff,
-        dropout_rate=0.0,
-    )
+    t5_config = t5_1_1_config(**to_dict(shape), dropout_rate=0.0)
     print(
         f"building one random T5.1.1 (d {shape.d_model}, {shape.num_layers} layers); torch threads {torch.get_num_threads()}",
         flush=True,
@@ -203,10 +195,7 @@ def main(config: BenchmarkConfig) -> dict:
         "torch_version": torch.__version__,
         "tables": tables,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with open(config.output, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"wrote {config.output}")
+    write_report(config.output, report)
     return report
 
 

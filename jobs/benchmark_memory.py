@@ -12,7 +12,6 @@ store object) and through the LRU cache; sequential decode throughput against `c
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import AutoTokenizer
 
-from glimmer_ray.cli import ray_session
+from glimmer_ray.cli import ray_session, write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.reading import ReadingConfig, load_reading
@@ -243,11 +242,7 @@ def _benchmark(config: BenchmarkMemoryConfig) -> dict:
         "(changed: share of dev answers that differ from reading the passages' tokens; latencies are medians; "
         "read MB/s: stored bytes decoded per second, sequentially, against cat of the same files from the page cache)"
     )
-    os.makedirs(config.output_dir, exist_ok=True)
-    path = os.path.join(config.output_dir, "benchmark_memory.json")
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {path}")
+    write_report(os.path.join(config.output_dir, "benchmark_memory.json"), results)
     return results
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from glimmer_ray.cli import ray_session
+from glimmer_ray.cli import ray_session, write_report
 from glimmer_ray.config import load_config, parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.prepare import PrepareConfig, prepare_data
@@ -246,8 +246,7 @@ def _quickstart(config: QuickstartConfig) -> dict:
     print(
         f"{'serve':<10}{stages['serve']['seconds']:9.1f}  {len(stages['serve']['answers'])} questions answered over HTTP"
     )
-    with open(os.path.join(root, "quickstart.json"), "w") as handle:
-        json.dump(summary, handle, indent=2, default=str)
+    write_report(os.path.join(root, "quickstart.json"), summary)
     print(
         f"\nartifacts in {root}: data/<task>-dev-kilt.jsonl (gold), predictions/<task>-dev-kilt.jsonl, metrics.json, model/, memory/, index/, quickstart.json"
     )

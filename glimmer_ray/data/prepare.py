@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from glimmer_ray.cli import run_stage
+from glimmer_ray.cli import run_stage, write_report
 from glimmer_ray.config import to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_kilt_examples, read_knowledge_source
@@ -114,7 +114,5 @@ def prepare_data(config: PrepareConfig) -> dict:
         print(
             f"[index] not built (build_index=false): python jobs/build_index.py --config jobs/configs/build_index.yaml output_dir={root}"
         )
-    with open(os.path.join(root, "data_report.json"), "w") as handle:
-        json.dump(report, handle, indent=2, default=str)
-    print(f"wrote {os.path.join(root, 'data_report.json')}")
+    write_report(os.path.join(root, "data_report.json"), report)
     return report

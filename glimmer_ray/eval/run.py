@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoTokenizer
 
+from glimmer_ray.cli import write_report
 from glimmer_ray.config import to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import prediction_record, write_jsonl
@@ -239,10 +240,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         "(passage level: the first passages of each ranking hold the gold evidence paragraphs themselves -- the passages"
         " the reader needs; two passages of the gold page are told apart)"
     )
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {os.path.join(config.output_dir, 'metrics.json')}")
+    write_report(os.path.join(config.output_dir, "metrics.json"), results)
     return results
 
 

@@ -10,7 +10,6 @@ adding passages writes new shards under a new manifest version and leaves the re
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from glimmer_ray.cli import check_spare_cpu
+from glimmer_ray.cli import check_spare_cpu, write_report
 from glimmer_ray.config import to_dict
 from glimmer_ray.data.reading import PASSAGE_TEMPLATE, load_reading, tokenize_passages
 from glimmer_ray.memory.codecs import CODECS, make_codec
@@ -422,7 +421,5 @@ def run_build_memory(config: BuildMemoryConfig) -> dict:
         )
     path = config.report or (os.path.join(config.store, "build_report.json") if "://" not in config.store else None)
     if path:
-        with open(path, "w") as handle:
-            json.dump(report, handle, indent=2, default=str)
-        print(f"wrote {path}")
+        write_report(path, report)
     return report

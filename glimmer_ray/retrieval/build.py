@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from glimmer_ray.cli import check_spare_cpu, run_stage
+from glimmer_ray.cli import check_spare_cpu, run_stage, write_report
 from glimmer_ray.config import to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.retrieval.index import IndexConfig
@@ -115,7 +115,5 @@ def build_index(config: BuildIndexConfig) -> dict:
     print(f"{'task':<10}" + "".join(f"{'R@' + str(k):>8}" for k in passage_ks))
     for task, recalls in report["dev_passage_recall"].items():
         print(f"{task:<10}" + "".join(f"{recalls[k]:8.3f}" for k in passage_ks))
-    with open(os.path.join(root, "index_report.json"), "w") as handle:
-        json.dump(report, handle, indent=2, default=str)
-    print(f"wrote {os.path.join(root, 'index_report.json')}")
+    write_report(os.path.join(root, "index_report.json"), report)
     return report

@@ -11,7 +11,6 @@ the paper's FLOPs next to the FLOPs counted in the forward pass.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from glimmer_ray.cli import cluster_cpus, ray_session
+from glimmer_ray.cli import cluster_cpus, ray_session, write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.flops import formula_flops, measure_reader_flops
@@ -106,15 +105,7 @@ def run_reader(
 def main(config: DemoConfig) -> list[dict]:
     # setup: the checkpoint, the inputs, the cluster
     if not os.path.isdir(config.checkpoint):
-        shape = config.model
-        t5_config = t5_1_1_config(
-            vocab_size=shape.vocab_size,
-            d_model=shape.d_model,
-            num_layers=shape.num_layers,
-            num_heads=shape.num_heads,
-            d_ff=shape.d_ff,
-        )
-        save_random_t5(config.checkpoint, t5_config, seed=config.seed)
+        save_random_t5(config.checkpoint, t5_1_1_config(**to_dict(config.model)), seed=config.seed)
         print(f"saved a random T5.1.1 checkpoint to {config.checkpoint}")
     checkpoint = os.path.abspath(config.checkpoint)
     generator = torch.Generator().manual_seed(config.seed)
@@ -146,10 +137,7 @@ def main(config: DemoConfig) -> list[dict]:
         if result["rerank_scores"] is not None:
             print(f"{'':<9} rerank scores of the {reader.num_passages} passages: {result['rerank_scores']}")
     print("MF: 1e6 FLOPs per example (multiply-add = 1); 'measured' counts the linear layers the formulas count.")
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with open(config.output, "w") as handle:
-        json.dump({"config": to_dict(config), "results": results}, handle, indent=2)
-    print(f"wrote {config.output}")
+    write_report(config.output, {"config": to_dict(config), "results": results})
     return results
 
 

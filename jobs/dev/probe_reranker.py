@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.reading import load_reading, question_text
@@ -422,10 +423,7 @@ def main(config: ProbeConfig) -> dict:
         "dev_reference": reference,
         "targets": results,
     }
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=1)
-    print(f"metrics: {os.path.join(config.output_dir, 'metrics.json')}")
+    write_report(os.path.join(config.output_dir, "metrics.json"), metrics)
     return metrics
 
 

@@ -10,13 +10,13 @@ of whose gold passages (and, apart, pages) is the gold of any training example o
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args
 from glimmer_ray.data import synthkilt
 
@@ -74,10 +74,7 @@ def main(config: UnseenGoldConfig) -> dict:
     for level in ("passage", "page"):
         values = [shares[t][level] for t in config.tasks]
         print(f"{f'  {level}':<24}" + "".join(f"{v:9.3f}" for v in values) + f"{sum(values) / len(values):9.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with open(config.output, "w") as handle:
-        json.dump(shares, handle, indent=2)
-    print(f"wrote {config.output}")
+    write_report(config.output, shares)
     return shares
 
 
