@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from glimmer_ray.data.reading import question_text
 from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
-from glimmer_ray.retrieval.pipeline import Retriever
+from glimmer_ray.retrieval.retriever import Retriever
 
 # ---- The API's types ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.metrics import Histogram
 
 from glimmer_ray.memory.store import MemoryStore
-from glimmer_ray.retrieval.pipeline import Retriever as DenseRetriever
+from glimmer_ray.retrieval.retriever import Retriever as DenseRetriever
 from glimmer_ray.serving import (
     AnswerRequest,
     AnswerResponse,

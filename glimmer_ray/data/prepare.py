@@ -26,7 +26,7 @@ from glimmer_ray.data import synthkilt
 from glimmer_ray.data.kilt import read_kilt_examples, read_knowledge_source
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.retrieval.build import BuildIndexConfig, build_index
-from glimmer_ray.retrieval.pipeline import write_passages
+from glimmer_ray.retrieval.passages import write_passages
 
 
 @dataclass

@@ -29,7 +29,7 @@ from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, 
 from glimmer_ray.eval.metrics import covers_evidence, covers_passages
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
-from glimmer_ray.retrieval.pipeline import retrieval_recall
+from glimmer_ray.retrieval.retriever import retrieval_recall
 
 
 @dataclass

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from glimmer_ray.cli import check_spare_cpu, run_stage, write_report
 from glimmer_ray.config import to_dict
 from glimmer_ray.data import synthkilt
-from glimmer_ray.retrieval.index import IndexConfig
-from glimmer_ray.retrieval.pipeline import build_passage_index, example_rows, retrieval_recall, retrieve_examples
+from glimmer_ray.retrieval.index import IndexConfig, build_passage_index
+from glimmer_ray.retrieval.retriever import example_rows, retrieval_recall, retrieve_examples
 
 
 @dataclass

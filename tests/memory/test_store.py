@@ -26,7 +26,7 @@ from glimmer_ray.memory.build import build_memory, memory_dataset
 from glimmer_ray.memory.store import LRUMemoryCache, MemoryEncoderMismatch, MemoryStore, MemoryStoreError
 from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
-from glimmer_ray.retrieval.pipeline import write_passages
+from glimmer_ray.retrieval.passages import write_passages
 
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -64,7 +64,7 @@ def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_
     from glimmer_ray.data import synthkilt
     from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
     from glimmer_ray.model import GlimmerForConditionalGeneration
-    from glimmer_ray.retrieval.pipeline import write_passages
+    from glimmer_ray.retrieval.passages import write_passages
 
     directory = tmp_path / "benchmark"
     synthkilt.generate(directory, "tiny", seed=3)

@@ -17,15 +17,9 @@ from glimmer_ray.data.reading import passage_text
 from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig, mixed_task_dataset, tokenized_dataset
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.eval.metrics import covers_evidence, covers_passages
-from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex
-from glimmer_ray.retrieval.pipeline import (
-    build_passage_index,
-    example_rows,
-    passage_recall,
-    retrieval_recall,
-    retrieve_examples,
-    write_passages,
-)
+from glimmer_ray.retrieval.index import DenseEncoder, IndexConfig, PassageIndex, build_passage_index
+from glimmer_ray.retrieval.passages import write_passages
+from glimmer_ray.retrieval.retriever import example_rows, passage_recall, retrieval_recall, retrieve_examples
 
 pytestmark = pytest.mark.ray
 K = 5

@@ -1,10 +1,5 @@
-"""Ray Data pipelines: chunk the knowledge source, embed passages in an actor pool, build the FAISS
-index, and attach the top-k passages to every example.
-
-The same code scales from the bundled benchmark on a laptop to KILT's Wikipedia on a cluster: chunking
-and embedding are `map_batches` stages spread over the cluster (actors keep the encoder loaded), and
-the index is built from the streamed embeddings without holding the corpus twice.
-"""
+"""The dense retriever: query encoder + FAISS index + the passages' text; a Ray Data actor pool that attaches
+the top-k passages (and the passages holding the gold evidence) to every example; recall of the result."""
 
 from __future__ import annotations
 
@@ -13,140 +8,14 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from glimmer_ray.data.kilt import (
-    chunk_page,
-    gold_answers,
-    gold_paragraphs,
-    gold_passages,
-    gold_provenance,
-    read_kilt_examples,
-    read_knowledge_source,
-)
+from glimmer_ray.data.kilt import gold_answers, gold_paragraphs, gold_passages, gold_provenance, read_kilt_examples
 from glimmer_ray.eval.metrics import covers_passages, recall_at_k
-from glimmer_ray.retrieval.index import (
-    DenseEncoder,
-    IndexConfig,
-    PassageIndex,
-    default_encoder_path,
-    index_manifest,
-    new_faiss_index,
-)
-
-PASSAGE_COLUMNS = ("passage_id", "wikipedia_id", "title", "text", "start_paragraph_id", "end_paragraph_id")
-
-
-def dense_passage_text(title: str, text: str) -> str:
-    """What the dense encoder reads for a passage."""
-    return f"{title}. {text}"
-
-
-def write_passages(knowledge_path: str, output_path: str, max_words: int = 200) -> dict[str, Any]:
-    """Chunk every page of a KILT knowledge source into passages and write them as Parquet."""
-    pages, report = read_knowledge_source(knowledge_path)
-    rows = {column: [] for column in PASSAGE_COLUMNS}
-    for page in pages:
-        for passage in chunk_page(page, max_words):
-            for column in PASSAGE_COLUMNS:
-                rows[column].append(getattr(passage, column))
-    if not rows["passage_id"]:
-        raise ValueError(f"{knowledge_path}: no passage could be made (all pages empty)")
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    temporary = f"{output_path}.tmp-{os.getpid()}"
-    pq.write_table(pa.table(rows), temporary)
-    os.replace(temporary, output_path)
-    return {"pages": report.read, "passages": len(rows["passage_id"])}
-
-
-class EmbedPassages:
-    """Ray Data actor: loads the dense encoder once, embeds batches of passages."""
-
-    def __init__(self, encoder_path: str | None, batch_size: int = 64) -> None:
-        self.encoder = DenseEncoder(encoder_path, batch_size=batch_size)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [dense_passage_text(title, text) for title, text in zip(batch["title"], batch["text"])]
-        start = time.perf_counter()
-        embeddings = self.encoder.encode(texts)
-        share = (time.perf_counter() - start) / max(1, len(texts))  # encoder seconds, spread over the rows
-        return {
-            "passage_id": batch["passage_id"],
-            "embedding": embeddings,
-            "encode_seconds": np.full(len(texts), share),
-        }
-
-
-def build_passage_index(
-    passages_path: str,
-    index_dir: str,
-    index_config: IndexConfig,
-    encoder_path: str | None = None,
-    concurrency: int = 1,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Embed every passage with an actor pool and stream the embeddings into a FAISS index."""
-    index_config.validate()
-    start = time.perf_counter()
-    dataset = ray.data.read_parquet(passages_path, columns=["passage_id", "title", "text"])
-    embedded = dataset.map_batches(
-        EmbedPassages,
-        fn_constructor_kwargs={"encoder_path": encoder_path, "batch_size": batch_size},
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        batch_size=batch_size * 4,
-        batch_format="numpy",
-    )
-    passage_ids: list[str] = []
-    pending: list[np.ndarray] = []
-    index = None
-    buffered = 0
-    encode_seconds = 0.0
-    for batch in embedded.iter_batches(batch_size=4096, batch_format="numpy"):
-        passage_ids.extend(str(p) for p in batch["passage_id"])
-        encode_seconds += float(batch["encode_seconds"].sum())
-        vectors = np.ascontiguousarray(np.stack(batch["embedding"]), dtype=np.float32)
-        if index is None and index_config.needs_training:
-            pending.append(vectors)
-            buffered += len(vectors)
-            if buffered < index_config.train_size:
-                continue
-            index = _trained_index(index_config, pending)
-            for block in pending:
-                index.add(block)
-            pending = []
-            continue
-        if index is None:
-            index = new_faiss_index(index_config, vectors.shape[1], 0)
-        index.add(vectors)
-    if index is None:
-        if not pending:
-            raise ValueError(f"{passages_path}: no passages to index")
-        index = _trained_index(index_config, pending)
-        for block in pending:
-            index.add(block)
-    index_start = time.perf_counter()
-    encoder_name = os.path.basename(os.path.normpath(encoder_path or default_encoder_path()))
-    manifest = index_manifest(index_config, index.d, len(passage_ids), encoder_name)
-    PassageIndex(index, passage_ids, manifest).save(index_dir)
-    end = time.perf_counter()
-    return {
-        "passages": len(passage_ids),
-        "wall_seconds": end - start,  # actor start-up, reading, embedding, indexing, saving
-        "encode_seconds": encode_seconds,  # time inside the encoder, summed over actors
-        "passages_per_second": len(passage_ids) / max(encode_seconds, 1e-9),  # per actor
-        "index_save_seconds": end - index_start,
-        "index_type": index_config.type,
-    }
-
-
-def _trained_index(config: IndexConfig, blocks: list[np.ndarray]):
-    sample = np.concatenate(blocks)[: config.train_size]
-    index = new_faiss_index(config, sample.shape[1], len(sample))
-    index.train(sample)
-    return index
+from glimmer_ray.retrieval.index import DenseEncoder, PassageIndex
+from glimmer_ray.retrieval.passages import PASSAGE_COLUMNS
 
 
 class Retriever:
