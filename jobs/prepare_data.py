@@ -18,6 +18,8 @@ from glimmer_ray.data.prepare import PrepareConfig, prepare_data
 
 
 def main(config: PrepareConfig) -> dict:
+    if not config.build_index:  # the stages before the index run in this process: no cluster needed
+        return prepare_data(config)
     with ray_session(config.ray_address):
         return prepare_data(config)
 

@@ -1,0 +1,36 @@
+"""The FiD / LUMEN / GLIMMER inference benchmark (jobs/benchmark_inference.py) at a tiny shape: one table per batch
+size with every variant timed, and FLOP ratios that follow the paper's formulas for the settings."""
+
+from __future__ import annotations
+
+import json
+
+from glimmer_ray.eval.variants import VariantConfig
+
+
+def test_benchmark_inference_tables_follow_the_formulas(tmp_path, load_job):
+    job = load_job("benchmark_inference")
+    config = job.BenchmarkConfig(
+        model=job.ShapeConfig(vocab_size=128, d_model=32, num_layers=6, num_heads=2, d_ff=64),
+        variants=[
+            VariantConfig("FiD k=5", 5, None, 1.0, 0.25),
+            VariantConfig("LUMEN k=5", 5, None, 1 / 3, 0.25),
+            VariantConfig("GLIMMER k=10 m=5", 10, 5, 1 / 3, 0.5),
+        ],
+        question_tokens=8,
+        passage_tokens=16,
+        answer_tokens=3,
+        batch_sizes=[1, 2],
+        num_examples=2,
+        tune_allocator=False,
+        output=str(tmp_path / "inference.json"),
+    )
+    report = job.main(config)
+    assert json.loads((tmp_path / "inference.json").read_text())["tables"] == report["tables"]
+    assert [table["batch_size"] for table in report["tables"]] == [1, 2]
+    for table in report["tables"]:
+        fid, lumen, glimmer = table["results"]
+        assert fid["flops_ratio_to_baseline"] == 1.0 and fid["time_ratio_to_baseline"] == 1.0
+        assert lumen["flops_ratio_to_baseline"] < 1.0  # the same k, two thirds of the encoder pre-computed
+        assert glimmer["formula_flops"]["total"] > lumen["formula_flops"]["total"]  # 5 more passages through live A
+        assert all(len(r["all_seconds_per_example"]) == 2 and r["seconds_per_example"] > 0 for r in table["results"])
