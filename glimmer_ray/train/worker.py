@@ -89,14 +89,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from transformers import AutoTokenizer
     from transformers.optimization import Adafactor
 
+    from glimmer_ray.data.batches import model_inputs
     from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
-    from glimmer_ray.train.steps import (
-        curriculum_step,
-        deepspeed_config,
-        model_inputs,
-        reranker_recall,
-        retriever_recall,
-    )
+    from glimmer_ray.eval.metrics import reranker_recall, retriever_recall
+    from glimmer_ray.train.curriculum import curriculum_step
+    from glimmer_ray.train.deepspeed import deepspeed_config
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
