@@ -18,7 +18,7 @@ Recall@m of the passages a reader keeps (ours; KILT has no such measure), per ex
     page level               the kept passages' pages hold every page of one gold evidence set
     passage level            the kept passages hold every gold evidence paragraph of one set
     (`covers_evidence`, `covers_passages`; `reranker_recall` and `retriever_recall` average them over a
-    batch)
+    batch; `passage_recall` is the retriever's recall of its first k passages, KILT's at page level)
 KILT-gated variants count an example's downstream score only when its R-precision is 1.
 """
 
@@ -203,6 +203,19 @@ def retriever_recall(num_selected: int, candidates: np.ndarray, gold: np.ndarray
     """The same measure for the retriever's own top m (the first m of the k retrieved)."""
     first = np.broadcast_to(np.arange(num_selected), (len(candidates), num_selected))  # [b, m]
     return reranker_recall(first, candidates, gold, level)
+
+
+def passage_recall(gold: Sequence, ranked: Sequence[str], k: int, level: str = "page") -> float:
+    """Recall of the first k of a retriever's ranked passages. At `level="page"`, `ranked` holds the passages'
+    page ids and `gold` the gold provenance: KILT's recall over the distinct pages of the first k (a two-page
+    evidence set counts only when both pages are among them). At `level="passage"`, `ranked` holds passage
+    ids and `gold` the gold passages: `covers_passages` of the first k."""
+    if level not in ("page", "passage"):
+        raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
+    if level == "passage":
+        return float(covers_passages(gold, ranked[:k]))
+    pages = list(dict.fromkeys(ranked[:k]))  # passages -> distinct pages, in rank order
+    return recall_at_k(gold, pages, max(1, len(pages)))
 
 
 # ---- per example and per task ---------------------------------------------------------------

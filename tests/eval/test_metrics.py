@@ -1,5 +1,5 @@
 """KILT metrics pinned on hand-worked examples, ROUGE-L against the `rouge` package KILT calls, and recall@m of
-kept passages counted by hand."""
+kept and retrieved passages counted by hand."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from glimmer_ray.eval.metrics import (
     exact_match,
     f1,
     normalize_answer,
+    passage_recall,
     r_precision,
     recall_at_k,
     reranker_recall,
@@ -149,3 +150,17 @@ def test_passage_recall_needs_the_passage_that_holds_the_fact():
     )
     with pytest.raises(ValueError, match="level"):
         reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="paragraph")
+
+
+def test_retrieved_passage_recall_hand_worked():
+    # page level: KILT's recall over the distinct pages of the first k passages
+    assert passage_recall([["a", "b"]], ["b", "b", "a", "c"], 2) == 0.0  # the first two are both of page b
+    assert passage_recall([["a", "b"]], ["b", "b", "a", "c"], 3) == 1.0
+    assert passage_recall([["a"], ["c"]], ["a", "b"], 2) == 0.5  # one of two evidence sets
+    # passage level: the first k passages hold every gold paragraph of one evidence set
+    gold = [[["a_0", "a_1"], ["b_2"]]]
+    ranked = ["a_1", "x", "b_2"]
+    assert passage_recall(gold, ranked, 2, level="passage") == 0.0
+    assert passage_recall(gold, ranked, 3, level="passage") == 1.0
+    with pytest.raises(ValueError, match="level"):
+        passage_recall(gold, ["a_1"], 1, level="paragraph")
