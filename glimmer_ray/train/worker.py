@@ -5,8 +5,8 @@
     run        the stream's micro-batches: fault injection, `train_step`, then after each optimiser step
                `log` and, every checkpoint.every_steps, `evaluate_and_checkpoint`: a sharded dev
                evaluation, then on every rank save, a barrier, `ray.train.report`
-    export     at the last step the final model (ZeRO-3 shards gathered) and its tokenizer in the
-               checkpoint's `hf/`
+    export     at the last step the final model (ZeRO-3 shards gathered), its tokenizer and the reading
+               settings it was trained with (reading.json) in the checkpoint's `hf/`
 
 Everything comes from the `TrainConfig` passed as `train_loop_config`; no module globals.
 """
@@ -31,6 +31,7 @@ from transformers.optimization import Adafactor
 
 from glimmer_ray.config import from_dict
 from glimmer_ray.data.batches import model_inputs
+from glimmer_ray.data.reading import ReadingConfig, save_reading
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
 from glimmer_ray.eval.metrics import reranker_recall, retriever_recall
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
@@ -439,7 +440,8 @@ class TrainLoopRunner:
             )
 
     def export(self, directory: str) -> None:
-        """The final model (ZeRO-3 shards gathered) and its tokenizer in `directory/hf`, written by rank 0."""
+        """The final model (ZeRO-3 shards gathered), its tokenizer and the reading settings it was trained with
+        (`reading.json`: token lengths, k, tasks) in `directory/hf`, written by rank 0."""
         state = (
             self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.module.state_dict()
         )  # every rank takes part
@@ -453,6 +455,17 @@ class TrainLoopRunner:
         target = os.path.join(directory, "hf")
         export.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
+        data = self.config.data
+        save_reading(
+            target,
+            ReadingConfig(
+                question_tokens=data.question_tokens,
+                passage_tokens=data.passage_tokens,
+                answer_tokens=data.answer_tokens,
+                num_passages=data.num_passages,
+                tasks=tuple(data.tasks),
+            ),
+        )
 
     def _write(self, section: str, values: dict[str, float]) -> None:
         """TensorBoard scalars `section/key` at the current step (rank 0, when log.tensorboard)."""
