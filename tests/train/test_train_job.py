@@ -248,7 +248,7 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
 def test_workers_that_would_starve_the_data_stream_are_refused(tiny_data, tmp_path, load_job):
     train = load_job("train")
     config = _train_config(tiny_data, str(tmp_path), "starved", **{"scaling.resources_per_worker": "{CPU: 1}"})
-    with pytest.raises(SystemExit, match="leave no CPU"):
+    with pytest.raises(SystemExit, match="leave less than one for the Ray Data stream"):
         train.main(config)
 
 
