@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
+from glimmer_ray.data.batches import model_inputs
 from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
@@ -36,7 +37,6 @@ from glimmer_ray.memory.build import MemoryEncoder
 from glimmer_ray.memory.store import pad_memories
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.flops import formula_flops, measure_reader_flops
-from glimmer_ray.train.steps import model_inputs
 
 
 def _sweeps() -> list[VariantConfig]:

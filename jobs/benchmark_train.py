@@ -3,10 +3,10 @@
     python jobs/benchmark_train.py --config jobs/configs/benchmark_train.yaml
     ray job submit --working-dir . -- python jobs/benchmark_train.py --config jobs/configs/benchmark_train.yaml
 
-Runs jobs/train.py's recipe (`train_config` plus `overrides`) once per engine in `engines`, one after the
-other in this process, on one worker for `steps` optimiser steps, and reports each run's seconds per step
-and tokens per second over its training steps (evaluation and checkpoint saving excluded), its first and
-last loss, and the ratio to the first engine. Writes the table as JSON to `output`.
+Runs jobs/train.py's recipe (`glimmer_ray.train.run.run_training` of `train_config` plus `overrides`) once
+per engine in `engines`, one after the other in this process and Ray session, on one worker for `steps`
+optimiser steps, and reports each run's seconds per step and tokens per second over its training steps
+(evaluation and checkpoint saving excluded), its first and last loss, and the ratio to the first engine. Writes the table as JSON to `output`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from glimmer_ray.cli import ray_session
 from glimmer_ray.config import ConfigError, load_config, parse_job_args, to_dict
 from glimmer_ray.train.config import TrainConfig
-
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # the sibling job, also when this file is loaded by path
-import train  # noqa: E402
+from glimmer_ray.train.run import run_training
 
 ENGINES = ("deepspeed", "pytorch")
 
@@ -72,15 +71,17 @@ def main(config: BenchmarkTrainConfig) -> dict:
     except (ConfigError, ValueError) as error:
         raise SystemExit(f"{config.train_config} with overrides {config.overrides}: {error}") from error
 
-    # loop: the engines one after the other, same recipe, same seed
+    # loop: the engines one after the other, same recipe, same seed, one Ray session
     results = {}
-    for engine, run in runs.items():
-        print(f"[benchmark_train] {engine}: {config.steps} steps on one worker", flush=True)
-        metrics = train.main(run)["metrics"]
-        results[engine] = {
-            key: metrics[key]
-            for key in ("seconds_per_step", "tokens_per_second_per_worker", "first_loss", "train_loss", "step")
-        }
+    with ray_session(next(iter(runs.values())).ray_address, log_to_driver=True):
+        for engine, run in runs.items():
+            print(f"[benchmark_train] {engine}: {config.steps} steps on one worker", flush=True)
+            summary = run_training(run)
+            print(json.dumps(summary, indent=2, default=str))
+            results[engine] = {
+                key: summary["metrics"][key]
+                for key in ("seconds_per_step", "tokens_per_second_per_worker", "first_loss", "train_loss", "step")
+            }
 
     # report
     base = results[config.engines[0]]["seconds_per_step"]

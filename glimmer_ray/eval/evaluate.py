@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from glimmer_ray.data.batches import model_inputs
 from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
 from glimmer_ray.eval.metrics import average, score_example
-from glimmer_ray.train.steps import model_inputs
 
 
 def dev_batches(

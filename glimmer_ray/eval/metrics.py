@@ -14,15 +14,27 @@ Retrieval (page level, on `wikipedia_id`):
                              maximised over the gold outputs
     recall@k                 share of distinct gold evidence sets completed within the first k ranks,
                              a multi-page evidence set counting as one rank
+Recall@m of the passages a reader keeps (ours; KILT has no such measure), per example 0 or 1:
+    page level               the kept passages' pages hold every page of one gold evidence set
+    passage level            the kept passages hold every gold evidence paragraph of one set
+    (`covers_evidence`, `covers_passages`; `reranker_recall` and `retriever_recall` average them over a
+    batch; `passage_recall` is the retriever's recall of its first k passages, KILT's at page level)
 KILT-gated variants count an example's downstream score only when its R-precision is 1.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -149,19 +161,61 @@ def recall_at_k(gold_provenance: Sequence[Sequence[str]], predicted_pages: Seque
     return rank[:k].count(True) / total_sets
 
 
+# ---- recall@m of kept passages (page and passage level) -----------------------------------------
+
+
 def covers_evidence(gold_provenance: Sequence[Sequence[str]], pages: Iterable[str]) -> bool:
-    """True when `pages` hold every page of at least one gold evidence set (recall@m of kept passages)."""
+    """Page-level recall@m of one example: True when `pages` (of the kept passages) hold every page of at
+    least one gold evidence set."""
     kept = {str(page) for page in pages}
     return any(set(map(str, evidence)) <= kept for evidence in gold_provenance if evidence)
 
 
 def covers_passages(gold_passages: Sequence[Sequence[Sequence[str]]], passage_ids: Iterable[str]) -> bool:
-    """Passage-level recall@m of kept passages: True when, for at least one gold evidence set, every item of it
+    """Passage-level recall@m of one example: True when, for at least one gold evidence set, every item of it
     (a provenance paragraph) is in one of `passage_ids`. `gold_passages` comes from `kilt.gold_passages`:
     per evidence set, per item, the ids of the passages that hold it. Two passages of the gold page are
     told apart here, unlike in the page-level `covers_evidence`."""
     kept = {str(passage) for passage in passage_ids}
     return any(items and all(kept.intersection(map(str, holders)) for holders in items) for items in gold_passages)
+
+
+def reranker_recall(
+    selected: torch.Tensor | np.ndarray, candidates: np.ndarray, gold: np.ndarray, level: str = "page"
+) -> float:
+    """Recall@m of a batch: the mean over examples of 1 when the kept passages cover a complete gold evidence set.
+
+    selected [b, m] indices into the k passages. At `level="page"` (KILT's granularity) candidates [b, k] are
+    the k passages' page ids and gold [b] JSON lists of evidence sets (page ids); at `level="passage"`
+    candidates are the k passage ids and gold the `gold_passages` JSON (per evidence set, per item, the
+    passages holding it), so the passage of the gold page that holds the fact must be among the kept.
+    """
+    if level not in ("page", "passage"):
+        raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
+    covers = covers_evidence if level == "page" else covers_passages
+    hits = 0
+    for row, ids, evidence in zip(selected.tolist(), candidates, gold):
+        hits += covers(json.loads(evidence) if isinstance(evidence, str) else evidence, [ids[i] for i in row])
+    return hits / max(1, len(selected))
+
+
+def retriever_recall(num_selected: int, candidates: np.ndarray, gold: np.ndarray, level: str = "page") -> float:
+    """The same measure for the retriever's own top m (the first m of the k retrieved)."""
+    first = np.broadcast_to(np.arange(num_selected), (len(candidates), num_selected))  # [b, m]
+    return reranker_recall(first, candidates, gold, level)
+
+
+def passage_recall(gold: Sequence, ranked: Sequence[str], k: int, level: str = "page") -> float:
+    """Recall of the first k of a retriever's ranked passages. At `level="page"`, `ranked` holds the passages'
+    page ids and `gold` the gold provenance: KILT's recall over the distinct pages of the first k (a two-page
+    evidence set counts only when both pages are among them). At `level="passage"`, `ranked` holds passage
+    ids and `gold` the gold passages: `covers_passages` of the first k."""
+    if level not in ("page", "passage"):
+        raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
+    if level == "passage":
+        return float(covers_passages(gold, ranked[:k]))
+    pages = list(dict.fromkeys(ranked[:k]))  # passages -> distinct pages, in rank order
+    return recall_at_k(gold, pages, max(1, len(pages)))
 
 
 # ---- per example and per task ---------------------------------------------------------------

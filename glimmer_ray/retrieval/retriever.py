@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import ray
 
 from glimmer_ray.data.kilt import gold_answers, gold_paragraphs, gold_passages, gold_provenance, read_kilt_examples
-from glimmer_ray.eval.metrics import covers_passages, recall_at_k
+from glimmer_ray.eval.metrics import passage_recall
 from glimmer_ray.retrieval.index import DenseEncoder, PassageIndex
 from glimmer_ray.retrieval.passages import PASSAGE_COLUMNS
 
@@ -169,19 +169,12 @@ def retrieve_examples(
     }
 
 
-def passage_recall(provenance: list[list[str]], passage_pages: list[str], k: int) -> float:
-    """Page-level recall of the top-k passages: KILT's recall over the distinct pages they come from
-    (a two-page evidence set counts only when both pages are among them)."""
-    ranked = list(dict.fromkeys(passage_pages[:k]))  # passages -> distinct pages, in rank order
-    return recall_at_k(provenance, ranked, max(1, len(ranked)))
-
-
 def retrieval_recall(
     path: str, ks: tuple[int, ...] = (5, 10, 25), level: str = "page", limit: int | None = None
 ) -> dict[int, float]:
     """Mean recall at each k over a retrieved Parquet file (its first `limit` rows; None = all):
-    `passage_recall` (page level, KILT's) or, at `level="passage"`, whether the top-k passages hold every
-    gold evidence paragraph (`covers_passages`)."""
+    `eval.metrics.passage_recall` (page level, KILT's) or, at `level="passage"`, whether the top-k passages
+    hold every gold evidence paragraph."""
     if level not in ("page", "passage"):
         raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
     columns = ["provenance", "passage_pages"] if level == "page" else ["gold_passages", "passage_ids"]
@@ -189,10 +182,6 @@ def retrieval_recall(
     totals = {k: 0.0 for k in ks}
     for gold, ranked in zip(*(table[column] for column in columns)):
         for k in ks:
-            totals[k] += (
-                passage_recall(json.loads(gold), list(ranked), k)
-                if level == "page"
-                else float(covers_passages(json.loads(gold), list(ranked)[:k]))
-            )
+            totals[k] += passage_recall(json.loads(gold), list(ranked), k, level)
     count = max(1, len(table[columns[0]]))
     return {k: totals[k] / count for k in ks}

@@ -1,5 +1,12 @@
-"""The Ray Train worker of the training job: DeepSpeed (or plain PyTorch) steps, sharded dev evaluation,
-checkpoints on every rank with a barrier before `ray.train.report`, resume, fault injection, export.
+"""The Ray Train worker of the training job: one `TrainLoopRunner` per worker, read top-down.
+
+    set up     tokenizer, model, DeepSpeed engine (ZeRO 1/2/3) or a plain PyTorch optimiser and schedule
+    restore    a restarted worker group's weights, optimiser state and step from Ray Train's checkpoint
+    run        the stream's micro-batches: fault injection, `train_step`, then after each optimiser step
+               `log` and, every checkpoint.every_steps, `evaluate_and_checkpoint`: a sharded dev
+               evaluation, then on every rank save, a barrier, `ray.train.report`
+    export     at the last step the final model (ZeRO-3 shards gathered), its tokenizer and the reading
+               settings it was trained with (reading.json) in the checkpoint's `hf/`
 
 Everything comes from the `TrainConfig` passed as `train_loop_config`; no module globals.
 """
@@ -10,19 +17,37 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, AutoTokenizer
+from transformers.optimization import Adafactor
 
 from glimmer_ray.config import from_dict
+from glimmer_ray.data.batches import model_inputs
+from glimmer_ray.data.reading import ReadingConfig, save_reading
+from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
+from glimmer_ray.eval.metrics import reranker_recall, retriever_recall
+from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
+from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
+from glimmer_ray.train.curriculum import curriculum_step
+from glimmer_ray.train.deepspeed import deepspeed_config
+
+LOSS_KEYS = ("loss", "lm_loss", "pdist_loss")
+RECALL_KEYS = ("reranker_recall", "retriever_recall", "reranker_passage_recall", "retriever_passage_recall")
+TEACHER_KEYS = ("teacher_passage_recall", "pdist_target_max_prob")  # the distillation target: its top m, its sharpness
 
 
-def build_model(config: TrainConfig, vocab_size: int):
+def build_model(config: TrainConfig, vocab_size: int) -> GlimmerForConditionalGeneration:
     """GLIMMER from a T5 checkpoint, from a GLIMMER checkpoint (a run continued: an earlier export), or from
     a random T5.1.1 of the configured shape (the same on every rank)."""
-    from transformers import AutoConfig
-
-    from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
-    from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
-
     section = config.model
     options = dict(
         live_proportion=section.live_proportion,
@@ -62,8 +87,6 @@ def check_checkpoint_tokenizer(checkpoint: str | None, tokenizer_dir: str) -> No
         os.path.exists(os.path.join(checkpoint, name)) for name in ("tokenizer.json", "tokenizer_config.json")
     ):
         return
-    from transformers import AutoTokenizer
-
     saved, data = (
         AutoTokenizer.from_pretrained(checkpoint).get_vocab(),
         AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab(),
@@ -77,309 +100,383 @@ def check_checkpoint_tokenizer(checkpoint: str | None, tokenizer_dir: str) -> No
         )
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """One training worker: everything comes from `loop_config` (the TrainConfig as a dict)."""
-    config = from_dict(TrainConfig, loop_config)
-    if not config.scaling.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed  # after DS_ACCELERATOR is set
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
-    from transformers.optimization import Adafactor
+@dataclass
+class MetricsWindow:
+    """Per-micro-batch values summed since `start`. A value's mean is over the micro-batches that gave it:
+    recall only over ranked ones, the distillation target's values only over distilled ones."""
 
-    from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
-    from glimmer_ray.train.steps import (
-        curriculum_step,
-        deepspeed_config,
-        model_inputs,
-        reranker_recall,
-        retriever_recall,
-    )
+    start: float = field(default_factory=time.perf_counter)
+    batches: int = 0  # micro-batches
+    tokens: int = 0  # question, passage and answer tokens of those micro-batches
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
 
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.data.dir, "tokenizer"))
-    model = (
-        build_model(config, vocab_size=len(tokenizer)).to(device).train()
-    )  # from_pretrained leaves a model in eval mode: dropout back on
-    if config.optim.freeze_memory:
-        for block in model.memory_blocks:
-            block.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optim = config.optim
+    def add(self, tokens: int, **values: float) -> None:
+        """One micro-batch: its token count and the values it gave."""
+        self.batches += 1
+        self.tokens += tokens
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
 
-    if config.deepspeed.enabled:
-        ds_config = deepspeed_config(
-            optim.batch_size,
-            optim.gradient_accumulation_steps,
-            config.deepspeed.zero_stage,
-            config.deepspeed.offload_optimizer,
-            config.deepspeed.offload_parameters,
-            config.deepspeed.bf16,
-            optim.optimizer,
-            optim.learning_rate,
-            optim.weight_decay,
-            optim.gradient_clipping,
-            optim.warmup_steps,
+    def mean(self, key: str) -> float:
+        return self.sums.get(key, 0.0) / max(1, self.counts.get(key, 0))
+
+    def means(self, keys: Iterable[str]) -> dict[str, float]:
+        """The mean of each of `keys` that some micro-batch gave, in the order of `keys`."""
+        return {key: self.mean(key) for key in keys if self.counts.get(key)}
+
+    def reset(self) -> None:
+        """An empty window starting now."""
+        self.start = time.perf_counter()
+        self.batches = self.tokens = 0
+        self.sums.clear()
+        self.counts.clear()
+
+
+class TrainLoopRunner:
+    """One worker's training run: set up (engine, optimiser, checkpoint restored) on construction, then `run`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config, self.optim = config, config.optim
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.data.dir, "tokenizer"))
+        self._set_up_engine()
+        self.step = self._restore()  # optimiser steps done
+        self.resumed_from = self.step
+        self.skip = (
+            self.step * self.optim.gradient_accumulation_steps
+        )  # micro-batches already consumed: the data position
+        self.micro_step = 0
+        self.first_loss = None  # the first loss this attempt saw, reported beside the running one
+        self.run_dir = os.path.join(os.path.abspath(config.checkpoint.storage_path), config.checkpoint.name)
+        self.writer = None
+        if self.rank == 0 and config.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        self.shard = ray.train.get_dataset_shard("train")
+        self.dev_paths = task_paths(config, "dev")
+        self.dev_tokenize = dataclasses.replace(
+            tokenize_config(config), evidence_passages=0
+        )  # dev reads what was retrieved only
+        self.zero3 = self.engine is not None and config.deepspeed.zero_stage == 3
+        self.window = MetricsWindow()  # since the last log line
+        self.since_report = MetricsWindow()  # since the last report
+        self.started = (
+            False  # the clocks start at the first batch: the stream's and DeepSpeed's start-up are not step time
         )
-        client_optimizer = None
-        if optim.optimizer == "adafactor":
-            client_optimizer = Adafactor(
-                trainable, lr=optim.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False
+
+    def _set_up_engine(self) -> None:
+        """The model on this worker's device in training mode, wrapped by a DeepSpeed engine, or with a plain
+        PyTorch optimiser and warm-up schedule (one worker: the reference for DeepSpeed's step time)."""
+        config, optim = self.config, self.optim
+        model = (
+            build_model(config, vocab_size=len(self.tokenizer)).to(self.device).train()
+        )  # from_pretrained leaves a model in eval mode: dropout back on
+        if optim.freeze_memory:
+            for block in model.memory_blocks:
+                block.requires_grad_(False)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine = self.optimizer = self.schedule = None
+        if config.deepspeed.enabled:
+            import deepspeed  # after train_loop_per_worker set DS_ACCELERATOR
+
+            ds_config = deepspeed_config(
+                optim.batch_size,
+                optim.gradient_accumulation_steps,
+                config.deepspeed.zero_stage,
+                config.deepspeed.offload_optimizer,
+                config.deepspeed.offload_parameters,
+                config.deepspeed.bf16,
+                optim.optimizer,
+                optim.learning_rate,
+                optim.weight_decay,
+                optim.gradient_clipping,
+                optim.warmup_steps,
             )
-        engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=trainable, optimizer=client_optimizer, config=ds_config
-        )
-        module = engine.module
-    else:  # plain PyTorch, one worker: the reference for DeepSpeed's step time
-        engine = None
-        module = model
-        optimizer = (
-            Adafactor(trainable, lr=optim.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False)
-            if optim.optimizer == "adafactor"
-            else torch.optim.AdamW(trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda done: min(1.0, (done + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+            client_optimizer = self._adafactor() if optim.optimizer == "adafactor" else None
+            self.engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=self.trainable, optimizer=client_optimizer, config=ds_config
+            )
+            self.module = self.engine.module
+        else:
+            self.module = model
+            self.optimizer = (
+                self._adafactor()
+                if optim.optimizer == "adafactor"
+                else torch.optim.AdamW(self.trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+            )
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer,
+                lambda done: min(1.0, (done + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0,
+            )
+
+    def _adafactor(self) -> Adafactor:
+        """The paper's optimiser at a constant learning rate (after any warm-up)."""
+        return Adafactor(
+            self.trainable,
+            lr=self.optim.learning_rate,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
         )
 
-    step = 0
-    first_loss = None  # the first loss this attempt saw, reported beside the running one
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    def _restore(self) -> int:
+        """The step of the checkpoint Ray Train hands a restarted worker group, its weights and optimiser state
+        loaded; 0 without one."""
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return 0
         with checkpoint.as_directory() as directory:
-            if engine is not None:
-                _, client_state = engine.load_checkpoint(directory, tag="deepspeed")
+            if self.engine is not None:
+                _, client_state = self.engine.load_checkpoint(directory, tag="deepspeed")
             else:
-                state = torch.load(os.path.join(directory, "torch_state.pt"), map_location=device)
-                module.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                schedule.load_state_dict(state["schedule"])
+                state = torch.load(os.path.join(directory, "torch_state.pt"), map_location=self.device)
+                self.module.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.schedule.load_state_dict(state["schedule"])
                 client_state = state["client"]
             step = int(client_state["step"])
-        if rank == 0:
+        if self.rank == 0:
             print(f"[train] resumed from the checkpoint of step {step}", flush=True)
+        return step
 
-    writer = None
-    run_dir = os.path.join(os.path.abspath(config.checkpoint.storage_path), config.checkpoint.name)
-    if rank == 0 and config.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    def run(self) -> None:
+        """Epochs of the worker's shard until optim.max_steps optimiser steps are done."""
+        while self.step < self.optim.max_steps:
+            for batch in self.shard.iter_batches(
+                batch_size=self.optim.batch_size, batch_format="numpy", drop_last=True
+            ):
+                if self.skip > 0:
+                    self.skip -= 1
+                    continue
+                if not self.started:
+                    self.started = True
+                    self.window.start = self.since_report.start = time.perf_counter()
+                self._inject_fault()
+                if not self.train_step(batch):
+                    continue  # gradient accumulation: no optimiser step yet
+                if self.step % self.config.log.every_steps == 0:
+                    self.log()
+                if self.step % self.config.checkpoint.every_steps == 0 or self.step == self.optim.max_steps:
+                    self.evaluate_and_checkpoint()
+                if self.step >= self.optim.max_steps:
+                    break
+        if self.writer:
+            self.writer.close()
 
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    def _inject_fault(self) -> None:
+        """Fault injection: rank failure.fail_rank exits at step failure.fail_at_step, once (a marker file in the
+        run directory spares the restarted group)."""
+        failure = self.config.failure
+        if failure.fail_at_step != self.step or self.rank != failure.fail_rank:
+            return
+        marker = os.path.join(self.run_dir, ".fault_injected")
+        if os.path.exists(marker):
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        open(marker, "w").close()
+        print(f"[train] fault injection: rank {self.rank} exits at step {self.step}", flush=True)
+        # Ray Train registers reports at its health checks (every 2 s): wait past one, so the
+        # test knows which checkpoint must be resumed. (A real crash within 2 s of a report can
+        # lose that report; the group then resumes from the checkpoint before it.)
+        time.sleep(5)
+        os._exit(1)
 
-    shard = ray.train.get_dataset_shard("train")
-    dev_paths = task_paths(config, "dev")
-    dev_tokenize = dataclasses.replace(
-        tokenize_config(config), evidence_passages=0
-    )  # dev reads what was retrieved only
-    zero3 = engine is not None and config.deepspeed.zero_stage == 3
-    resumed_from = step
-    skip = step * optim.gradient_accumulation_steps  # micro-batches already consumed: the data position
-    recall_keys = ("reranker_recall", "retriever_recall", "reranker_passage_recall", "retriever_passage_recall")
-    teacher_keys = (
-        "teacher_passage_recall",
-        "pdist_target_max_prob",
-    )  # the distillation target: its top m, its sharpness
-    window = {
-        "loss": 0.0,
-        "lm_loss": 0.0,
-        "pdist_loss": 0.0,
-        "tokens": 0,
-        **dict.fromkeys(recall_keys + teacher_keys, 0.0),
-        "batches": 0,
-        "ranked_batches": 0,
-        "distilled_batches": 0,
-    }
-    window_start = time.perf_counter()
-    micro_step = 0
-    since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
-    started = False  # the clocks start at the first batch: the stream's and DeepSpeed's start-up are not step time
-    while step < optim.max_steps:
-        for batch in shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy", drop_last=True):
-            if skip > 0:
-                skip -= 1
-                continue
-            if not started:
-                started = True
-                window_start = since_report["start"] = time.perf_counter()
-            if config.failure.fail_at_step == step and rank == config.failure.fail_rank:
-                marker = os.path.join(run_dir, ".fault_injected")
-                if not os.path.exists(marker):
-                    os.makedirs(run_dir, exist_ok=True)
-                    open(marker, "w").close()
-                    print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
-                    # Ray Train registers reports at its health checks (every 2 s): wait past one, so the
-                    # test knows which checkpoint must be resumed. (A real crash within 2 s of a report can
-                    # lose that report; the group then resumes from the checkpoint before it.)
-                    time.sleep(5)
-                    os._exit(1)
-            inputs = model_inputs(
-                batch, device, closed_book=config.model.closed_book, eos_token_id=tokenizer.eos_token_id
+    def train_step(self, batch: dict[str, np.ndarray]) -> bool:
+        """Forward and backward of one micro-batch, its values added to both windows; True when it completed
+        an optimiser step."""
+        closed_book = self.config.model.closed_book
+        inputs = model_inputs(batch, self.device, closed_book=closed_book, eos_token_id=self.tokenizer.eos_token_id)
+        inputs, arguments, reader_warmup = curriculum_step(inputs, self.step, self.optim, closed_book=closed_book)
+        output = (self.module if self.engine is None else self.engine)(**inputs, **arguments)
+        if self.engine is not None:
+            self.engine.backward(output.loss)
+            self.engine.step()
+        else:
+            (output.loss / self.optim.gradient_accumulation_steps).backward()
+        self.micro_step += 1
+        loss = output.loss.item()
+        if self.first_loss is None:
+            self.first_loss = loss
+        tokens = int(inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum())
+        self.since_report.add(tokens, loss=loss)
+        self.window.add(
+            tokens,
+            loss=loss,
+            lm_loss=output.lm_loss.item(),
+            pdist_loss=output.pdist_loss.item() if output.pdist_loss is not None else 0.0,
+            **self._ranking_values(batch, output, reader_warmup),
+        )
+        if self.micro_step % self.optim.gradient_accumulation_steps:
+            return False
+        if self.engine is None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.optim.gradient_clipping)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad()
+        self.step += 1
+        return True
+
+    def _ranking_values(self, batch: dict[str, np.ndarray], output: Any, reader_warmup: bool) -> dict[str, float]:
+        """On a batch the reranker ranked: recall@m of its top m and of the retriever's first m, page and passage
+        level. On a distilled batch: the distillation target's passage recall@m and its largest probability (near
+        1/k: it teaches no ranking)."""
+        values = {}
+        if (
+            output.rerank_scores is not None and not reader_warmup and not self.config.model.closed_book
+        ):  # closed book ranks nothing
+            m = output.selected.shape[1]
+            reranked = torch.topk(
+                output.rerank_scores.detach(), m, dim=1
+            ).indices.cpu()  # [b, m] the reranker's top m, even while warming up
+            pages, gold_pages = batch["passage_pages"], batch["gold_pages"]
+            keys, gold_passages = batch["passage_keys"], batch["gold_passages"]
+            values["reranker_recall"] = reranker_recall(reranked, pages, gold_pages)
+            values["retriever_recall"] = retriever_recall(m, pages, gold_pages)
+            values["reranker_passage_recall"] = reranker_recall(reranked, keys, gold_passages, level="passage")
+            values["retriever_passage_recall"] = retriever_recall(m, keys, gold_passages, level="passage")
+        if output.pdist_target is not None:
+            teacher = torch.topk(output.pdist_target, output.selected.shape[1], dim=1).indices.cpu()  # [b, m]
+            values["teacher_passage_recall"] = reranker_recall(
+                teacher, batch["passage_keys"], batch["gold_passages"], level="passage"
             )
-            inputs, arguments, reader_warmup = curriculum_step(
-                inputs, step, optim, closed_book=config.model.closed_book
+            values["pdist_target_max_prob"] = (
+                torch.softmax(output.pdist_target / self.optim.pdist_temperature, dim=1).max(1).values.mean().item()
             )
-            output = (engine or module)(**inputs, **arguments)
-            if engine is not None:
-                engine.backward(output.loss)
-                engine.step()
-            else:
-                (output.loss / optim.gradient_accumulation_steps).backward()
-            micro_step += 1
-            if first_loss is None:
-                first_loss = output.loss.item()
-            since_report["loss"] += output.loss.item()
-            since_report["batches"] += 1
-            window["loss"] += output.loss.item()
-            window["lm_loss"] += output.lm_loss.item()
-            window["pdist_loss"] += output.pdist_loss.item() if output.pdist_loss is not None else 0.0
-            tokens = int(
-                inputs["question_mask"].sum() + inputs["passage_mask"].sum() + (inputs["labels"] != -100).sum()
+        return values
+
+    def log(self) -> None:
+        """The window's means printed and written to TensorBoard by rank 0; then a new window on every rank."""
+        if self.rank == 0:
+            seconds = time.perf_counter() - self.window.start
+            metrics = self.window.means(LOSS_KEYS + RECALL_KEYS + TEACHER_KEYS)  # no recall during the reader warm-up
+            metrics["tokens_per_second_per_worker"] = self.window.tokens / seconds
+            metrics["seconds_per_step"] = seconds / (self.window.batches / self.optim.gradient_accumulation_steps)
+            print(
+                f"[train] step {self.step}/{self.optim.max_steps} "
+                + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                flush=True,
             )
-            window["tokens"] += tokens
-            since_report["tokens"] += tokens
-            if (
-                output.rerank_scores is not None and not reader_warmup and not config.model.closed_book
-            ):  # closed book ranks nothing
-                m = output.selected.shape[1]
-                reranked = torch.topk(
-                    output.rerank_scores.detach(), m, dim=1
-                ).indices.cpu()  # the reranker's top m, even while warming up
-                window["reranker_recall"] += reranker_recall(reranked, batch["passage_pages"], batch["gold_pages"])
-                window["retriever_recall"] += retriever_recall(m, batch["passage_pages"], batch["gold_pages"])
-                window["reranker_passage_recall"] += reranker_recall(
-                    reranked, batch["passage_keys"], batch["gold_passages"], level="passage"
-                )
-                window["retriever_passage_recall"] += retriever_recall(
-                    m, batch["passage_keys"], batch["gold_passages"], level="passage"
-                )
-                window["ranked_batches"] += 1
-            if output.pdist_target is not None:
-                teacher = torch.topk(output.pdist_target, output.selected.shape[1], dim=1).indices.cpu()  # [b, m]
-                window["teacher_passage_recall"] += reranker_recall(
-                    teacher, batch["passage_keys"], batch["gold_passages"], level="passage"
-                )
-                window["pdist_target_max_prob"] += (
-                    torch.softmax(output.pdist_target / optim.pdist_temperature, dim=1).max(1).values.mean().item()
-                )
-                window["distilled_batches"] += 1
-            window["batches"] += 1
-            if micro_step % optim.gradient_accumulation_steps:
-                continue
-            if engine is None:
-                torch.nn.utils.clip_grad_norm_(trainable, optim.gradient_clipping)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-            step += 1
+            self._write("train", metrics)
+        self.window.reset()
 
-            if step % config.log.every_steps == 0 and rank == 0:
-                seconds = time.perf_counter() - window_start
-                metrics = {key: window[key] / window["batches"] for key in ("loss", "lm_loss", "pdist_loss")}
-                if window["ranked_batches"]:  # none during the reader warm-up: nothing is ranked
-                    metrics.update({key: window[key] / window["ranked_batches"] for key in recall_keys})
-                if window["distilled_batches"]:  # a target whose largest probability is near 1/k teaches no ranking
-                    metrics.update({key: window[key] / window["distilled_batches"] for key in teacher_keys})
-                metrics["tokens_per_second_per_worker"] = window["tokens"] / seconds
-                metrics["seconds_per_step"] = seconds / (window["batches"] / optim.gradient_accumulation_steps)
-                print(
-                    f"[train] step {step}/{optim.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                    flush=True,
-                )
-                if writer:
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"train/{key}", value, step)
-            if step % config.log.every_steps == 0:
-                window = dict.fromkeys(window, 0)
-                window_start = time.perf_counter()
+    def evaluate_and_checkpoint(self) -> None:
+        """A sharded dev evaluation, then on every rank: save (and export after the last step), a barrier, and
+        `ray.train.report` of the same metrics and checkpoint, so every rank reports the same number of times."""
+        train_seconds = time.perf_counter() - self.since_report.start  # training only: evaluation and saving come after
+        scores = score_predictions(self._dev_predictions())
+        report = {
+            "step": self.step,
+            "resumed_from_step": self.resumed_from,
+            "first_loss": self.first_loss,
+            "train_loss": self.since_report.mean("loss"),
+            "seconds_per_step": train_seconds
+            / max(1, self.since_report.batches // self.optim.gradient_accumulation_steps),
+            "tokens_per_second_per_worker": self.since_report.tokens / train_seconds,
+            "dev_em": scores["average"]["em"],
+            "dev_f1": scores["average"]["f1"],
+            "dev_kilt_em": scores["average"]["kilt_em"],
+            **{f"dev_em/{task}": value["em"] for task, value in scores.items() if task != "average"},
+        }
+        if self.rank == 0:
+            print(
+                f"[eval] step {self.step}: " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "step"),
+                flush=True,
+            )
+            self._write("dev", report)
+        with tempfile.TemporaryDirectory() as directory:
+            self._save(directory)
+            if self.step == self.optim.max_steps:
+                self.export(directory)
+            if self.world_size > 1:
+                dist.barrier()
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        self.since_report.reset()
 
-            if step % config.checkpoint.every_steps == 0 or step == optim.max_steps:
-                train_seconds = (
-                    time.perf_counter() - since_report["start"]
-                )  # training only: evaluation and saving come after
-                shard_batches = dev_batches(
-                    dev_paths,
-                    os.path.join(config.data.dir, "tokenizer"),
-                    dev_tokenize,
-                    batch_size=optim.batch_size,
-                    limit_per_task=config.data.dev_limit_per_task,
-                    shard=(rank, world_size),
-                )
-                predictions = predict(
-                    module if engine is None else engine.module,
-                    shard_batches,
-                    tokenizer,
-                    max_new_tokens=config.data.answer_tokens,
-                    closed_book=config.model.closed_book,
-                    fixed_length=zero3,
-                    device=device,
-                )
-                if world_size > 1:
-                    gathered = [None] * world_size
-                    dist.all_gather_object(gathered, predictions)
-                    predictions = [p for part in gathered for p in part]
-                scores = score_predictions(predictions)
-                report = {
-                    "step": step,
-                    "resumed_from_step": resumed_from,
-                    "first_loss": first_loss,
-                    "train_loss": since_report["loss"] / max(1, since_report["batches"]),
-                    "seconds_per_step": train_seconds
-                    / max(1, since_report["batches"] // optim.gradient_accumulation_steps),
-                    "tokens_per_second_per_worker": since_report["tokens"] / train_seconds,
-                    "dev_em": scores["average"]["em"],
-                    "dev_f1": scores["average"]["f1"],
-                    "dev_kilt_em": scores["average"]["kilt_em"],
-                    **{f"dev_em/{task}": value["em"] for task, value in scores.items() if task != "average"},
-                }
-                if rank == 0:
-                    print(
-                        f"[eval] step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "step"),
-                        flush=True,
-                    )
-                    if writer:
-                        for key, value in report.items():
-                            writer.add_scalar(f"dev/{key}", value, step)
-                with tempfile.TemporaryDirectory() as directory:
-                    if engine is not None:
-                        engine.save_checkpoint(directory, tag="deepspeed", client_state={"step": step})
-                    elif rank == 0:
-                        torch.save(
-                            {
-                                "model": module.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "schedule": schedule.state_dict(),
-                                "client": {"step": step},
-                            },
-                            os.path.join(directory, "torch_state.pt"),
-                        )
-                    if step == optim.max_steps:
-                        _export(engine, module, tokenizer, directory, rank, zero3)
-                    if world_size > 1:
-                        dist.barrier()
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                since_report = {"loss": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
-            if step >= optim.max_steps:
-                break
-    if writer:
-        writer.close()
+    def _dev_predictions(self) -> list[dict[str, Any]]:
+        """Every rank answers its shard of the dev examples; the predictions of all ranks, on every rank."""
+        config = self.config
+        shard_batches = dev_batches(
+            self.dev_paths,
+            os.path.join(config.data.dir, "tokenizer"),
+            self.dev_tokenize,
+            batch_size=self.optim.batch_size,
+            limit_per_task=config.data.dev_limit_per_task,
+            shard=(self.rank, self.world_size),
+        )
+        predictions = predict(
+            self.module,
+            shard_batches,
+            self.tokenizer,
+            max_new_tokens=config.data.answer_tokens,
+            closed_book=config.model.closed_book,
+            fixed_length=self.zero3,
+            device=self.device,
+        )
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, predictions)
+            predictions = [p for part in gathered for p in part]
+        return predictions
+
+    def _save(self, directory: str) -> None:
+        """The engine's checkpoint (every rank its ZeRO shards), or the plain PyTorch state (rank 0), with the step."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(directory, tag="deepspeed", client_state={"step": self.step})
+        elif self.rank == 0:
+            torch.save(
+                {
+                    "model": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict(),
+                    "client": {"step": self.step},
+                },
+                os.path.join(directory, "torch_state.pt"),
+            )
+
+    def export(self, directory: str) -> None:
+        """The final model (ZeRO-3 shards gathered), its tokenizer and the reading settings it was trained with
+        (`reading.json`: token lengths, k, tasks) in `directory/hf`, written by rank 0."""
+        state = (
+            self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.module.state_dict()
+        )  # every rank takes part
+        if self.rank != 0:
+            return
+        export = GlimmerForConditionalGeneration(self.module.config)
+        missing, unexpected = export.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        missing = [name for name in missing if not name.endswith("embed_tokens.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"export does not match the model: missing {missing}, unexpected {unexpected}")
+        target = os.path.join(directory, "hf")
+        export.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+        data = self.config.data
+        save_reading(
+            target,
+            ReadingConfig(
+                question_tokens=data.question_tokens,
+                passage_tokens=data.passage_tokens,
+                answer_tokens=data.answer_tokens,
+                num_passages=data.num_passages,
+                tasks=tuple(data.tasks),
+            ),
+        )
+
+    def _write(self, section: str, values: dict[str, float]) -> None:
+        """TensorBoard scalars `section/key` at the current step (rank 0, when log.tensorboard)."""
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{section}/{key}", value, self.step)
 
 
-def _export(engine, module, tokenizer, directory: str, rank: int, zero3: bool) -> None:
-    """Write the final model (ZeRO-3 shards gathered) and tokenizer to `directory/hf` on rank 0."""
-    from glimmer_ray.model import GlimmerForConditionalGeneration
-
-    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else module.state_dict()  # every rank takes part
-    if rank != 0:
-        return
-    export = GlimmerForConditionalGeneration(module.config)
-    missing, unexpected = export.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [name for name in missing if not name.endswith("embed_tokens.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"export does not match the model: missing {missing}, unexpected {unexpected}")
-    export.save_pretrained(os.path.join(directory, "hf"))
-    tokenizer.save_pretrained(os.path.join(directory, "hf"))
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point: one training worker, everything from `loop_config` (the TrainConfig as a dict)."""
+    config = from_dict(TrainConfig, loop_config)
+    if not config.scaling.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported, in the runner's set-up
+    TrainLoopRunner(config).run()

@@ -35,13 +35,14 @@ from transformers import AutoTokenizer
 from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
+from glimmer_ray.data.batches import model_inputs
 from glimmer_ray.data.reading import load_reading, question_text
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches
+from glimmer_ray.eval.metrics import reranker_recall
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.configuration import SCORING_METHODS
 from glimmer_ray.model.modeling import RerankHead, perplexity_distillation_loss
-from glimmer_ray.train.steps import model_inputs, reranker_recall
 
 TARGETS = ("teacher", "gold", "corpus")
 

@@ -1,10 +1,14 @@
-"""KILT metrics pinned on hand-worked examples, and ROUGE-L against the `rouge` package KILT calls."""
+"""KILT metrics pinned on hand-worked examples, ROUGE-L against the `rouge` package KILT calls, and recall@m of
+kept and retrieved passages counted by hand."""
 
 from __future__ import annotations
 
+import json
 import random
 
+import numpy as np
 import pytest
+import torch
 
 from glimmer_ray.eval.metrics import (
     average,
@@ -12,8 +16,11 @@ from glimmer_ray.eval.metrics import (
     exact_match,
     f1,
     normalize_answer,
+    passage_recall,
     r_precision,
     recall_at_k,
+    reranker_recall,
+    retriever_recall,
     rouge_l,
     score_example,
 )
@@ -118,3 +125,42 @@ def test_covers_passages_needs_every_item_of_one_evidence_set():
     either = [[["a_0"]], [["c_3"]]]  # two outputs, each its own evidence set
     assert covers_passages(either, ["c_3"]) and not covers_passages(either, ["a_1"])
     assert not covers_passages([], ["a_0"]) and not covers_passages([[]], ["a_0"])  # no evidence: never covered
+
+
+def test_reranker_recall_needs_a_complete_evidence_set():
+    pages = np.array([["a", "b", "c", "d"], ["a", "b", "c", "d"]], dtype=object)
+    gold = np.array([json.dumps([["c"]]), json.dumps([["a", "d"]])], dtype=object)
+    assert reranker_recall(torch.tensor([[2, 0], [0, 1]]), pages, gold) == 0.5  # ex 1 keeps a but not d
+    assert reranker_recall(torch.tensor([[1, 0], [3, 0]]), pages, gold) == 0.5
+    assert retriever_recall(2, pages, gold) == 0.0 and retriever_recall(4, pages, gold) == 1.0
+
+
+def test_passage_recall_needs_the_passage_that_holds_the_fact():
+    # two passages of page p; the fact sits in p_1 only. Page level counts either, passage level only p_1.
+    pages = np.array([["p", "p", "q"]], dtype=object)
+    keys = np.array([["p_0", "p_1", "q_0"]], dtype=object)
+    gold_pages = np.array([json.dumps([["p"]])], dtype=object)
+    gold_passages = np.array([json.dumps([[["p_1"]]])], dtype=object)
+    assert reranker_recall(torch.tensor([[0]]), pages, gold_pages) == 1.0
+    assert reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="passage") == 0.0
+    assert reranker_recall(torch.tensor([[1]]), keys, gold_passages, level="passage") == 1.0
+    assert (
+        retriever_recall(1, keys, gold_passages, level="passage") == 0.0
+        and retriever_recall(2, keys, gold_passages, level="passage") == 1.0
+    )
+    with pytest.raises(ValueError, match="level"):
+        reranker_recall(torch.tensor([[0]]), keys, gold_passages, level="paragraph")
+
+
+def test_retrieved_passage_recall_hand_worked():
+    # page level: KILT's recall over the distinct pages of the first k passages
+    assert passage_recall([["a", "b"]], ["b", "b", "a", "c"], 2) == 0.0  # the first two are both of page b
+    assert passage_recall([["a", "b"]], ["b", "b", "a", "c"], 3) == 1.0
+    assert passage_recall([["a"], ["c"]], ["a", "b"], 2) == 0.5  # one of two evidence sets
+    # passage level: the first k passages hold every gold paragraph of one evidence set
+    gold = [[["a_0", "a_1"], ["b_2"]]]
+    ranked = ["a_1", "x", "b_2"]
+    assert passage_recall(gold, ranked, 2, level="passage") == 0.0
+    assert passage_recall(gold, ranked, 3, level="passage") == 1.0
+    with pytest.raises(ValueError, match="level"):
+        passage_recall(gold, ["a_1"], 1, level="paragraph")

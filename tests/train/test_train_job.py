@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.config import load_config
+from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.retrieval.index import IndexConfig
 from glimmer_ray.train.config import TrainConfig
@@ -110,6 +111,14 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
     )
     assert tokens.shape[0] == 1 and encoding.selected.shape == (1, 2)
     assert model.config.num_selected == 2 and model.config.live_proportion == 0.5
+    # the export says how it was trained: token lengths, k and tasks as configured
+    assert load_reading(summary["export_dir"]) == ReadingConfig(
+        question_tokens=24,
+        passage_tokens=48,
+        answer_tokens=6,
+        num_passages=4,
+        tasks=("nq", "tqa", "hotpotqa", "fever", "zsre", "trex"),
+    )
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, load_job):
@@ -239,7 +248,7 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(tiny_data, tmp_path, lo
 def test_workers_that_would_starve_the_data_stream_are_refused(tiny_data, tmp_path, load_job):
     train = load_job("train")
     config = _train_config(tiny_data, str(tmp_path), "starved", **{"scaling.resources_per_worker": "{CPU: 1}"})
-    with pytest.raises(SystemExit, match="leave no CPU"):
+    with pytest.raises(SystemExit, match="leave less than one for the Ray Data stream"):
         train.main(config)
 
 

@@ -1,4 +1,5 @@
-"""The training worker's model construction: a random T5.1.1, a T5 checkpoint, or a GLIMMER export continued."""
+"""The training worker's model construction (a random T5.1.1, a T5 checkpoint, or a GLIMMER export continued) and
+its metrics window."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig
-from glimmer_ray.train.worker import build_model, check_checkpoint_tokenizer
+from glimmer_ray.train.worker import MetricsWindow, build_model, check_checkpoint_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,3 +76,17 @@ def test_a_checkpoint_saved_with_another_tokenizer_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="another tokenizer.*tokenizer_dir="):
         check_checkpoint_tokenizer(str(tmp_path / "other"), data_tokenizer)
+
+
+def test_metrics_window_means_each_value_over_the_batches_that_gave_it():
+    window = MetricsWindow()
+    window.add(10, loss=2.0, reranker_recall=1.0)
+    window.add(20, loss=4.0)  # a reader warm-up batch: nothing ranked
+    window.add(30, loss=0.0, reranker_recall=0.0)
+    assert window.batches == 3 and window.tokens == 60
+    assert window.mean("loss") == 2.0 and window.mean("reranker_recall") == 0.5
+    means = window.means(["reranker_recall", "loss", "pdist_target_max_prob"])  # never distilled: left out
+    assert list(means.items()) == [("reranker_recall", 0.5), ("loss", 2.0)]
+    start = window.start
+    window.reset()
+    assert window.batches == window.tokens == 0 and window.means(["loss"]) == {} and window.start >= start

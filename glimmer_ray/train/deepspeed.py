@@ -1,0 +1,67 @@
+"""The DeepSpeed config of the training job: ZeRO stage 1/2/3, optimiser and parameter offload, precision,
+AdamW (DeepSpeed's own) or Adafactor (a client optimizer), and the warm-up schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def deepspeed_config(
+    micro_batch_size: int,
+    gradient_accumulation_steps: int = 1,
+    zero_stage: int = 2,
+    offload_optimizer: bool = False,
+    offload_parameters: bool = False,
+    bf16: bool = False,
+    optimizer: str = "adamw",
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.0,
+    gradient_clipping: float = 1.0,
+    warmup_steps: int = 0,
+) -> dict[str, Any]:
+    """A DeepSpeed config. AdamW is DeepSpeed's own (`torch_adam`: no fused kernel to compile on CPU);
+    Adafactor is passed as a client optimizer by the training job, so no `optimizer` section then."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if offload_parameters and zero_stage != 3:
+        raise ValueError("parameter offload needs ZeRO stage 3")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if warmup_steps > 0:  # DeepSpeed's own schedule: linear from 0 to learning_rate, then constant
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": learning_rate,
+                "warmup_num_steps": warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    if optimizer == "adamw":
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": learning_rate, "weight_decay": weight_decay, "torch_adam": True},
+        }
+    elif optimizer == "adafactor":
+        config["zero_allow_untested_optimizer"] = True  # a client optimizer: ZeRO shards its states like any other
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'adafactor', got {optimizer!r}")
+    if offload_optimizer and optimizer == "adamw":
+        config["optimizer"]["params"]["torch_adam"] = False  # DeepSpeedCPUAdam serves offloaded states
+    return config
