@@ -31,7 +31,7 @@ from glimmer_ray.data.batches import model_inputs
 from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
-from glimmer_ray.eval.metrics import covers_evidence
+from glimmer_ray.eval.metrics import prediction_recall
 from glimmer_ray.eval.variants import VariantConfig, figure_2_variants, reader_variant
 from glimmer_ray.memory.build import MemoryEncoder
 from glimmer_ray.memory.store import pad_memories
@@ -180,7 +180,7 @@ def _summarise(prepared: dict, tokenizer, config: BenchmarkConfig) -> dict:
         },
         "em": {task: scores[task]["em"] for task in list(config.tasks) + ["average"]},
         "f1_average": scores["average"]["f1"],
-        "recall_at_m": sum(covers_evidence(p["gold_pages"], p["kept_pages"]) for p in predictions) / len(predictions),
+        "recall_at_m": prediction_recall(predictions),
         "formula_flops": formula.total,
         "measured_flops": measured.total,
         "seconds_per_example": seconds / len(predictions),

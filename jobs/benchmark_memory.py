@@ -27,7 +27,7 @@ from glimmer_ray.data import synthkilt
 from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
-from glimmer_ray.eval.metrics import covers_evidence
+from glimmer_ray.eval.metrics import prediction_recall
 from glimmer_ray.memory.build import build_memory
 from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -62,8 +62,7 @@ def _quality(model, tokenizer, reading: ReadingConfig, config: BenchmarkMemoryCo
     return {
         "em": scores["average"]["em"],
         "em_per_task": {t: scores[t]["em"] for t in config.tasks},
-        "reranker_recall_at_m": sum(covers_evidence(p["gold_pages"], p["kept_pages"]) for p in predictions)
-        / len(predictions),
+        "reranker_recall_at_m": prediction_recall(predictions),
         "answers": [p["answer"] for p in predictions],
         "seconds": seconds,
     }

@@ -205,6 +205,18 @@ def retriever_recall(num_selected: int, candidates: np.ndarray, gold: np.ndarray
     return reranker_recall(first, candidates, gold, level)
 
 
+def prediction_recall(
+    predictions: Sequence[dict], key: str = "kept_pages", level: str = "page", cutoff: int | None = None
+) -> float:
+    """Recall@m over prediction records (`eval.evaluate.predict`'s): the share whose passages `record[key]`
+    (their first `cutoff`; None = all) cover a gold evidence set, at page level (`gold_pages`, KILT's
+    granularity) or passage level (`gold_passages`)."""
+    if level not in ("page", "passage"):
+        raise ValueError(f"level must be 'page' or 'passage', got {level!r}")
+    covers, gold = (covers_evidence, "gold_pages") if level == "page" else (covers_passages, "gold_passages")
+    return sum(covers(record[gold], record[key][:cutoff]) for record in predictions) / max(1, len(predictions))
+
+
 def passage_recall(gold: Sequence, ranked: Sequence[str], k: int, level: str = "page") -> float:
     """Recall of the first k of a retriever's ranked passages. At `level="page"`, `ranked` holds the passages'
     page ids and `gold` the gold provenance: KILT's recall over the distinct pages of the first k (a two-page

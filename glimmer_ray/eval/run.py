@@ -11,11 +11,11 @@ that `reads: gold` reads the gold evidence passages alone (the oracle: the reade
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
 
+import pyarrow.parquet as pq
 import torch
 from transformers import AutoTokenizer
 
@@ -26,7 +26,7 @@ from glimmer_ray.data.kilt import prediction_record, write_jsonl
 from glimmer_ray.data.reading import load_reading
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions, teacher_selection
-from glimmer_ray.eval.metrics import covers_evidence, covers_passages
+from glimmer_ray.eval.metrics import prediction_recall, retriever_recall
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.retrieval.retriever import retrieval_recall
@@ -59,17 +59,6 @@ class EvaluateConfig:
         False  # one model: predictions/<task>-dev-kilt.jsonl (KILT's layout) instead of predictions/<model>/
     )
     split: str = "dev"  # dev | train: the training examples, to tell what the reranker learned from what carries to new questions
-
-
-def _recall(predictions: list[dict], key: str) -> float:
-    return sum(covers_evidence(p["gold_pages"], p[key]) for p in predictions) / max(1, len(predictions))
-
-
-def _passage_recall(records: list[dict], cutoff: int) -> float:
-    """Share of records whose first `cutoff` passages by their own ranking hold a complete gold evidence set."""
-    return sum(covers_passages(r["gold_passages"], r["reranked_passages"][:cutoff]) for r in records) / max(
-        1, len(records)
-    )
 
 
 def run_evaluation(config: EvaluateConfig) -> dict:
@@ -163,24 +152,26 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             "num_selected": m,
             "closed_book": entry.closed_book,
             "reads": entry.reads,
-            "reranker_recall_at_m": None if entry.closed_book or gold else _recall(predictions, "kept_pages"),
+            "reranker_recall_at_m": None if entry.closed_book or gold else prediction_recall(predictions),
             "retriever_recall_at_m": sum(retriever.values()) / max(1, len(retriever)),
             "recall_at_m_by_task": {
                 task: {
-                    "reranker": None if entry.closed_book or gold else _recall(rows, "kept_pages"),
+                    "reranker": None if entry.closed_book or gold else prediction_recall(rows),
                     "retriever": retriever[task],
-                    "teacher": _recall(teacher[task], "kept_pages") if task in teacher else None,
+                    "teacher": prediction_recall(teacher[task]) if task in teacher else None,
                 }
                 for task, rows in by_task.items()
             },
             "passage_recall_by_task": {
                 task: {
                     str(cutoff): {
-                        "reranker": _passage_recall(rows, cutoff)
+                        "reranker": prediction_recall(rows, "reranked_passages", "passage", cutoff)
                         if rows[0]["reranked_passages"] and not gold
                         else None,
                         "retriever": retriever_passages[task][cutoff],
-                        "teacher": _passage_recall(teacher[task], cutoff) if task in teacher else None,
+                        "teacher": prediction_recall(teacher[task], "reranked_passages", "passage", cutoff)
+                        if task in teacher
+                        else None,
                     }
                     for cutoff in cutoffs
                 }
@@ -245,18 +236,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
 
 
 def _retriever_recall(config: EvaluateConfig, paths: dict[str, str], m: int) -> dict[str, float]:
-    """Page-level recall@m of the retriever's own top m passages on the same dev examples, per task: as the
-    reranker's (`covers_evidence`), the m passages' pages cover a gold evidence set."""
-    import pyarrow.parquet as pq
-
+    """Page-level recall@m of the retriever's own first m passages on the same examples, per task: as the
+    reranker's, the m passages' pages cover a gold evidence set."""
     recall = {}
     for task, path in paths.items():
-        rows = (
-            pq.read_table(path, columns=["provenance", "passage_pages"])
-            .slice(0, config.limit_per_task or None)
-            .to_pylist()
-        )
-        recall[task] = sum(
-            covers_evidence(json.loads(row["provenance"]), row["passage_pages"][:m]) for row in rows
-        ) / max(1, len(rows))
+        table = pq.read_table(path, columns=["provenance", "passage_pages"]).slice(0, config.limit_per_task or None)
+        rows = table.to_pydict()
+        recall[task] = retriever_recall(m, rows["passage_pages"], rows["provenance"])
     return recall

@@ -17,6 +17,7 @@ from glimmer_ray.eval.metrics import (
     f1,
     normalize_answer,
     passage_recall,
+    prediction_recall,
     r_precision,
     recall_at_k,
     reranker_recall,
@@ -164,3 +165,21 @@ def test_retrieved_passage_recall_hand_worked():
     assert passage_recall(gold, ranked, 3, level="passage") == 1.0
     with pytest.raises(ValueError, match="level"):
         passage_recall(gold, ["a_1"], 1, level="paragraph")
+
+
+def test_prediction_recall_counts_records_whose_kept_passages_cover_an_evidence_set():
+    records = [
+        {
+            "gold_pages": [["A"], ["B", "C"]],
+            "kept_pages": ["C", "B"],
+            "gold_passages": [[["a1"]]],
+            "ranked": ["a2", "a1"],
+        },
+        {"gold_pages": [["A"]], "kept_pages": ["B", "B"], "gold_passages": [[["a1", "a3"]]], "ranked": ["a3", "x"]},
+        {"gold_pages": [["B", "C"]], "kept_pages": ["B"], "gold_passages": [[["c"], ["d"]]], "ranked": ["d", "x", "c"]},
+    ]
+    assert prediction_recall(records) == pytest.approx(1 / 3)  # only the first covers a whole set ({B, C})
+    assert prediction_recall(records, "ranked", "passage") == pytest.approx(1.0)
+    assert prediction_recall(records, "ranked", "passage", cutoff=1) == pytest.approx(1 / 3)  # a1 not first; c third
+    with pytest.raises(ValueError, match="level must be"):
+        prediction_recall(records, level="token")
