@@ -87,10 +87,9 @@ def _args(artifacts, **overrides) -> dict:
 def app(artifacts):
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.deploy import deploy
 
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(_args(artifacts)), name="glimmer", route_prefix="/")
+    assert deploy(_args(artifacts), port=PORT) == URL
     yield
     serve.shutdown()
 
