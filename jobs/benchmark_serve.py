@@ -24,6 +24,7 @@ from ray import serve
 
 from glimmer_ray.cli import ray_session
 from glimmer_ray.config import parse_job_args, to_dict
+from glimmer_ray.data.reading import load_reading
 from glimmer_ray.serving import InProcessPipeline, QuestionTokenizer, RequestError
 from serve_app.app import AppArgs
 from serve_app.deploy import deploy
@@ -58,7 +59,7 @@ def _questions(config: BenchmarkServeConfig) -> list[dict]:
         ).to_pylist()
         rows.extend({"question": row["input"], "task": task} for row in table)
     args = AppArgs.model_validate(config.app).resolved()
-    tokenizer = QuestionTokenizer(args.model_dir, args.question_tokens)
+    tokenizer = QuestionTokenizer(args.model_dir, load_reading(args.model_dir).question_tokens)
     fits = []
     for row in rows:  # questions over the app's token limit would get a 400, not an answer
         try:
@@ -134,7 +135,7 @@ def main(config: BenchmarkServeConfig) -> dict:
             args.index_dir,
             args.passages,
             args.memory_store,
-            args.limits(),
+            args.limits(load_reading(args.model_dir)),
             args.encoder_path,
             args.cache_bytes,
         )

@@ -23,7 +23,7 @@ def deploy(
     args: dict[str, Any], name: str = "glimmer", route_prefix: str = "/", host: str = "127.0.0.1", port: int = 8000
 ) -> str:
     """Start Serve's HTTP proxy, deploy the app with `build_app(args)` and wait until it is RUNNING; its URL.
-    A stage that cannot start (e.g. memory built by another encoder) raises a RuntimeError with each failing
+    A stage that cannot start (memory built by another encoder, a model without reading.json) raises a RuntimeError with each failing
     deployment's message."""
     serve.start(http_options={"host": host, "port": port})
     try:

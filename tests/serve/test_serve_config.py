@@ -1,4 +1,5 @@
-"""The shipped Serve config validates against Ray's own schema and names the builder, its args and every stage."""
+"""The shipped Serve config validates against Ray's own schema and names the builder, its args and every stage;
+the app's limits are the model's as trained (reading.json) unless its args set them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import yaml
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from glimmer_ray.data.reading import ReadingConfig
+from glimmer_ray.serving import Limits
 from serve_app.app import STAGES, AppArgs, build_app, default_options
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -48,7 +53,24 @@ def test_builder_is_pure_and_serve_build_writes_a_config(tmp_path):
 
 
 def test_unknown_stage_in_args_is_an_error():
-    import pytest
-
     with pytest.raises(ValueError, match="unknown deployment"):
         build_app({"deployments": {"Reranker": {"num_replicas": 2}}})
+
+
+def test_unknown_and_as_trained_args_are_errors():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        AppArgs.model_validate({"colour": "red"})
+    with pytest.raises(ValidationError, match="question_tokens and tasks are no longer app args.*reading.json"):
+        AppArgs.model_validate({"question_tokens": 32, "tasks": ["nq"]})
+
+
+READING = ReadingConfig(question_tokens=20, passage_tokens=30, answer_tokens=5, num_passages=7, tasks=("tqa", "nq"))
+
+
+def test_limits_are_the_models_as_trained_unless_set():
+    assert AppArgs().limits(READING) == Limits(("tqa", "nq"), "tqa", 20, 7, 25, 5, 32)
+    assert AppArgs(default_task="nq", top_k=3, max_new_tokens=9, max_top_k=10).limits(READING, 4) == Limits(
+        ("tqa", "nq"), "nq", 20, 3, 4, 9, 32
+    )
+    with pytest.raises(ValueError, match="default_task 'fever' is not a task the model was trained on \\(tqa, nq\\)"):
+        AppArgs(default_task="fever").limits(READING)
