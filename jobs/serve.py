@@ -3,8 +3,8 @@
     python jobs/serve.py --config jobs/configs/serve.yaml
     ray job submit --working-dir . -- python jobs/serve.py --config jobs/configs/serve.yaml
 
-Deploys `serve_app.app:build_app` with the config's `app` (its `AppArgs`: model, index, memory store,
-limits, per-stage replicas), waits until every deployment is RUNNING (or prints each failing deployment's
+Deploys the app of `serve_config` (serve_app/config.yaml: `serve_app.app:build_app` with its args), with
+`app` set over its args, waits until every deployment is RUNNING (or prints each failing deployment's
 message), asks `question` through `glimmer_ray.client.GlimmerClient` and prints the URL and the answer.
 Serve applications outlive the job's driver, so the app keeps serving after this job exits, for as long as
 the cluster runs; `shutdown: true` deletes it instead. A local cluster this job starts itself (no
@@ -23,20 +23,14 @@ from glimmer_ray.cli import ray_session
 from glimmer_ray.client import GlimmerClient
 from glimmer_ray.config import parse_job_args
 from serve_app.app import AppArgs
-from serve_app.deploy import ask, deploy
+from serve_app.deploy import ask, config_args, deploy
 
 
 @dataclass
 class ServeConfig:
-    app: dict = field(
-        default_factory=lambda: {
-            "model_dir": "outputs/quickstart/model",
-            "index_dir": "outputs/quickstart/index",
-            "passages": "outputs/quickstart/passages.parquet",
-            "memory_store": "outputs/quickstart/memory",
-        }
-    )  # AppArgs
-    name: str = "glimmer"  # Serve application name
+    serve_config: str = "serve_app/config.yaml"  # Serve config whose application `name` is deployed
+    app: dict = field(default_factory=dict)  # serve_app.app.AppArgs set over serve_config's args, e.g. app.model_dir
+    name: str = "glimmer"  # Serve application name (in serve_config and on the cluster)
     route_prefix: str = "/"  # HTTP path the app answers under
     host: str = "127.0.0.1"  # HTTP host of the Serve proxy; 0.0.0.0 accepts other machines
     port: int = 8000  # HTTP port of the Serve proxy
@@ -51,7 +45,10 @@ class ServeConfig:
             raise ValueError(
                 f"unknown key app.{unknown[0]}; allowed keys here: {', '.join(sorted(AppArgs.model_fields))}"
             )
-        AppArgs.model_validate(self.app)
+        AppArgs.model_validate(self.args())
+
+    def args(self) -> dict:
+        return {**config_args(self.serve_config, self.name), **self.app}
 
 
 def main(config: ServeConfig) -> dict:
@@ -59,7 +56,7 @@ def main(config: ServeConfig) -> dict:
     config.validate()
     with ray_session(config.ray_address, log_to_driver=True):
         # deploy, then one question over HTTP
-        url = deploy(config.app, config.name, config.route_prefix, config.host, config.port)
+        url = deploy(config.args(), config.name, config.route_prefix, config.host, config.port)
         print(f"[serve] app {config.name!r} RUNNING at {url} (POST {url}/v1/answer)", flush=True)
         result = ask(GlimmerClient(url), config.question, config.task)
 

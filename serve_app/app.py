@@ -3,8 +3,9 @@
     serve run serve_app.app:build_app model_dir=outputs/quickstart/model ...     (development)
     serve deploy serve_app/config.yaml                                           (a running cluster)
 
-The question length, the task list and the default k and answer length are the model's own, as
-trained: its reading.json (`glimmer_ray.data.reading`), read when the ingress starts.
+Settings: the defaults are `AppArgs` and `default_options` below; serve_app/config.yaml sets only what
+differs from them. The question length, the task list and the default k and answer length are the
+model's own, as trained: its reading.json (`glimmer_ray.data.reading`), read when the ingress starts.
 
 One deployment per stage, each with its own replicas, autoscaling and resources (set in the Serve
 config's `deployments:` section or in `AppArgs.deployments`). The model stages batch requests
@@ -143,6 +144,18 @@ def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
         },
     }
+
+
+def stage_options(args: AppArgs) -> dict[str, dict[str, Any]]:
+    """Each stage's `.options()`: `default_options`, then `args.deployments` over them (an option set there
+    replaces its default whole, as in the Serve config's `deployments:`)."""
+    options = default_options(args)
+    for stage, override in args.deployments.items():
+        base = dict(options[stage])
+        if "num_replicas" in override:  # a fixed replica count replaces autoscaling
+            base.pop("autoscaling_config", None)
+        options[stage] = {**base, **override}
+    return options
 
 
 def _ms(start: float) -> float:
@@ -421,12 +434,7 @@ class Ingress:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The typed builder `serve run` / `serve deploy` call with the config's `args`."""
     app_args = AppArgs.model_validate(args).resolved()
-    options = default_options(app_args)
-    for stage, override in app_args.deployments.items():
-        base = dict(options[stage])
-        if "num_replicas" in override:  # a fixed replica count replaces autoscaling
-            base.pop("autoscaling_config", None)
-        options[stage] = {**base, **override}
+    options = stage_options(app_args)
     batching = {"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s}
     retriever = Retriever.options(**options["Retriever"]).bind(
         app_args.index_dir, app_args.passages, app_args.encoder_path, **batching

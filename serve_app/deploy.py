@@ -1,7 +1,8 @@
 """Deploy the GLIMMER Serve app from Python and ask it a question (jobs/serve.py, the quickstart).
 
     with glimmer_ray.cli.ray_session(address):
-        url = deploy({"model_dir": "...", ...}, port=8000)  # returns once every stage is RUNNING
+        args = config_args("serve_app/config.yaml")           # the app `serve deploy serve_app/config.yaml` runs
+        url = deploy({**args, "model_dir": "..."}, port=8000)  # returns once every stage is RUNNING
         ask(GlimmerClient(url), "what is the capital of Kraxbrath")
 
 Serve applications outlive the driver that deployed them: the app keeps serving for as long as the cluster
@@ -12,11 +13,29 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
 from ray import serve
 
 from glimmer_ray.client import GlimmerClient
 from glimmer_ray.serving import AnswerResponse
 from serve_app.app import build_app
+
+
+def config_args(path: str, name: str = "glimmer") -> dict[str, Any]:
+    """The `build_app` args that deploy application `name` of a Serve config (serve_app/config.yaml) as `serve deploy`
+    does: its `args`, with the options of its `deployments:` list set over `args.deployments`, option by option."""
+    with open(path) as handle:
+        applications = {app.get("name", "default"): app for app in yaml.safe_load(handle).get("applications", [])}
+    if name not in applications:
+        raise ValueError(f"{path} has no application named {name!r}; it has {', '.join(applications) or 'none'}")
+    args = dict(applications[name].get("args") or {})
+    deployments = dict(args.get("deployments", {}))
+    for options in applications[name].get("deployments", []):
+        stage = options["name"]
+        deployments[stage] = {**deployments.get(stage, {}), **{k: v for k, v in options.items() if k != "name"}}
+    if deployments:
+        args["deployments"] = deployments
+    return args
 
 
 def deploy(
