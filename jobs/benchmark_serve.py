@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import requests
 from ray import serve
 
+from glimmer_ray.cli import ray_session
 from glimmer_ray.config import parse_job_args, to_dict
+from glimmer_ray.data.reading import load_reading
 from glimmer_ray.serving import InProcessPipeline, QuestionTokenizer, RequestError
-from serve_app.app import AppArgs, build_app
+from serve_app.app import AppArgs
+from serve_app.deploy import deploy
 
 
 @dataclass
@@ -57,7 +59,7 @@ def _questions(config: BenchmarkServeConfig) -> list[dict]:
         ).to_pylist()
         rows.extend({"question": row["input"], "task": task} for row in table)
     args = AppArgs.model_validate(config.app).resolved()
-    tokenizer = QuestionTokenizer(args.model_dir, args.question_tokens)
+    tokenizer = QuestionTokenizer(args.model_dir, load_reading(args.model_dir).question_tokens)
     fits = []
     for row in rows:  # questions over the app's token limit would get a 400, not an answer
         try:
@@ -108,100 +110,96 @@ def _closed_loop(url: str, questions: list[dict], clients: int, per_client: int)
     }
 
 
-def _deploy(args: dict, port: int) -> str:
-    serve.run(build_app(args), name="glimmer", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
 def main(config: BenchmarkServeConfig) -> dict:
     # setup
-    started_ray = not ray.is_initialized()
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": config.port})
-    questions = _questions(config)
-    results: dict = {"config": to_dict(config), "serve": [], "batching": {}}
+    with ray_session(config.ray_address):
+        questions = _questions(config)
+        results: dict = {"config": to_dict(config), "serve": [], "batching": {}}
 
-    # the Serve graph under closed-loop load
-    url = _deploy(config.app, config.port)
-    _closed_loop(url, questions, 1, config.warmup_requests)
-    for clients in config.concurrency:
-        level = _closed_loop(url, questions, clients, config.requests_per_client)
-        results["serve"].append(level)
-        print(
-            f"[serve] {clients:>2} clients: p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['requests_per_s']:.2f} req/s, "
-            f"{level['failed']} failed",
-            flush=True,
+        # the Serve graph under closed-loop load
+        url = deploy(config.app, port=config.port)
+        _closed_loop(url, questions, 1, config.warmup_requests)
+        for clients in config.concurrency:
+            level = _closed_loop(url, questions, clients, config.requests_per_client)
+            results["serve"].append(level)
+            print(
+                f"[serve] {clients:>2} clients: p50 {level['p50_ms']:.1f} ms, p99 {level['p99_ms']:.1f} ms, {level['requests_per_s']:.2f} req/s, "
+                f"{level['failed']} failed",
+                flush=True,
+            )
+
+        # the same questions in process, one at a time
+        args = AppArgs.model_validate(config.app).resolved()
+        pipeline = InProcessPipeline(
+            args.model_dir,
+            args.index_dir,
+            args.passages,
+            args.memory_store,
+            args.limits(load_reading(args.model_dir)),
+            args.encoder_path,
+            args.cache_bytes,
+        )
+        for question in questions[: config.warmup_requests]:
+            pipeline.answer(question)
+        latencies, stages = [], {}
+        start = time.perf_counter()
+        for question in questions[: config.requests_per_client * 2]:
+            begin = time.perf_counter()
+            timings = pipeline.answer(question).timings
+            latencies.append(1e3 * (time.perf_counter() - begin))
+            for stage, value in timings.items():
+                stages.setdefault(stage, []).append(value)
+        results["in_process"] = {
+            "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)),
+            "requests_per_s": len(latencies) / (time.perf_counter() - start),
+            "stage_ms": {stage: float(np.mean(v)) for stage, v in stages.items()},
+        }
+        del pipeline
+        one_client = results["serve"][0]
+        results["serve_overhead_p50_ratio"] = one_client["p50_ms"] / results["in_process"]["p50_ms"]
+
+        # dynamic batching on and off at the highest concurrency
+        top = max(config.concurrency)
+        results["batching"]["max_batch_size_default"] = next(
+            level for level in results["serve"] if level["clients"] == top
+        )
+        url = deploy({**config.app, "max_batch_size": 1}, port=config.port)
+        _closed_loop(url, questions, 1, config.warmup_requests)
+        results["batching"]["max_batch_size_1"] = _closed_loop(url, questions, top, config.requests_per_client)
+        results["batching"]["throughput_ratio"] = (
+            results["batching"]["max_batch_size_default"]["requests_per_s"]
+            / results["batching"]["max_batch_size_1"]["requests_per_s"]
         )
 
-    # the same questions in process, one at a time
-    args = AppArgs.model_validate(config.app).resolved()
-    pipeline = InProcessPipeline(
-        args.model_dir,
-        args.index_dir,
-        args.passages,
-        args.memory_store,
-        args.limits(),
-        args.encoder_path,
-        args.cache_bytes,
-    )
-    for question in questions[: config.warmup_requests]:
-        pipeline.answer(question)
-    latencies, stages = [], {}
-    start = time.perf_counter()
-    for question in questions[: config.requests_per_client * 2]:
-        begin = time.perf_counter()
-        timings = pipeline.answer(question).timings
-        latencies.append(1e3 * (time.perf_counter() - begin))
-        for stage, value in timings.items():
-            stages.setdefault(stage, []).append(value)
-    results["in_process"] = {
-        "p50_ms": float(np.percentile(latencies, 50)),
-        "p99_ms": float(np.percentile(latencies, 99)),
-        "requests_per_s": len(latencies) / (time.perf_counter() - start),
-        "stage_ms": {stage: float(np.mean(v)) for stage, v in stages.items()},
-    }
-    del pipeline
-    one_client = results["serve"][0]
-    results["serve_overhead_p50_ratio"] = one_client["p50_ms"] / results["in_process"]["p50_ms"]
-
-    # dynamic batching on and off at the highest concurrency
-    top = max(config.concurrency)
-    results["batching"]["max_batch_size_default"] = next(level for level in results["serve"] if level["clients"] == top)
-    url = _deploy({**config.app, "max_batch_size": 1}, config.port)
-    _closed_loop(url, questions, 1, config.warmup_requests)
-    results["batching"]["max_batch_size_1"] = _closed_loop(url, questions, top, config.requests_per_client)
-    results["batching"]["throughput_ratio"] = (
-        results["batching"]["max_batch_size_default"]["requests_per_s"]
-        / results["batching"]["max_batch_size_1"]["requests_per_s"]
-    )
-
-    # report
-    stage_names = ["retriever", "memory", "live", "decoder"]
-    print(f"\n{'setting':<22}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}" + "".join(f"{s + ' ms':>13}" for s in stage_names))
-    rows = [(f"serve, {level['clients']} clients", level) for level in results["serve"]]
-    rows += [
-        ("in-process, 1 at a time", results["in_process"]),
-        (f"serve, {top} cl., batch 1", results["batching"]["max_batch_size_1"]),
-    ]
-    for label, row in rows:
+        # report
+        stage_names = ["retriever", "memory", "live", "decoder"]
         print(
-            f"{label:<22}{row['p50_ms']:9.1f}{row['p99_ms']:9.1f}{row['requests_per_s']:8.2f}"
-            + "".join(f"{row['stage_ms'].get(s, float('nan')):13.1f}" for s in stage_names)
+            f"\n{'setting':<22}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}"
+            + "".join(f"{s + ' ms':>13}" for s in stage_names)
         )
-    print(
-        f"Serve graph / in-process p50 latency at 1 client: {results['serve_overhead_p50_ratio']:.2f}x; "
-        f"dynamic batching (max_batch_size {AppArgs.model_validate(config.app).max_batch_size} vs 1) at {top} clients: "
-        f"{results['batching']['throughput_ratio']:.2f}x requests/s"
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with open(config.output, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {config.output}")
+        rows = [(f"serve, {level['clients']} clients", level) for level in results["serve"]]
+        rows += [
+            ("in-process, 1 at a time", results["in_process"]),
+            (f"serve, {top} cl., batch 1", results["batching"]["max_batch_size_1"]),
+        ]
+        for label, row in rows:
+            print(
+                f"{label:<22}{row['p50_ms']:9.1f}{row['p99_ms']:9.1f}{row['requests_per_s']:8.2f}"
+                + "".join(f"{row['stage_ms'].get(s, float('nan')):13.1f}" for s in stage_names)
+            )
+        print(
+            f"Serve graph / in-process p50 latency at 1 client: {results['serve_overhead_p50_ratio']:.2f}x; "
+            f"dynamic batching (max_batch_size {AppArgs.model_validate(config.app).max_batch_size} vs 1) at {top} clients: "
+            f"{results['batching']['throughput_ratio']:.2f}x requests/s"
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
+        with open(config.output, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"wrote {config.output}")
 
-    # cleanup
-    serve.shutdown()
-    if started_ray:
-        ray.shutdown()
+        # cleanup
+        serve.shutdown()
     return results
 
 

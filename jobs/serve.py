@@ -3,8 +3,8 @@
     python jobs/serve.py --config jobs/configs/serve.yaml
     ray job submit --working-dir . -- python jobs/serve.py --config jobs/configs/serve.yaml
 
-Deploys `serve_app.app:build_app` with the config's `app` (its `AppArgs`: model, index, memory store,
-limits, per-stage replicas), waits until every deployment is RUNNING (or prints each failing deployment's
+Deploys the app of `serve_config` (serve_app/config.yaml: `serve_app.app:build_app` with its args), with
+`app` set over its args, waits until every deployment is RUNNING (or prints each failing deployment's
 message), asks `question` through `glimmer_ray.client.GlimmerClient` and prints the URL and the answer.
 Serve applications outlive the job's driver, so the app keeps serving after this job exits, for as long as
 the cluster runs; `shutdown: true` deletes it instead. A local cluster this job starts itself (no
@@ -16,28 +16,21 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
-import ray
 from ray import serve
 
+from glimmer_ray.cli import ray_session
 from glimmer_ray.client import GlimmerClient
 from glimmer_ray.config import parse_job_args
-from glimmer_ray.serving import AnswerResponse
-from serve_app.app import AppArgs, build_app
+from serve_app.app import AppArgs
+from serve_app.deploy import ask, config_args, deploy
 
 
 @dataclass
 class ServeConfig:
-    app: dict = field(
-        default_factory=lambda: {
-            "model_dir": "outputs/quickstart/model",
-            "index_dir": "outputs/quickstart/index",
-            "passages": "outputs/quickstart/passages.parquet",
-            "memory_store": "outputs/quickstart/memory",
-        }
-    )  # AppArgs
-    name: str = "glimmer"  # Serve application name
+    serve_config: str = "serve_app/config.yaml"  # Serve config whose application `name` is deployed
+    app: dict = field(default_factory=dict)  # serve_app.app.AppArgs set over serve_config's args, e.g. app.model_dir
+    name: str = "glimmer"  # Serve application name (in serve_config and on the cluster)
     route_prefix: str = "/"  # HTTP path the app answers under
     host: str = "127.0.0.1"  # HTTP host of the Serve proxy; 0.0.0.0 accepts other machines
     port: int = 8000  # HTTP port of the Serve proxy
@@ -52,51 +45,31 @@ class ServeConfig:
             raise ValueError(
                 f"unknown key app.{unknown[0]}; allowed keys here: {', '.join(sorted(AppArgs.model_fields))}"
             )
-        AppArgs.model_validate(self.app)
+        AppArgs.model_validate(self.args())
 
-
-def deploy(
-    args: dict[str, Any], name: str = "glimmer", route_prefix: str = "/", host: str = "127.0.0.1", port: int = 8000
-) -> str:
-    """Start Serve's HTTP proxy, deploy the app and wait until it is RUNNING; its URL."""
-    serve.start(http_options={"host": host, "port": port})
-    try:
-        serve.run(build_app(args), name=name, route_prefix=route_prefix)
-    except RuntimeError as error:  # DEPLOY_FAILED: the deployments' own messages say why
-        status = serve.status().applications.get(name)
-        deployments = status.deployments.items() if status else []
-        failing = [f"  {stage}: {d.message}" for stage, d in deployments if d.status != "HEALTHY" and d.message]
-        raise RuntimeError("\n".join([f"the Serve app {name!r} did not start: {error}", *failing])) from error
-    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}{route_prefix.rstrip('/')}"
-
-
-def ask(client: GlimmerClient, question: str, task: str | None = None, gold: list[str] | None = None) -> AnswerResponse:
-    """Answer one question over HTTP and print it: the answer, stage timings, retrieved passages, the ones kept."""
-    result = client.answer(question, task=task)
-    timings = ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in result.timings.items() if not stage.startswith("batch"))
-    print(
-        f"\nQ ({result.task}): {question}"
-        + (f"\n   gold: {' | '.join(gold)}" if gold is not None else "")
-        + f"\n   answer: {result.answer!r}   ({timings})"
-    )
-    for passage in result.passages:
-        mark = "kept" if passage.selected else "    "
-        rerank = passage.rerank_score if passage.rerank_score is not None else float("nan")
-        print(f"   {mark} retrieval {passage.retrieval_score:6.3f} rerank {rerank:7.3f}  {passage.title}")
-    return result
+    def args(self) -> dict:
+        return {**config_args(self.serve_config, self.name), **self.app}
 
 
 def main(config: ServeConfig) -> dict:
     # setup
     config.validate()
-    started_ray = not ray.is_initialized()  # disconnect only a driver this job connected
-    ray.init(address=config.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    with ray_session(config.ray_address, log_to_driver=True):
+        # deploy, then one question over HTTP
+        url = deploy(config.args(), config.name, config.route_prefix, config.host, config.port)
+        print(f"[serve] app {config.name!r} RUNNING at {url} (POST {url}/v1/answer)", flush=True)
+        result = ask(GlimmerClient(url), config.question, config.task)
 
-    # deploy, then one question over HTTP
-    url = deploy(config.app, config.name, config.route_prefix, config.host, config.port)
-    print(f"[serve] app {config.name!r} RUNNING at {url} (POST {url}/v1/answer)", flush=True)
-    result = ask(GlimmerClient(url), config.question, config.task)
-    summary = {
+        # cleanup
+        if config.shutdown:
+            serve.delete(config.name)
+            print(f"[serve] deleted app {config.name!r} (shutdown: true)")
+        else:
+            print(
+                f"[serve] leaving {config.name!r} serving at {url} for as long as this Ray cluster runs (a local cluster "
+                f"this job started stops with it); `serve shutdown` stops it"
+            )
+    return {
         "url": url,
         "question": config.question,
         "answer": result.answer,
@@ -104,19 +77,6 @@ def main(config: ServeConfig) -> dict:
         "kept": [p.title for p in result.passages if p.selected],
         "timings": result.timings,
     }
-
-    # cleanup
-    if config.shutdown:
-        serve.delete(config.name)
-        print(f"[serve] deleted app {config.name!r} (shutdown: true)")
-    else:
-        print(
-            f"[serve] leaving {config.name!r} serving at {url} for as long as this Ray cluster runs (a local cluster this job "
-            f"started stops with it); `serve shutdown` stops it"
-        )
-    if started_ray:
-        ray.shutdown()
-    return summary
 
 
 if __name__ == "__main__":

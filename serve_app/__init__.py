@@ -1,4 +1,7 @@
-"""The Ray Serve application: retriever -> memory cache -> live encoder + reranker -> decoder.
+"""The GLIMMER Ray Serve application: retriever -> memory cache -> live encoder + reranker -> decoder.
 
-Arrives with the serving issue; the reader it serves is `glimmer_ray.model`.
+`app.build_app` composes one deployment per stage behind an HTTP ingress (its defaults: `app.AppArgs`
+and `app.default_options`); `config.yaml` is its Serve config for `serve deploy` / `serve run`;
+`deploy.deploy` deploys it from Python and `deploy.ask` asks it a question. The stages are
+`glimmer_ray.serving`'s; the reader they serve is `glimmer_ray.model`.
 """

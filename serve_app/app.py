@@ -3,6 +3,10 @@
     serve run serve_app.app:build_app model_dir=outputs/quickstart/model ...     (development)
     serve deploy serve_app/config.yaml                                           (a running cluster)
 
+Settings: the defaults are `AppArgs` and `default_options` below; serve_app/config.yaml sets only what
+differs from them. The question length, the task list and the default k and answer length are the
+model's own, as trained: its reading.json (`glimmer_ray.data.reading`), read when the ingress starts.
+
 One deployment per stage, each with its own replicas, autoscaling and resources (set in the Serve
 config's `deployments:` section or in `AppArgs.deployments`). The model stages batch requests
 dynamically with `@serve.batch`; stage outputs travel as numpy arrays and are chained as
@@ -12,6 +16,7 @@ the encoding from the live encoder to the decoder without passing through the in
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time, in
 # the replica, where string annotations of functions shipped by value cannot be resolved.
+import dataclasses
 import os
 import time
 from collections import defaultdict, deque
@@ -22,11 +27,12 @@ import ray
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.metrics import Histogram
 
+from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.retrieval.retriever import Retriever as DenseRetriever
 from glimmer_ray.serving import (
@@ -45,19 +51,20 @@ STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress
 
 
 class AppArgs(BaseModel):
-    """Arguments of `build_app` (the `args:` of the Serve config). Paths are resolved to absolute ones."""
+    """Arguments of `build_app` (the `args:` of the Serve config). Paths are resolved to absolute ones.
+    Null `default_task`, `top_k` and `max_new_tokens` are the model's, as trained (its reading.json)."""
 
-    model_dir: str = "outputs/quickstart/model"  # trained reader with its tokenizer (jobs/train.py export)
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = "outputs/quickstart/model"  # trained reader, its tokenizer and reading.json (jobs/train.py export)
     index_dir: str = "outputs/quickstart/index"  # FAISS index (jobs/prepare_data.py)
     passages: str = "outputs/quickstart/passages.parquet"  # passage table behind the index
     memory_store: str = "outputs/quickstart/memory"  # jobs/build_memory.py output, local path or URI
     encoder_path: str | None = None  # sentence-transformers query encoder; null = packaged all-MiniLM-L6-v2
-    tasks: list[str] = Field(default_factory=lambda: ["nq", "tqa", "hotpotqa", "fever", "zsre", "trex"])
-    default_task: str = "nq"
-    question_tokens: int = 32  # lq the reader was trained with
-    top_k: int = 10  # default k
+    default_task: str | None = None  # task of requests that name none; null = the first task the model was trained on
+    top_k: int | None = None  # default k; null = as trained (reading.num_passages)
     max_top_k: int = 25
-    max_new_tokens: int = 12  # default answer length limit
+    max_new_tokens: int | None = None  # default answer length limit (tokens); null = as trained (reading.answer_tokens)
     max_new_tokens_limit: int = 32
     cache_bytes: int = 1 << 30  # MemoryCache LRU budget per replica
     max_batch_size: int = 8  # dynamic batching of the model stages
@@ -65,6 +72,17 @@ class AppArgs(BaseModel):
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict
     )  # per-stage .options(), over the defaults below
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_as_trained(cls, args: Any) -> Any:
+        moved = sorted({"question_tokens", "tasks"} & set(args)) if isinstance(args, dict) else []
+        if moved:
+            raise ValueError(
+                f"{' and '.join(moved)} are no longer app args: the app reads them from the model's reading.json "
+                f"(as trained); remove them"
+            )
+        return args
 
     def resolved(self) -> "AppArgs":
         absolute = {name: os.path.abspath(getattr(self, name)) for name in ("model_dir", "index_dir", "passages")}
@@ -77,14 +95,21 @@ class AppArgs(BaseModel):
             )
         return self.model_copy(update=absolute)
 
-    def limits(self, max_top_k: int | None = None) -> Limits:
+    def limits(self, reading: ReadingConfig, max_top_k: int | None = None) -> Limits:
+        """What requests may ask: the model's settings as trained, where these args leave them null."""
+        default_task = self.default_task or reading.tasks[0]
+        if default_task not in reading.tasks:
+            raise ValueError(
+                f"default_task {default_task!r} is not a task the model was trained on ({', '.join(reading.tasks)}); "
+                f"name one of them, or null for the first"
+            )
         return Limits(
-            tuple(self.tasks),
-            self.default_task,
-            self.question_tokens,
-            self.top_k,
+            reading.tasks,
+            default_task,
+            reading.question_tokens,
+            reading.num_passages if self.top_k is None else self.top_k,
             max_top_k or self.max_top_k,
-            self.max_new_tokens,
+            reading.answer_tokens if self.max_new_tokens is None else self.max_new_tokens,
             self.max_new_tokens_limit,
         )
 
@@ -119,6 +144,18 @@ def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
         },
     }
+
+
+def stage_options(args: AppArgs) -> dict[str, dict[str, Any]]:
+    """Each stage's `.options()`: `default_options`, then `args.deployments` over them (an option set there
+    replaces its default whole, as in the Serve config's `deployments:`)."""
+    options = default_options(args)
+    for stage, override in args.deployments.items():
+        base = dict(options[stage])
+        if "num_replicas" in override:  # a fixed replica count replaces autoscaling
+            base.pop("autoscaling_config", None)
+        options[stage] = {**base, **override}
+    return options
 
 
 def _ms(start: float) -> float:
@@ -289,8 +326,9 @@ class Ingress:
 
     def __init__(self, retriever, memory_cache, live, decoder, model_dir: str, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
+        self.limits = self.args.limits(load_reading(model_dir))  # as trained; no reading.json: refused at start-up
         self.retriever, self.memory_cache, self.live, self.decoder = retriever, memory_cache, live, decoder
-        self.questions = QuestionTokenizer(model_dir, self.args.question_tokens)
+        self.questions = QuestionTokenizer(model_dir, self.limits.question_tokens)
         self.model_num_selected: int | None = None
         self.max_top_k: int | None = None
         self.latency = Histogram(
@@ -306,7 +344,7 @@ class Ingress:
         if self.max_top_k is None:
             self.max_top_k = min(self.args.max_top_k, await self.retriever.num_passages.remote())
             self.model_num_selected = await self.live.num_selected.remote()
-        return self.args.limits(self.max_top_k)
+        return dataclasses.replace(self.limits, max_top_k=self.max_top_k)
 
     async def _answer(self, request: AnswerRequest) -> AnswerResponse:
         start = time.perf_counter()
@@ -396,12 +434,7 @@ class Ingress:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The typed builder `serve run` / `serve deploy` call with the config's `args`."""
     app_args = AppArgs.model_validate(args).resolved()
-    options = default_options(app_args)
-    for stage, override in app_args.deployments.items():
-        base = dict(options[stage])
-        if "num_replicas" in override:  # a fixed replica count replaces autoscaling
-            base.pop("autoscaling_config", None)
-        options[stage] = {**base, **override}
+    options = stage_options(app_args)
     batching = {"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s}
     retriever = Retriever.options(**options["Retriever"]).bind(
         app_args.index_dir, app_args.passages, app_args.encoder_path, **batching

@@ -1,4 +1,5 @@
-"""Cluster configs: the launcher YAMLs against Ray's cluster-config schema, the KubeRay manifests' structure."""
+"""Cluster configs: the launcher YAMLs against Ray's cluster-config schema, the KubeRay manifests' structure, and
+the RayService's Serve config against serve_app/config.yaml."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import STAGES, AppArgs
+from serve_app.app import STAGES, AppArgs, stage_options
+from serve_app.deploy import config_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAUNCHER = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -87,3 +89,28 @@ def test_rayservice_carries_a_valid_serve_config_for_the_app():
     AppArgs.model_validate(app.args)
     assert sorted(d.name for d in app.deployments) == sorted(STAGES)
     _check_cluster_spec(service["spec"]["rayClusterConfig"])
+
+
+SITE = {"model_dir", "index_dir", "passages", "memory_store", "encoder_path"}  # where a cluster keeps its artifacts
+
+
+def test_rayservice_agrees_with_the_serve_config(tmp_path):
+    """serveConfigV2 is serve_app/config.yaml's app on other storage and hardware: every value both set is the same,
+    but for the artifact paths."""
+    ours = yaml.safe_load((ROOT / "serve_app" / "config.yaml").read_text())
+    theirs = yaml.safe_load(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+    for key in set(ours) & set(theirs) - {"applications"}:
+        assert theirs[key] == ours[key], key
+    (our_app,), (their_app,) = ours["applications"], theirs["applications"]
+    for key in set(our_app) & set(their_app) - {"args", "deployments"}:
+        assert their_app[key] == our_app[key], key
+    for key in set(our_app["args"]) & set(their_app["args"]) - SITE:
+        assert their_app["args"][key] == our_app["args"][key], f"args.{key}"
+    our_stages = {d["name"]: d for d in our_app.get("deployments", [])}
+    for stage in their_app["deployments"]:
+        for option in set(stage) & set(our_stages.get(stage["name"], {})):
+            assert stage[option] == our_stages[stage["name"]][option], f"{stage['name']}.{option}"
+    (tmp_path / "serve.yaml").write_text(_manifest("rayservice.yaml")["spec"]["serveConfigV2"])
+    args = AppArgs.model_validate(config_args(str(tmp_path / "serve.yaml"), their_app["name"]))
+    for stage in ("LiveEncoderReranker", "Decoder"):  # DESIGN.md section 6: batches must fill
+        assert stage_options(args)[stage]["max_ongoing_requests"] >= args.max_batch_size

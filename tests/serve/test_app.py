@@ -1,6 +1,7 @@
 """The Serve graph on a real local Ray cluster with real HTTP on 127.0.0.1: answers against the in-process
-pipeline, the handle client from another process, every bad input's 4xx, a concurrent burst, a killed
-replica during a burst, and the refusal of memory built by another encoder."""
+pipeline, the handle client from another process, defaults as the model was trained (reading.json), every
+bad input's 4xx, a concurrent burst, a killed replica during a burst, and the refusals at start-up of memory
+built by another encoder and of a model without reading.json."""
 
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ import time
 import numpy as np
 import pytest
 import requests
-from transformers import AutoTokenizer
 
 from glimmer_ray.client import GlimmerAPIError, GlimmerClient
-from glimmer_ray.memory.build import build_memory
-from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
-from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
-from glimmer_ray.retrieval.index import IndexConfig
+from glimmer_ray.data.reading import READING_FILE, load_reading
 from glimmer_ray.serving import InProcessPipeline
 
 pytestmark = pytest.mark.ray
@@ -34,73 +31,28 @@ QUESTIONS = [
 ]
 
 
-def _reader(directory, tokenizer_dir: str, seed: int) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    t5 = random_t5(
-        t5_1_1_config(vocab_size=len(tokenizer), d_model=32, num_layers=4, num_heads=4, dropout_rate=0.0), seed=seed
-    )
-    GlimmerForConditionalGeneration.from_t5(
-        t5, live_proportion=0.5, rerank_proportion=0.5, num_selected=2
-    ).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
-@pytest.fixture(scope="module")
-def artifacts(ray_cluster, tmp_path_factory, load_job):
-    root = tmp_path_factory.mktemp("serve")
-    prepare = load_job("prepare_data")
-    prepare.main(
-        prepare.PrepareConfig(
-            output_dir=str(root),
-            scale="tiny",
-            num_passages=4,
-            recall_ks=[4],
-            tokenizer_vocab_size=600,
-            index=IndexConfig(use_gpu=False),
-        )
-    )
-    model = _reader(root / "model", str(root / "tokenizer"), seed=0)
-    build_memory(
-        str(root / "passages.parquet"), str(root / "memory"), model, str(root / "tokenizer"), 40, progress=False
-    )
-    return {"root": root, "model": model, "other_model": _reader(root / "other_model", str(root / "tokenizer"), seed=1)}
-
-
 def _args(artifacts, **overrides) -> dict:
-    root = artifacts["root"]
-    args = {
-        "model_dir": artifacts["model"],
-        "index_dir": str(root / "index"),
-        "passages": str(root / "passages.parquet"),
-        "memory_store": str(root / "memory"),
-        "question_tokens": 24,
-        "top_k": 4,
-        "max_top_k": 8,
-        "max_new_tokens": 6,
-    }
-    args.update(overrides)
-    return args
+    return {**artifacts["args"], **overrides}
 
 
 @pytest.fixture(scope="module")
-def app(artifacts):
+def app(ray_cluster, serve_artifacts):
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.deploy import deploy
 
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(_args(artifacts)), name="glimmer", route_prefix="/")
+    assert deploy(_args(serve_artifacts), port=PORT) == URL
     yield
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
-def pipeline(artifacts):
+def pipeline(serve_artifacts):
     from serve_app.app import AppArgs
 
-    args = AppArgs.model_validate(_args(artifacts)).resolved()
-    return InProcessPipeline(args.model_dir, args.index_dir, args.passages, args.memory_store, args.limits())
+    args = AppArgs.model_validate(_args(serve_artifacts)).resolved()
+    limits = args.limits(load_reading(args.model_dir))
+    return InProcessPipeline(args.model_dir, args.index_dir, args.passages, args.memory_store, limits)
 
 
 def _same_answer(served: dict, local) -> None:
@@ -158,6 +110,14 @@ def test_handle_client_from_another_process_matches(app, pipeline):
     for question, served in zip(QUESTIONS[:2], results):
         _same_answer(served, pipeline.answer({"question": question, "task": "tqa", "top_k": 4}))
     assert results[2]["status"] == 422 and "question is empty" in results[2]["message"]
+
+
+def test_defaults_are_the_models_as_trained(app, serve_artifacts):
+    reading = serve_artifacts["reading"]
+    response = requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["task"] == reading.tasks[0] and body["top_k"] == len(body["passages"]) == reading.num_passages
 
 
 BAD_INPUTS = [
@@ -248,15 +208,15 @@ def test_killing_a_replica_during_a_burst(app):
         time.sleep(1)
 
 
-def test_memory_of_another_encoder_is_refused_at_start_up(app, artifacts):
+def test_memory_of_another_encoder_is_refused_at_start_up(app, serve_artifacts):
     from ray import serve
 
     from serve_app.app import build_app
 
     bad = build_app(
         _args(
-            artifacts,
-            model_dir=artifacts["other_model"],
+            serve_artifacts,
+            model_dir=serve_artifacts["other_model"],
             deployments={"LiveEncoderReranker": {"num_replicas": 1, "max_constructor_retry_count": 1}},
         )
     )
@@ -265,4 +225,24 @@ def test_memory_of_another_encoder_is_refused_at_start_up(app, artifacts):
     message = serve.status().applications["mismatched"].deployments["LiveEncoderReranker"].message
     assert "MemoryEncoderMismatch" in message and "rebuild the memory with jobs/build_memory.py" in message
     serve.delete("mismatched")
+    assert requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=60).status_code == 200
+
+
+def test_a_model_without_reading_json_is_refused_at_start_up(app, serve_artifacts, tmp_path):
+    import shutil
+
+    from ray import serve
+
+    from serve_app.deploy import deploy
+
+    unread = shutil.copytree(serve_artifacts["model"], tmp_path / "model", ignore=shutil.ignore_patterns(READING_FILE))
+    args = _args(
+        serve_artifacts,
+        model_dir=str(unread),
+        deployments={"Ingress": {"num_replicas": 1, "max_constructor_retry_count": 1}},
+    )
+    with pytest.raises(RuntimeError) as refused:
+        deploy(args, name="unread", route_prefix="/unread", port=PORT)
+    assert "Ingress" in str(refused.value) and f"{unread / READING_FILE} is missing" in str(refused.value)
+    serve.delete("unread")
     assert requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=60).status_code == 200

@@ -1,4 +1,5 @@
-"""The shipped Serve config validates against Ray's own schema and names the builder, its args and every stage."""
+"""The shipped Serve config validates against Ray's own schema, names the builder and sets only what differs from
+the app's defaults; the serve job deploys that config's app; the app's limits are the model's as trained."""
 
 from __future__ import annotations
 
@@ -7,28 +8,81 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import yaml
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import STAGES, AppArgs, build_app, default_options
+from glimmer_ray.config import load_config
+from glimmer_ray.data.reading import ReadingConfig
+from glimmer_ray.serving import Limits
+from serve_app.app import STAGES, AppArgs, build_app, default_options, stage_options
+from serve_app.deploy import config_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "serve_app" / "config.yaml"
+ARTIFACTS = {"model_dir", "index_dir", "passages", "memory_store"}  # what a user must set: where the artifacts are
 
 
 def test_serve_config_validates_and_matches_the_app():
-    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_app" / "config.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
     (app,) = config.applications
     module, name = app.import_path.split(":")
     assert getattr(importlib.import_module(module), name) is build_app
-    AppArgs.model_validate(app.args)  # unknown or mistyped args would fail here
-    assert sorted(d.name for d in app.deployments) == sorted(STAGES)
-    for deployment in app.deployments:
-        options = deployment.model_dump(exclude_unset=True)
-        assert "autoscaling_config" in options and "ray_actor_options" in options
-    live = next(d for d in app.deployments if d.name == "LiveEncoderReranker")
-    assert (
-        live.max_ongoing_requests >= AppArgs.model_validate(app.args).max_batch_size
-    )  # DESIGN.md section 5: batches must fill
+    AppArgs.model_validate(app.args)  # unknown or mistyped args fail here
+    assert {d.name for d in app.deployments} <= set(STAGES)
+    args = AppArgs.model_validate(config_args(str(CONFIG), app.name))
+    for stage in ("LiveEncoderReranker", "Decoder"):  # DESIGN.md section 6: batches must fill
+        assert stage_options(args)[stage]["max_ongoing_requests"] >= args.max_batch_size
+
+
+def test_serve_config_sets_only_what_differs_from_the_defaults():
+    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    defaults = AppArgs().model_dump()
+    restated = {key for key, value in app["args"].items() if key not in ARTIFACTS and value == defaults[key]}
+    assert not restated, f"serve_app/config.yaml restates AppArgs defaults: {sorted(restated)}"
+    stage_defaults = default_options(AppArgs.model_validate(app["args"]))
+    for deployment in app.get("deployments", []):
+        same = {k for k, v in deployment.items() if k != "name" and stage_defaults[deployment["name"]].get(k) == v}
+        assert not same, f"serve_app/config.yaml restates {deployment['name']}'s default options {sorted(same)}"
+
+
+def test_the_serve_job_deploys_the_serve_configs_app(load_job):
+    serve_job = load_job("serve")
+    config = load_config(serve_job.ServeConfig, ROOT / "jobs" / "configs" / "serve.yaml")
+    assert (ROOT / config.serve_config).resolve() == CONFIG
+    config.serve_config = str(CONFIG)
+    assert config.args() == {**config_args(str(CONFIG)), **config.app}
+    config.app = {"model_dir": "elsewhere/model", "top_k": 3}
+    assert config.args() == {**config_args(str(CONFIG)), "model_dir": "elsewhere/model", "top_k": 3}
+    config.validate()
+
+
+def test_config_args_sets_the_deployments_list_over_args(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "applications": [
+                    {
+                        "name": "glimmer",
+                        "import_path": "serve_app.app:build_app",
+                        "args": {
+                            "top_k": 3,
+                            "deployments": {"Decoder": {"max_ongoing_requests": 4, "num_replicas": 2}},
+                        },
+                        "deployments": [{"name": "Decoder", "num_replicas": 3}, {"name": "Ingress", "num_replicas": 1}],
+                    }
+                ]
+            }
+        )
+    )
+    assert config_args(str(path)) == {
+        "top_k": 3,
+        "deployments": {"Decoder": {"max_ongoing_requests": 4, "num_replicas": 3}, "Ingress": {"num_replicas": 1}},
+    }
+    with pytest.raises(ValueError, match="no application named 'other'; it has glimmer"):
+        config_args(str(path), "other")
 
 
 def test_builder_is_pure_and_serve_build_writes_a_config(tmp_path):
@@ -48,7 +102,24 @@ def test_builder_is_pure_and_serve_build_writes_a_config(tmp_path):
 
 
 def test_unknown_stage_in_args_is_an_error():
-    import pytest
-
     with pytest.raises(ValueError, match="unknown deployment"):
         build_app({"deployments": {"Reranker": {"num_replicas": 2}}})
+
+
+def test_unknown_and_as_trained_args_are_errors():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        AppArgs.model_validate({"colour": "red"})
+    with pytest.raises(ValidationError, match="question_tokens and tasks are no longer app args.*reading.json"):
+        AppArgs.model_validate({"question_tokens": 32, "tasks": ["nq"]})
+
+
+READING = ReadingConfig(question_tokens=20, passage_tokens=30, answer_tokens=5, num_passages=7, tasks=("tqa", "nq"))
+
+
+def test_limits_are_the_models_as_trained_unless_set():
+    assert AppArgs().limits(READING) == Limits(("tqa", "nq"), "tqa", 20, 7, 25, 5, 32)
+    assert AppArgs(default_task="nq", top_k=3, max_new_tokens=9, max_top_k=10).limits(READING, 4) == Limits(
+        ("tqa", "nq"), "nq", 20, 3, 4, 9, 32
+    )
+    with pytest.raises(ValueError, match="default_task 'fever' is not a task the model was trained on \\(tqa, nq\\)"):
+        AppArgs(default_task="fever").limits(READING)
