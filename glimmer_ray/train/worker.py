@@ -147,9 +147,8 @@ class TrainLoopRunner:
         self._set_up_engine()
         self.step = self._restore()  # optimiser steps done
         self.resumed_from = self.step
-        self.skip = (
-            self.step * self.optim.gradient_accumulation_steps
-        )  # micro-batches already consumed: the data position
+        # micro-batches already consumed: the data position of a resumed run
+        self.skip = self.step * self.optim.gradient_accumulation_steps
         self.micro_step = 0
         self.first_loss = None  # the first loss this attempt saw, reported beside the running one
         self.run_dir = os.path.join(os.path.abspath(config.checkpoint.storage_path), config.checkpoint.name)
@@ -160,23 +159,19 @@ class TrainLoopRunner:
             self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
         self.shard = ray.train.get_dataset_shard("train")
         self.dev_paths = task_paths(config, "dev")
-        self.dev_tokenize = dataclasses.replace(
-            tokenize_config(config), evidence_passages=0
-        )  # dev reads what was retrieved only
+        self.dev_tokenize = dataclasses.replace(tokenize_config(config), evidence_passages=0)  # the retrieved only
         self.zero3 = self.engine is not None and config.deepspeed.zero_stage == 3
         self.window = MetricsWindow()  # since the last log line
         self.since_report = MetricsWindow()  # since the last report
-        self.started = (
-            False  # the clocks start at the first batch: the stream's and DeepSpeed's start-up are not step time
-        )
+        # the clocks start at the first batch: the stream's and DeepSpeed's start-up are not step time
+        self.started = False
 
     def _set_up_engine(self) -> None:
         """The model on this worker's device in training mode, wrapped by a DeepSpeed engine, or with a plain
         PyTorch optimiser and warm-up schedule (one worker: the reference for DeepSpeed's step time)."""
         config, optim = self.config, self.optim
-        model = (
-            build_model(config, vocab_size=len(self.tokenizer)).to(self.device).train()
-        )  # from_pretrained leaves a model in eval mode: dropout back on
+        # from_pretrained leaves a model in eval mode: dropout back on
+        model = build_model(config, vocab_size=len(self.tokenizer)).to(self.device).train()
         if optim.freeze_memory:
             for block in model.memory_blocks:
                 block.requires_grad_(False)
@@ -327,13 +322,11 @@ class TrainLoopRunner:
         level. On a distilled batch: the distillation target's passage recall@m and its largest probability (near
         1/k: it teaches no ranking)."""
         values = {}
-        if (
-            output.rerank_scores is not None and not reader_warmup and not self.config.model.closed_book
-        ):  # closed book ranks nothing
+        ranked = output.rerank_scores is not None and not reader_warmup and not self.config.model.closed_book
+        if ranked:  # the reader warm-up ranks nothing, nor does closed book
             m = output.selected.shape[1]
-            reranked = torch.topk(
-                output.rerank_scores.detach(), m, dim=1
-            ).indices.cpu()  # [b, m] the reranker's top m, even while warming up
+            # [b, m] the reranker's top m, even while the decoder reads the retriever's (rerank warm-up)
+            reranked = torch.topk(output.rerank_scores.detach(), m, dim=1).indices.cpu()
             pages, gold_pages = batch["passage_pages"], batch["gold_pages"]
             keys, gold_passages = batch["passage_keys"], batch["gold_passages"]
             values["reranker_recall"] = reranker_recall(reranked, pages, gold_pages)
@@ -442,9 +435,8 @@ class TrainLoopRunner:
     def export(self, directory: str) -> None:
         """The final model (ZeRO-3 shards gathered), its tokenizer and the reading settings it was trained with
         (`reading.json`: token lengths, k, tasks) in `directory/hf`, written by rank 0."""
-        state = (
-            self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.module.state_dict()
-        )  # every rank takes part
+        # every rank takes part in gathering the ZeRO-3 shards
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.module.state_dict()
         if self.rank != 0:
             return
         export = GlimmerForConditionalGeneration(self.module.config)
