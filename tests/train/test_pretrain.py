@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from glimmer_ray.train.pretrain import DenoisingBatches, corrupt, pretrain_t5
+from glimmer_ray.train.pretrain import DenoisingBatches, PretrainConfig, corrupt, pretrain_t5
 
 SENTINEL = 999  # <extra_id_0> in a 1000-token vocabulary
 
@@ -58,7 +58,7 @@ def test_batches_are_padded_and_seeded():
         DenoisingBatches([], batch_size=2, first_sentinel=SENTINEL)
 
 
-def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path, load_job):
+def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path):
     from transformers import AutoTokenizer
 
     from glimmer_ray.data import synthkilt
@@ -72,8 +72,7 @@ def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_
     write_passages(str(directory / "knowledge.jsonl"), str(data / "passages.parquet"), 64)
     pages = [json.loads(line) for line in open(directory / "knowledge.jsonl")]
     save_tokenizer(train_t5_tokenizer((" ".join(page["text"]) for page in pages), vocab_size=600), data / "tokenizer")
-    job = load_job("pretrain")
-    config = job.PretrainConfig(
+    config = PretrainConfig(
         data_dir=str(data),
         output_dir=str(tmp_path / "t5"),
         d_model=32,
@@ -114,7 +113,3 @@ def test_pretrain_job_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_
         == AutoTokenizer.from_pretrained(other / "tokenizer").get_vocab()
         != AutoTokenizer.from_pretrained(data / "tokenizer").get_vocab()
     )
-    # a finished checkpoint is reused, an absent data directory refused
-    assert job.main(config)["final_loss"] == summary["final_loss"]
-    with pytest.raises(SystemExit, match="prepare_data"):
-        job.main(job.PretrainConfig(data_dir=str(tmp_path / "none"), output_dir=str(tmp_path / "t6")))
