@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from glimmer_ray.data import synthkilt
+from glimmer_ray.data.reading import ReadingConfig, save_reading
 from glimmer_ray.eval.metrics import covers_evidence
 from glimmer_ray.eval.variants import VariantConfig
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -44,6 +45,7 @@ def prepared(ray_cluster, tmp_path_factory, load_job):
     reader = GlimmerForConditionalGeneration.from_t5(t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=4)
     reader.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
+    save_reading(str(root / "model"), ReadingConfig(24, 48, 4, 8, tuple(synthkilt.TASKS)))  # read as "trained"
     return str(root)
 
 
@@ -59,9 +61,6 @@ def test_benchmark_runs_every_setting_side_by_side(prepared, tmp_path, load_job)
         model_dir=os.path.join(prepared, "model"),
         variants=variants,
         sweeps=[VariantConfig("GLIMMER k=4 m=4", 4, 4, 0.5, 0.5)],
-        question_tokens=24,
-        passage_tokens=48,
-        answer_tokens=4,
         limit_per_task=3,
         batch_size=4,
         timing_rounds=2,

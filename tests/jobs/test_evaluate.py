@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from glimmer_ray.data.reading import load_reading
+from glimmer_ray.eval.run import EvaluateConfig, ModelEntry
 
 pytestmark = pytest.mark.ray
 
@@ -21,11 +22,11 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(quickstart_run, tmp_pat
     _, _, root = quickstart_run
     data_dir, model_dir = str(root), str(root / "model")
     evaluate = load_job("evaluate")
-    config = evaluate.EvaluateConfig(
+    config = EvaluateConfig(
         models=[
-            evaluate.ModelEntry("glimmer", model_dir),
-            evaluate.ModelEntry("closed", model_dir, closed_book=True),
-            evaluate.ModelEntry("oracle", model_dir, reads="gold"),
+            ModelEntry("glimmer", model_dir),
+            ModelEntry("closed", model_dir, closed_book=True),
+            ModelEntry("oracle", model_dir, reads="gold"),
         ],
         data_dir=data_dir,
         limit_per_task=5,
@@ -82,7 +83,7 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(quickstart_run, tmp_pat
     assert all(0.0 <= oracle["scores"][task]["em"] <= 1.0 for task in oracle["scores"])
     assert oracle["scores"]["nq"]["rprec"] == 1.0  # nq's one gold page is the page of the passages read
     with pytest.raises(SystemExit, match="reads must be"):
-        evaluate.main(dataclasses.replace(config, models=[evaluate.ModelEntry("x", model_dir, reads="oracle")]))
+        evaluate.main(dataclasses.replace(config, models=[ModelEntry("x", model_dir, reads="oracle")]))
     # the training split: predictions are named by the split
     on_train = evaluate.main(dataclasses.replace(config, models=config.models[:1], split="train", teacher_recall=False))
     assert on_train["models"]["glimmer"]["scores"]["nq"]["count"] == 5

@@ -29,7 +29,9 @@ def test_pretrain_job_writes_a_checkpoint_and_reuses_it(quickstart_run, tmp_path
     )
     summary = job.main(config)
     assert summary["steps"] == 4 and json.loads((tmp_path / "t5" / "pretrain.json").read_text()) == summary
-    reader = GlimmerForConditionalGeneration.from_t5(str(tmp_path / "t5"), live_proportion=0.5, num_selected=2)
+    reader = GlimmerForConditionalGeneration.from_t5(
+        str(tmp_path / "t5"), live_proportion=0.5, rerank_proportion=0.5, num_selected=2
+    )
     assert reader.config.d_model == 32
     written = (tmp_path / "t5" / "model.safetensors").stat().st_mtime
     assert job.main(config) == summary and (tmp_path / "t5" / "model.safetensors").stat().st_mtime == written

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.data import synthkilt
-from glimmer_ray.data.reading import passage_text
+from glimmer_ray.data.reading import ReadingConfig, passage_text, save_reading
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.memory.build import build_memory, memory_dataset
 from glimmer_ray.memory.store import LRUMemoryCache, MemoryEncoderMismatch, MemoryStore, MemoryStoreError
@@ -40,6 +40,7 @@ def _reader(directory, vocab_size: int, seed: int) -> str:
     )
     model = GlimmerForConditionalGeneration.from_t5(t5, live_proportion=0.5, rerank_proportion=0.5, num_selected=M)
     model.save_pretrained(directory)
+    save_reading(str(directory), ReadingConfig(24, LP, 6, K, tuple(synthkilt.TASKS)))  # what the build job reads back
     return str(directory)
 
 
@@ -183,7 +184,6 @@ def test_killed_build_resumes_without_duplicates_or_gaps(artifacts, ray_cluster)
         f"model_dir={artifacts['model']}",
         f"tokenizer_dir={artifacts['tokenizer']}",
         f"store={path}",
-        f"passage_tokens={LP}",
         "shard_size=1",
         "batch_size=1",
         "num_cpus_per_actor=0.5",

@@ -130,5 +130,6 @@ def test_probe_reranker_job_trains_the_scorer_alone_on_both_targets(quickstart_r
         t5_dir, live_proportion=1.0, rerank_proportion=0.5, num_selected=None
     )
     no_rerank.save_pretrained(tmp_path / "fid")
+    save_reading(str(tmp_path / "fid"), ReadingConfig(24, 48, 6, 4, tuple(synthkilt.TASKS)))
     with pytest.raises(SystemExit, match="does not rerank"):
         probe.main(dataclasses.replace(config, model=str(tmp_path / "fid")))
