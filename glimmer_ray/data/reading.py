@@ -33,6 +33,14 @@ def passage_text(title: str, text: str) -> str:
     return PASSAGE_TEMPLATE.format(title=title, text=text)
 
 
+def parse_passage_text(passage: str) -> tuple[str, str]:
+    """(title, text) of a string `passage_text` wrote, e.g. a passage decoded from its tokens."""
+    prefix, rest = PASSAGE_TEMPLATE.split("{title}")
+    separator = rest.split("{text}")[0]
+    title, _, text = passage.partition(separator)
+    return title.removeprefix(prefix).strip(), text
+
+
 def tokenize_passages(
     tokenizer, titles: Sequence[str], texts: Sequence[str], passage_tokens: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.batches import model_inputs
-from glimmer_ray.data.reading import load_reading, question_text
+from glimmer_ray.data.reading import load_reading, parse_passage_text, question_text
 from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches
 from glimmer_ray.eval.metrics import reranker_recall
@@ -160,8 +160,7 @@ def cache_inputs(
 
 def subject_sentences(passage: str) -> list[str]:
     """The sentences of a decoded "title: T context: text" passage that name its subject T (all of them if none does)."""
-    title, _, body = passage.partition(" context: ")
-    title = title.removeprefix("title: ").strip()
+    title, body = parse_passage_text(passage)
     sentences = [sentence.strip() for sentence in body.split(". ") if len(sentence.split()) >= 3]
     return [sentence for sentence in sentences if title and title in sentence] or sentences
 
