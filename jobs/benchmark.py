@@ -111,9 +111,7 @@ def _prepare_variant(
     model = reader_variant(base, variant)
     memory = PrecomputedMemory(model, tokenizer, _dev_passages(config, variant.num_passages), reading.passage_tokens)
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
-    tokenize = TokenizeConfig(
-        reading.question_tokens, reading.passage_tokens, reading.answer_tokens, variant.num_passages
-    )
+    tokenize = TokenizeConfig.as_trained(reading, variant.num_passages)
     batches = list(
         dev_batches(
             paths, os.path.join(config.data_dir, "tokenizer"), tokenize, config.batch_size, config.limit_per_task

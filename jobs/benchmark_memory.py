@@ -51,9 +51,7 @@ class BenchmarkMemoryConfig:
 
 def _quality(model, tokenizer, reading: ReadingConfig, config: BenchmarkMemoryConfig, store) -> dict:
     paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
-    tokenize = TokenizeConfig(
-        reading.question_tokens, reading.passage_tokens, reading.answer_tokens, reading.num_passages
-    )
+    tokenize = TokenizeConfig.as_trained(reading)
     batches = dev_batches(paths, os.path.join(config.data_dir, "tokenizer"), tokenize, 16, config.limit_per_task)
     start = time.perf_counter()
     predictions = predict(model, batches, tokenizer, max_new_tokens=reading.answer_tokens, memory=store)

@@ -29,7 +29,7 @@ import numpy as np
 import ray
 from transformers import AutoTokenizer
 
-from glimmer_ray.data.reading import question_text, tokenize_passages
+from glimmer_ray.data.reading import ReadingConfig, question_text, tokenize_passages
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,16 @@ class TokenizeConfig:
     passage_tokens: int = 304  # lp (the paper: 304)
     answer_tokens: int = 32  # t
     num_passages: int = 25  # k passages per example
-    evidence_passages: int = (
-        0  # g gold evidence passages per example (a two-hop evidence set has two); 0 = none tokenised
-    )
+    # g gold evidence passages per example (a two-hop evidence set has two); 0 = none tokenised
+    evidence_passages: int = 0
+
+    @classmethod
+    def as_trained(
+        cls, reading: ReadingConfig, num_passages: int | None = None, evidence_passages: int = 0
+    ) -> TokenizeConfig:
+        """The tokenisation a model was trained with (its reading.json), reading `num_passages` (None: its k)."""
+        k = num_passages or reading.num_passages
+        return cls(reading.question_tokens, reading.passage_tokens, reading.answer_tokens, k, evidence_passages)
 
 
 class TokenizeBatch:

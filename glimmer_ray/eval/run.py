@@ -10,7 +10,6 @@ that `reads: gold` reads the gold evidence passages alone (the oracle: the reade
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -90,9 +89,9 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         model = GlimmerForConditionalGeneration.from_pretrained(entry.path).eval()
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         reading = load_reading(entry.path)
-        k = config.num_passages or reading.num_passages
-        tokenize = TokenizeConfig(reading.question_tokens, reading.passage_tokens, reading.answer_tokens, k)
         gold = entry.reads == "gold"
+        tokenize = TokenizeConfig.as_trained(reading, config.num_passages, config.evidence_passages if gold else 0)
+        k = tokenize.num_passages
         m = config.evidence_passages if gold else entry.num_selected or model.config.num_selected or k
         store = None
         if entry.memory:
@@ -103,7 +102,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             dev_batches(
                 paths,
                 os.path.join(config.data_dir, "tokenizer"),
-                dataclasses.replace(tokenize, evidence_passages=config.evidence_passages if gold else 0),
+                tokenize,
                 config.batch_size,
                 config.limit_per_task,
             )

@@ -307,9 +307,7 @@ def main(config: ProbeConfig) -> dict:
         raise SystemExit(
             f"{config.model} does not rerank (num_selected {m} of k = {reading.num_passages}); probe a GLIMMER reader with m < k"
         )
-    tokenize = TokenizeConfig(
-        reading.question_tokens, reading.passage_tokens, reading.answer_tokens, reading.num_passages
-    )
+    tokenize = TokenizeConfig.as_trained(reading)
     tokenizer_dir = os.path.join(config.data_dir, "tokenizer")
 
     def paths(directory: str, split: str) -> dict[str, str]:

@@ -60,3 +60,10 @@ def test_reading_json_round_trips_and_bad_files_are_refused(tmp_path):
     (tmp_path / READING_FILE).write_text(json.dumps({**saved, "passage_template": "{title}. {text}"}))
     with pytest.raises(ValueError, match="trained with the templates"):
         load_reading(str(tmp_path))
+
+
+def test_the_stream_tokenises_as_trained():
+    from glimmer_ray.data.stream import TokenizeConfig
+
+    assert TokenizeConfig.as_trained(READING) == TokenizeConfig(24, 12, 6, 4, 0)
+    assert TokenizeConfig.as_trained(READING, num_passages=8, evidence_passages=2) == TokenizeConfig(24, 12, 6, 8, 2)
