@@ -12,13 +12,13 @@ import json
 import os
 from collections.abc import Iterator
 
-import ray
-
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, log_to_driver: bool = False) -> Iterator[None]:
     """Connect to the cluster at `address` (null: the cluster of `ray job submit`, else a new local one)
     and shut down only a connection this job made: a caller that already holds one keeps it."""
+    import ray  # here, not at the top: write_report also serves scripts run where Ray is not installed
+
     started = not ray.is_initialized()
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=log_to_driver)
     try:
@@ -29,6 +29,8 @@ def ray_session(address: str | None = None, log_to_driver: bool = False) -> Iter
 
 
 def cluster_cpus() -> float:
+    import ray
+
     return float(ray.cluster_resources().get("CPU", 0))
 
 
