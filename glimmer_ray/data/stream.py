@@ -156,7 +156,12 @@ def mixed_task_dataset(
         repeated = dataset if repeats == 1 else dataset.union(*[dataset] * (repeats - 1))
         parts.append(repeated.limit(target))
     mixed = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return mixed.random_shuffle(seed=seed)
+    shuffled = mixed.random_shuffle(seed=seed)
+    # blocks of the union and the limit reach the shuffle in whatever order their tasks finish; a seeded shuffle
+    # of differently ordered blocks is a different order, and a resumed run that skips the batches it consumed
+    # needs the same one (this dataset's context only, not the process-wide one)
+    shuffled.context.execution_options.preserve_order = True
+    return shuffled
 
 
 def tokenized_dataset(
