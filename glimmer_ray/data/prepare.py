@@ -51,6 +51,26 @@ class PrepareConfig(BuildIndexConfig):
     )
 
 
+def tokenizer_texts(data_dir: str, tasks: list[str]) -> list[str]:
+    """What a benchmark's tokenizer learns from: its pages, every question with its answers, the reader's
+    template words."""
+    pages, _ = read_knowledge_source(os.path.join(data_dir, "knowledge.jsonl"))
+    texts = [" ".join(page["text"]) for page in pages]
+    for task in tasks:
+        for split in ("train", "dev"):
+            examples, _ = read_kilt_examples(os.path.join(data_dir, f"{task}-{split}-kilt.jsonl"))
+            texts.extend(e["input"] + " " + " ".join(o.get("answer", "") for o in e["output"]) for e in examples)
+    texts.extend(f"{t}: title: context:" for t in tasks)
+    return texts
+
+
+def write_tokenizer(texts: list[str], vocab_size: int, tokenizer_dir: str) -> None:
+    """Train a T5 tokenizer on `texts` and save it at `tokenizer_dir`, which appears whole or not at all."""
+    save_tokenizer(train_t5_tokenizer(texts, vocab_size), tokenizer_dir + ".tmp")
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    os.replace(tokenizer_dir + ".tmp", tokenizer_dir)
+
+
 def prepare_data(config: PrepareConfig) -> dict:
     """The benchmark (or KILT's files), its tokenizer and passages, then (build_index=true) the retrieval stages
     of `glimmer_ray.retrieval.build`; writes data_report.json. Runs inside the caller's Ray session."""
@@ -84,20 +104,11 @@ def prepare_data(config: PrepareConfig) -> dict:
             raise SystemExit(f"unknown source {config.source!r}: synthkilt or kilt")
         report["generation_seconds"] = time.perf_counter() - start
         print(f"[data] {manifest['records']} in {report['generation_seconds']:.2f} s")
-    task_files = {(t, s): os.path.join(data_dir, f"{t}-{s}-kilt.jsonl") for t in config.tasks for s in ("train", "dev")}
 
     # 2. tokenizer for the benchmark
     tokenizer_dir = os.path.join(root, "tokenizer")
     if config.source == "synthkilt" and run_stage("tokenizer", tokenizer_dir, config.overwrite):
-        pages, _ = read_knowledge_source(os.path.join(data_dir, "knowledge.jsonl"))
-        texts = [" ".join(page["text"]) for page in pages]
-        for path in task_files.values():
-            examples, _ = read_kilt_examples(path)
-            texts.extend(e["input"] + " " + " ".join(o.get("answer", "") for o in e["output"]) for e in examples)
-        texts.extend(f"{t}: title: context:" for t in config.tasks)
-        save_tokenizer(train_t5_tokenizer(texts, config.tokenizer_vocab_size), tokenizer_dir + ".tmp")
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)
-        os.replace(tokenizer_dir + ".tmp", tokenizer_dir)
+        write_tokenizer(tokenizer_texts(data_dir, config.tasks), config.tokenizer_vocab_size, tokenizer_dir)
 
     # 3. passages
     passages_path = os.path.join(root, "passages.parquet")

@@ -368,6 +368,7 @@ class _Generator:
     paragraph_of: dict[str, dict[str, int]]
     subjects: dict[str, dict[str, list[dict[str, Any]]]]  # split -> type -> entities
     rng: random.Random
+    id_prefix: str = ""
     counter: dict[str, int] = field(default_factory=dict)
 
     def provenance(self, entity: dict[str, Any], attribute: str) -> dict[str, Any]:
@@ -412,7 +413,7 @@ class _Generator:
         index = self.counter.get(f"{task}-{split}", 0)
         self.counter[f"{task}-{split}"] = index + 1
         return {
-            "id": f"{task}-{split}-{index}",
+            "id": f"{self.id_prefix}{task}-{split}-{index}",
             "input": text,
             "output": [{"answer": answer, "provenance": provenance}],
             "meta": {"subject": subject["name"]},
@@ -451,6 +452,7 @@ def generate(
     dev_fraction: float = 0.2,
     facts_seed: int | None = None,
     split_seed: int | None = None,
+    id_prefix: str = "",
 ) -> dict[str, Any]:
     """Write the knowledge source, the train/dev sets of every task and a manifest to `output_dir`.
 
@@ -463,6 +465,7 @@ def generate(
     `split_seed` deals the subjects into train and dev with a generator of its own (default: seed's): a twin
     re-split this way asks, in train, about the benchmark's dev subjects too (with its own answers), so that no
     page is a distractor in every training example and a reranker cannot score pages by how often they were gold.
+    `id_prefix` starts every page and example id, so that several worlds can share one stream, memory and index.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
@@ -477,7 +480,7 @@ def generate(
     pages, paragraph_of = {}, {}
     entities = world.countries + world.cities + world.organizations + world.people
     for number, entity in enumerate(entities):
-        page, where = _render_page(entity, str(100000 + number), rng)
+        page, where = _render_page(entity, f"{id_prefix}{100000 + number}", rng)
         pages[entity["name"]] = page
         paragraph_of[entity["name"]] = where
 
@@ -488,7 +491,7 @@ def generate(
         split_rng.shuffle(group)
         cut = max(1, round(len(group) * dev_fraction))
         subjects["dev"][kind], subjects["train"][kind] = group[:cut], group[cut:]
-    generator = _Generator(world, pages, paragraph_of, subjects, rng)
+    generator = _Generator(world, pages, paragraph_of, subjects, rng, id_prefix)
 
     os.makedirs(output_dir, exist_ok=True)
     files = {"knowledge.jsonl": write_jsonl(os.path.join(output_dir, "knowledge.jsonl"), pages.values())}
@@ -505,6 +508,7 @@ def generate(
         "seed": seed,
         "facts_seed": facts_seed,
         "split_seed": split_seed,
+        "id_prefix": id_prefix,
         "tasks": list(TASKS),
         "records": files,
         "sha256": {name: _sha256(os.path.join(output_dir, name)) for name in files},

@@ -21,9 +21,18 @@ from glimmer_ray.retrieval.passages import PASSAGE_COLUMNS
 class Retriever:
     """The dense retriever over the passage table: query encoder + FAISS index + the passages' text."""
 
-    def __init__(self, index_dir: str, passages_path: str, encoder_path: str | None, use_gpu: bool = True) -> None:
+    def __init__(
+        self,
+        index_dir: str,
+        passages_path: str,
+        encoder_path: str | None,
+        use_gpu: bool = True,
+        encoder: DenseEncoder | None = None,
+    ) -> None:
+        """`encoder`: an encoder loaded already (several retrievers, one per world, share it); else loaded
+        from `encoder_path`."""
         self.index = PassageIndex.load(index_dir, use_gpu=use_gpu)
-        self.encoder = DenseEncoder(encoder_path)
+        self.encoder = encoder or DenseEncoder(encoder_path)
         if self.encoder.dimension != self.index.manifest["dimension"]:
             raise ValueError(
                 f"encoder {self.encoder.name} gives {self.encoder.dimension}-d vectors but the index at {index_dir} "
@@ -75,24 +84,30 @@ class RetrieveBatch:
         self.num_passages = num_passages
 
     def __call__(self, batch):
-        start = time.perf_counter()
-        results = self.retriever.search(list(batch["input"]), self.num_passages)
-        out = batch.copy()
-        out["retrieve_seconds"] = (time.perf_counter() - start) / max(1, len(results))
-        out["passage_ids"] = [r["ids"] for r in results]
-        out["passage_scores"] = [r["scores"] for r in results]
-        out["passage_pages"] = [r["pages"] for r in results]
-        out["passage_titles"] = [r["titles"] for r in results]
-        out["passage_texts"] = [r["texts"] for r in results]
-        gold = [gold_passages(json.loads(evidence), self.retriever.passages_by_page) for evidence in batch["evidence"]]
-        out["gold_passages"] = [json.dumps(sets) for sets in gold]
-        # one passage per item of the first evidence set: what a gold-evidence reader warm-up (or oracle) reads
-        first = [[holders[0] for holders in sets[0] if holders] if sets else [] for sets in gold]
-        out["gold_ids"] = first
-        out["gold_page_ids"] = [[self.retriever.passages[p][0] for p in ids] for ids in first]
-        out["gold_titles"] = [[self.retriever.passages[p][1] for p in ids] for ids in first]
-        out["gold_texts"] = [[self.retriever.passages[p][2] for p in ids] for ids in first]
-        return out
+        return attach_passages(batch, self.retriever, self.num_passages)
+
+
+def attach_passages(batch, retriever: Retriever, num_passages: int):
+    """A pandas batch of example rows (`input`, `evidence`) with its top-k passages and gold passages attached
+    (the columns `retrieve_examples` documents) and `retrieve_seconds`, the search time spread over the rows."""
+    start = time.perf_counter()
+    results = retriever.search(list(batch["input"]), num_passages)
+    out = batch.copy()
+    out["retrieve_seconds"] = (time.perf_counter() - start) / max(1, len(results))
+    out["passage_ids"] = [r["ids"] for r in results]
+    out["passage_scores"] = [r["scores"] for r in results]
+    out["passage_pages"] = [r["pages"] for r in results]
+    out["passage_titles"] = [r["titles"] for r in results]
+    out["passage_texts"] = [r["texts"] for r in results]
+    gold = [gold_passages(json.loads(evidence), retriever.passages_by_page) for evidence in batch["evidence"]]
+    out["gold_passages"] = [json.dumps(sets) for sets in gold]
+    # one passage per item of the first evidence set: what a gold-evidence reader warm-up (or oracle) reads
+    first = [[holders[0] for holders in sets[0] if holders] if sets else [] for sets in gold]
+    out["gold_ids"] = first
+    out["gold_page_ids"] = [[retriever.passages[p][0] for p in ids] for ids in first]
+    out["gold_titles"] = [[retriever.passages[p][1] for p in ids] for ids in first]
+    out["gold_texts"] = [[retriever.passages[p][2] for p in ids] for ids in first]
+    return out
 
 
 def example_rows(path: str, task: str, split: str) -> list[dict[str, Any]]:
@@ -152,6 +167,18 @@ def retrieve_examples(
     retrieved = retrieved.sort_values("_position", kind="stable").drop(columns=["_position"]).reset_index(drop=True)
     seconds = time.perf_counter() - start
     busy = float(retrieved.pop("retrieve_seconds").sum())  # query encoding + search, inside the actors
+    return {
+        "examples": len(retrieved),
+        "files": write_retrieved(retrieved, output_dir),
+        "wall_seconds": seconds,
+        "retrieve_seconds": busy,
+        "queries_per_second": len(retrieved) / max(busy, 1e-9),
+    }
+
+
+def write_retrieved(retrieved, output_dir: str) -> dict[str, int]:
+    """Write a frame of retrieved rows as `<task>-<split>.parquet` per group (each file appears whole); returns
+    the rows per file."""
     os.makedirs(output_dir, exist_ok=True)
     files = {}
     for (task, split), group in retrieved.groupby(["task", "split"], sort=True):
@@ -160,13 +187,7 @@ def retrieve_examples(
         pq.write_table(pa.Table.from_pandas(group.drop(columns=["split"]), preserve_index=False), temporary)
         os.replace(temporary, path)
         files[f"{task}-{split}"] = len(group)
-    return {
-        "examples": len(retrieved),
-        "files": files,
-        "wall_seconds": seconds,
-        "retrieve_seconds": busy,
-        "queries_per_second": len(retrieved) / max(busy, 1e-9),
-    }
+    return files
 
 
 def retrieval_recall(
