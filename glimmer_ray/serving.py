@@ -146,7 +146,8 @@ class ReaderStages:
 
     @torch.no_grad()
     def live(self, requests: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-        """Each request: question_ids [lq_i], memory [k, lp, d], memory_mask [k, lp], num_selected m.
+        """Each request: question_ids [lq_i], memory [k, lp, d], memory_mask [k, lp], num_selected m and
+        retrieval_scores [k] (the retriever's, read by a scorer with a retrieval prior).
         Returns per request: hidden [m*l, d], mask [m*l], scores [k] (or None), selected [m]."""
         results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -167,12 +168,16 @@ class ReaderStages:
                 self.device
             )  # [b, k, lp]
             num_passages = shape[0]
+            retrieval_scores = torch.from_numpy(
+                np.stack([np.asarray(requests[i]["retrieval_scores"], dtype=np.float32) for i in members])
+            ).to(self.device)  # [b, k]
             encoding = self.model.encode(
                 question_ids.to(self.device),
                 question_mask.to(self.device),
                 passage_mask=memory_mask,
                 passage_memory=memory,
                 num_selected=m if m < num_passages else None,
+                retrieval_scores=retrieval_scores,
             )
             for row, i in enumerate(members):
                 results[i] = {
@@ -276,6 +281,7 @@ class InProcessPipeline:
                     "memory": memory,
                     "memory_mask": memory_mask,
                     "num_selected": min(m, len(retrieved["ids"])),
+                    "retrieval_scores": retrieved["scores"],
                 }
             ]
         )[0]

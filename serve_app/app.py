@@ -203,7 +203,13 @@ class MemoryCache:
     def fetch(self, retrieved: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         memory, mask = self.lookup.fetch(retrieved["ids"])
-        return {"memory": memory, "memory_mask": mask, "ms": _ms(start), "cache": self.lookup.cache.stats()}
+        return {
+            "memory": memory,
+            "memory_mask": mask,
+            "retrieval_scores": np.asarray(retrieved["scores"], dtype=np.float32),  # [k], for a retrieval prior
+            "ms": _ms(start),
+            "cache": self.lookup.cache.stats(),
+        }
 
     def check_health(self) -> None:
         store = self.lookup.store
@@ -235,6 +241,7 @@ class LiveEncoderReranker:
                 "memory": mem["memory"],
                 "memory_mask": mem["memory_mask"],
                 "num_selected": min(m, len(mem["memory"])),
+                "retrieval_scores": mem["retrieval_scores"],
             }
             for q, mem, m in zip(question_ids, memories, num_selected)
         ]

@@ -4,6 +4,7 @@ evaluation and the probes.
     question_ids, question_mask  [b, lq]
     passage_ids, passage_mask    [b, k, lp]
     labels                       [b, t]
+    retrieval_scores             [b, k]       the retriever's scores (the stream's passage_scores)
     evidence_ids, evidence_mask  [b, g, lp]   the gold evidence passages, when the stream has them
 """
 
@@ -29,7 +30,12 @@ def model_inputs(
         for key in INPUT_KEYS + EVIDENCE_KEYS
         if key in batch
     }
+    if "passage_scores" in batch:
+        inputs["retrieval_scores"] = torch.as_tensor(
+            np.asarray(batch["passage_scores"], dtype=np.float32), device=device
+        )
     if closed_book:
+        inputs.pop("retrieval_scores", None)
         batch_size = inputs["question_ids"].shape[0]
         inputs["passage_ids"] = torch.full((batch_size, 1, 1), eos_token_id, dtype=torch.long, device=device)
         inputs["passage_mask"] = torch.ones((batch_size, 1, 1), dtype=torch.long, device=device)

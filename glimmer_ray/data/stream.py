@@ -5,6 +5,7 @@ function and `ray.train.get_dataset_shard` can split it across workers:
 
     question_ids  [lq]       question_mask  [lq]      "<task>: <input>", T5-tokenised
     passage_ids   [k, lp]    passage_mask   [k, lp]   "title: <title> context: <text>", top k
+    passage_scores [k] float32                        the retriever's scores (a scorer's retrieval prior)
     labels        [t]        -100 after the answer's </s>
     task          str        gold_pages     json      (for the reranker's recall@m, page level)
     gold_passages json       ids of the passages holding each gold evidence item (passage level)
@@ -90,6 +91,9 @@ class TokenizeBatch:
             "passage_mask": passage_mask.reshape(size, config.num_passages, config.passage_tokens),
             "passage_pages": np.array([list(p)[: config.num_passages] for p in batch["passage_pages"]], dtype=object),
             "passage_keys": np.array([list(p)[: config.num_passages] for p in batch["passage_ids"]], dtype=object),
+            "passage_scores": np.array(
+                [list(p)[: config.num_passages] for p in batch["passage_scores"]], dtype=np.float32
+            ),
             "labels": labels,
         }
         if config.evidence_passages:  # only for a gold reader warm-up: g more passages to tokenise per example

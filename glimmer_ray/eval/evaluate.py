@@ -79,9 +79,11 @@ def predict(
     num_selected: int | None = None,
     device: torch.device | None = None,
     memory=None,
+    select_by: str = "reranker",
 ) -> list[dict[str, Any]]:
     """Greedy answers with the kept passages. `fixed_length` decodes every step (no early stop), which
     sharded ZeRO-3 evaluation needs: every rank must run the same number of forward passes.
+    `select_by="retriever"` reads the retriever's first m instead of the reranker's top m.
     `memory` (a `MemoryStore` or `LRUMemoryCache`) supplies the passages' pre-computed memory instead
     of running the memory encoder over their tokens."""
     device = device or next(model.parameters()).device
@@ -102,6 +104,8 @@ def predict(
                 num_selected=1 if closed_book else num_selected,  # closed book: the one empty passage
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=max_new_tokens if fixed_length else 0,
+                select_by=select_by,
+                retrieval_scores=inputs.get("retrieval_scores"),
             )
             answers = tokenizer.batch_decode(
                 _cut_at_eos(tokens[:, 1:], tokenizer.eos_token_id), skip_special_tokens=True
@@ -141,8 +145,8 @@ def teacher_selection(model, batches, num_selected: int, device: torch.device | 
     """The m passages the perplexity-distillation teacher ranks highest: each passage read alone, scored by the
     length-normalised log-likelihood of the gold answer (the pdist target). The reranker can learn no better
     ranking than this from distillation; its recall@m against the retriever's tells whether the reader is yet
-    a teacher worth distilling. Returns one record per owned example with `task`, `gold_pages`, `kept_pages`, `gold_passages`
-    and `reranked_passages` (all k passage ids in the teacher's order)."""
+    a teacher worth distilling. Returns one record per owned example with `task`, `gold_pages`, `kept_pages`, `gold_passages`,
+    `reranked_passages` (all k passage ids in the teacher's order) and `retrieved_passages` (in the retriever's)."""
     device = device or next(model.parameters()).device
     selections = []
     with _eval_mode(model):
@@ -171,6 +175,7 @@ def teacher_selection(model, batches, num_selected: int, device: torch.device | 
                         "kept_pages": [pages[i] for i in order[row].tolist()],
                         "gold_passages": json.loads(batch["gold_passages"][row]),
                         "reranked_passages": [keys[i] for i in ranking[row].tolist()],
+                        "retrieved_passages": keys,
                     }
                 )
     return selections

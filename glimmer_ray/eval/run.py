@@ -28,6 +28,7 @@ from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, 
 from glimmer_ray.eval.metrics import prediction_recall, retriever_recall
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.model.flops import formula_flops
 from glimmer_ray.retrieval.retriever import retrieval_recall
 
 
@@ -37,6 +38,8 @@ class ModelEntry:
     path: str = "outputs/quickstart/model"  # exported Hugging Face directory (model + tokenizer)
     closed_book: bool = False  # read no passages (the closed-book baseline)
     num_selected: int | None = None  # m override for this evaluation; null = the model's
+    num_passages: int | None = None  # k read by this model; null = the evaluation's num_passages
+    live_proportion: float | None = None  # alpha for this evaluation (1.0: the same weights as FiD); null = the model's
     memory: str | None = None  # memory store (jobs/build_memory.py) read instead of encoding passages; null = encode
     reads: str = "retrieved"  # retrieved: the k retrieved, reranked to m | gold: the gold evidence passages alone (oracle: the reader, retrieval and reranking aside)
 
@@ -86,11 +89,14 @@ def run_evaluation(config: EvaluateConfig) -> dict:
 
     # loop: every model answers the same examples
     for entry in config.models:
-        model = GlimmerForConditionalGeneration.from_pretrained(entry.path).eval()
+        options = {} if entry.live_proportion is None else {"live_proportion": entry.live_proportion}
+        model = GlimmerForConditionalGeneration.from_pretrained(entry.path, **options).eval()
         tokenizer = AutoTokenizer.from_pretrained(entry.path)
         reading = load_reading(entry.path)
         gold = entry.reads == "gold"
-        tokenize = TokenizeConfig.as_trained(reading, config.num_passages, config.evidence_passages if gold else 0)
+        tokenize = TokenizeConfig.as_trained(
+            reading, entry.num_passages or config.num_passages, config.evidence_passages if gold else 0
+        )
         k = tokenize.num_passages
         m = config.evidence_passages if gold else entry.num_selected or model.config.num_selected or k
         store = None
@@ -144,8 +150,24 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         if not entry.closed_book and not gold and config.teacher_recall:
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
                 teacher.setdefault(selection["task"], []).append(selection)
+        pair_tokens = reading.question_tokens + reading.passage_tokens
+        flops = (
+            None
+            if entry.closed_book
+            else formula_flops(
+                model.config,
+                m if gold else k,
+                pair_tokens,
+                reading.answer_tokens,
+                reading.question_tokens,
+                m if gold or entry.num_selected else None,
+            ).total
+        )
         results["models"][entry.name] = {
             "scores": scores,
+            "num_passages": m if gold else k,
+            "live_proportion": model.config.live_proportion,
+            "flops_per_example": flops,  # the paper's formulas, attention scores aside
             "seconds": seconds,
             "examples_per_second": len(predictions) / seconds,
             "num_selected": m,
@@ -180,7 +202,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
 
     # report
     tasks = list(config.tasks) + ["average"]
-    print(f"\n{'model':<14}" + "".join(f"{t[:8]:>9}" for t in tasks) + f"{'rerank R@m':>11}{'retr. R@m':>10}")
+    print(
+        f"\n{'model':<14}"
+        + "".join(f"{t[:8]:>9}" for t in tasks)
+        + f"{'rerank R@m':>11}{'retr. R@m':>10}{'MFLOP/ex':>10}"
+    )
     for name, result in results["models"].items():
         print(
             f"{name:<14}"
@@ -191,6 +217,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
                 else f"{'-':>11}"
             )
             + f"{result['retriever_recall_at_m']:10.3f}"
+            + (f"{result['flops_per_example'] / 1e6:10.1f}" if result["flops_per_example"] else f"{'-':>10}")
         )
     print(
         "(dev exact match per task; recall@m: kept passages cover a gold evidence set; a model that reads 'gold' read the"

@@ -41,6 +41,9 @@ class GlimmerConfig(T5Config):
             default: a linear layer on the first token of [question; passage]) or `"mean_pool"`.
         separate_question_encoder: encode the question with its own copy of the memory layers
             (the original LUMEN) instead of the shared memory encoder (GLIMMER's default).
+        retrieval_prior: add the retriever's score as a prior, s_i = w . H'_i + gamma * r_i, with
+            gamma learned and w starting at zero, so an untrained scorer ranks as the retriever and
+            distillation learns corrections to it (an option beside the paper's pure scorer).
         **kwargs: any `T5Config` field (d_model, num_layers, num_heads, d_ff, ...).
     """
 
@@ -53,6 +56,7 @@ class GlimmerConfig(T5Config):
         num_selected: int | None = None,
         scoring: str = "first_token",
         separate_question_encoder: bool = False,
+        retrieval_prior: bool = False,
         **kwargs,
     ) -> None:
         if not 0.0 <= float(live_proportion) <= 1.0:
@@ -70,6 +74,7 @@ class GlimmerConfig(T5Config):
         self.num_selected = None if num_selected is None else int(num_selected)
         self.scoring = scoring
         self.separate_question_encoder = bool(separate_question_encoder)
+        self.retrieval_prior = bool(retrieval_prior)
         super().__init__(**kwargs)
         if (
             self.num_selected is not None

@@ -5,7 +5,7 @@ late-interaction memory reranker", arXiv 2306.10231. Sections 2-3 of the paper, 
 
     H_i  = [MemEnc(Q); MemEnc(P_i)]              memory of P_i is pre-computed offline
     H'_i = LiveEncA(H_i)                          first beta * alpha * L encoder layers of the live part
-    s_i  = w . H'_i[first token]   (or mean pool) rerank score
+    s_i  = w . H'_i[first token]   (or mean pool) rerank score (+ gamma * retriever score r_i, an option)
     R    = top-m of {H'_i} by s_i                 the other k - m passages are dropped here
     G    = Dec[LiveEncB(R_1); ...; LiveEncB(R_m)] Fusion-in-Decoder over the selected passages
 
@@ -122,21 +122,34 @@ def pack_pairs(
 
 
 class RerankHead(nn.Module):
-    """Score(H'_i): a linear projection of the first token, or of the mean over valid tokens."""
+    """Score(H'_i): a linear projection of the first token, or of the mean over valid tokens; with
+    `retrieval_prior`, plus gamma times the retriever's score of the passage (gamma learned)."""
 
-    def __init__(self, d_model: int, scoring: str) -> None:
+    def __init__(self, d_model: int, scoring: str, retrieval_prior: bool = False) -> None:
         super().__init__()
         self.scoring = scoring
         self.proj = nn.Linear(d_model, 1)
+        # gamma: the retriever's cosine scores differ by ~0.1 between passages, teacher log-likelihoods by ~1
+        self.prior_weight = nn.Parameter(torch.tensor(10.0)) if retrieval_prior else None
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden [n, l, d], mask [n, l] -> scores [n]."""
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor, retrieval_scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden [n, l, d], mask [n, l], retrieval_scores [n] (needed with the prior) -> scores [n]."""
         if self.scoring == "first_token":
             pooled = hidden[:, 0]  # [n, d]
         else:
             weights = mask.to(hidden.dtype)[..., None]  # [n, l, 1]
             pooled = (hidden * weights).sum(1) / weights.sum(1)  # [n, d]
-        return self.proj(pooled).squeeze(-1)
+        scores = self.proj(pooled).squeeze(-1)  # [n]
+        if self.prior_weight is None:
+            return scores
+        if retrieval_scores is None:
+            raise ValueError(
+                "this reader scores passages with a retrieval prior (retrieval_prior=True): pass retrieval_scores, "
+                "the retriever's score of every passage [b, k]"
+            )
+        return scores + self.prior_weight * retrieval_scores.to(scores.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +228,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         decoder_config.num_layers = config.num_decoder_layers
         self.decoder = T5Stack(decoder_config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rerank_head = RerankHead(config.d_model, config.scoring)
+        self.rerank_head = RerankHead(config.d_model, config.scoring, config.retrieval_prior)
         if config.separate_question_encoder:
             self.question_encoder = nn.ModuleList(
                 [
@@ -246,7 +259,11 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             if not self.config.lm_head_tied:
                 nn.init.normal_(module.lm_head.weight, mean=0.0, std=factor)
         elif isinstance(module, RerankHead):
-            nn.init.normal_(module.proj.weight, mean=0.0, std=factor * self.config.d_model**-0.5)
+            if module.prior_weight is None:
+                nn.init.normal_(module.proj.weight, mean=0.0, std=factor * self.config.d_model**-0.5)
+            else:  # the untrained scorer ranks exactly as the retriever
+                nn.init.zeros_(module.proj.weight)
+                module.prior_weight.fill_(10.0)
             nn.init.zeros_(module.proj.bias)
 
     @classmethod
@@ -352,10 +369,12 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         num_selected: int | None = None,
         chunk_tokens: int = LIVE_CHUNK_TOKENS,
         select_by: str = "reranker",
+        retrieval_scores: torch.Tensor | None = None,
     ) -> GlimmerEncoding:
         """LiveEncA over all k pairs, score, keep the top m, LiveEncB over those m only.
 
-        question_memory [b, lq, d], passage_memory [b, k, lp, d]; `num_selected` overrides the
+        question_memory [b, lq, d], passage_memory [b, k, lp, d], retrieval_scores [b, k] (the
+        retriever's, read by a scorer with `retrieval_prior`); `num_selected` overrides the
         config's m for this call. Without reranking all k pairs pass both stages in order.
         Pairs go through each stage in chunks of at most `chunk_tokens` tokens (same result).
         `select_by="retriever"` keeps the first m passages (the retriever's order) while still
@@ -379,7 +398,8 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             kept, kept_mask = hidden, flat_mask
             m = num_passages
         else:
-            scores = self.rerank_head(hidden, flat_mask).view(batch_size, num_passages)  # [b, k]
+            prior = None if retrieval_scores is None else retrieval_scores.reshape(batch_size * num_passages)  # [b*k]
+            scores = self.rerank_head(hidden, flat_mask, prior).view(batch_size, num_passages)  # [b, k]
             if select_by == "retriever":
                 selected = torch.arange(m, device=hidden.device).expand(batch_size, m)  # [b, m]
             else:
@@ -415,12 +435,19 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         passage_memory: torch.Tensor | None = None,
         num_selected: int | None = None,
         select_by: str = "reranker",
+        retrieval_scores: torch.Tensor | None = None,
     ) -> GlimmerEncoding:
         """Memory (from tokens, or the pre-computed `passage_memory`) then the live encoder."""
         passage_memory = self._passage_memory(question_ids, question_mask, passage_ids, passage_mask, passage_memory)
         question_memory = self.encode_question(question_ids, question_mask)
         return self.live_encode(
-            question_memory, question_mask, passage_memory, passage_mask, num_selected, select_by=select_by
+            question_memory,
+            question_mask,
+            passage_memory,
+            passage_mask,
+            num_selected,
+            select_by=select_by,
+            retrieval_scores=retrieval_scores,
         )
 
     # ---- Decoder, loss, generation ---------------------------------------------------------
@@ -455,6 +482,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         pdist_weight: float = 1.0,
         pdist_temperature: float = 1.0,
         select_by: str = "reranker",
+        retrieval_scores: torch.Tensor | None = None,
     ) -> GlimmerOutput:
         """Score, select and read k passages per question.
 
@@ -469,9 +497,17 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             pdist_weight: lambda; pdist_temperature: tau (the paper: 1.0; tau = 0.1 scored best).
             select_by: "reranker" (the model) or "retriever" (the first m passages are read; the
                 rerank scores are still returned and distilled), a training warm-up.
+            retrieval_scores: [b, k] the retriever's scores, read by a scorer with `retrieval_prior`.
         """
         encoding = self.encode(
-            question_ids, question_mask, passage_ids, passage_mask, passage_memory, num_selected, select_by=select_by
+            question_ids,
+            question_mask,
+            passage_ids,
+            passage_mask,
+            passage_memory,
+            num_selected,
+            select_by=select_by,
+            retrieval_scores=retrieval_scores,
         )
         if decoder_input_ids is None:
             if labels is None:
@@ -598,9 +634,22 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         num_selected: int | None = None,
         max_new_tokens: int = 32,
         min_new_tokens: int = 0,
+        select_by: str = "reranker",
+        retrieval_scores: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GlimmerEncoding]:
-        """Greedy answers for a batch: returns (token ids [b, t'], the encoding with scores and selection)."""
-        encoding = self.encode(question_ids, question_mask, passage_ids, passage_mask, passage_memory, num_selected)
+        """Greedy answers for a batch: returns (token ids [b, t'], the encoding with scores and selection);
+        `select_by="retriever"` reads the retriever's first m (a reader whose reranker is not trained yet);
+        `retrieval_scores` [b, k] for a scorer with `retrieval_prior`."""
+        encoding = self.encode(
+            question_ids,
+            question_mask,
+            passage_ids,
+            passage_mask,
+            passage_memory,
+            num_selected,
+            select_by=select_by,
+            retrieval_scores=retrieval_scores,
+        )
         tokens = self.generate_from_encoding(encoding.hidden, encoding.mask, max_new_tokens, min_new_tokens)
         return tokens, encoding
 

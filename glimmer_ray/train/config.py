@@ -28,6 +28,9 @@ class ModelSection:
     num_selected: int | None = 3  # m; null = no reranking (LUMEN / FiD)
     scoring: str = "first_token"  # first_token | mean_pool
     separate_question_encoder: bool = False  # the LUMEN-style question encoder ablation
+    retrieval_prior: bool = (
+        False  # score = learned score + gamma * retriever score (gamma learned; starts ranking as the retriever)
+    )
     closed_book: bool = False  # the closed-book baseline: no passages at all
 
 
@@ -73,6 +76,7 @@ class OptimSection:
     reader_warmup_passages: int = (
         1  # passages read during the reader warm-up (<= data.num_passages); k/p times cheaper steps
     )
+    distill_gate: bool = False  # distil (and read the reranker's top m) only once an evaluation finds the teacher's held-out passage recall@m at least the retriever's: a teacher that does not read cannot teach
     reader_warmup_source: str = "retrieved"  # retrieved: the first reader_warmup_passages | gold: the data.evidence_passages gold evidence passages
 
 

@@ -32,8 +32,8 @@ from transformers.optimization import Adafactor
 from glimmer_ray.config import from_dict
 from glimmer_ray.data.batches import model_inputs
 from glimmer_ray.data.reading import ReadingConfig, save_reading
-from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
-from glimmer_ray.eval.metrics import reranker_recall, retriever_recall
+from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
+from glimmer_ray.eval.metrics import prediction_recall, reranker_recall, retriever_recall
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
@@ -55,6 +55,7 @@ def build_model(config: TrainConfig, vocab_size: int) -> GlimmerForConditionalGe
         num_selected=section.num_selected,
         scoring=section.scoring,
         separate_question_encoder=section.separate_question_encoder,
+        retrieval_prior=section.retrieval_prior,
     )
     saved = AutoConfig.from_pretrained(section.checkpoint) if section.checkpoint else None
     if saved is not None and saved.model_type == GlimmerConfig.model_type:
@@ -145,6 +146,7 @@ class TrainLoopRunner:
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.data.dir, "tokenizer"))
         self._set_up_engine()
+        self.gate_open = not self.optim.distill_gate  # distillation allowed (optim.distill_gate: not yet)
         self.step = self._restore()  # optimiser steps done
         self.resumed_from = self.step
         # micro-batches already consumed: the data position of a resumed run
@@ -236,6 +238,7 @@ class TrainLoopRunner:
                 self.schedule.load_state_dict(state["schedule"])
                 client_state = state["client"]
             step = int(client_state["step"])
+            self.gate_open = bool(client_state.get("gate_open", self.gate_open))
         if self.rank == 0:
             print(f"[train] resumed from the checkpoint of step {step}", flush=True)
         return step
@@ -287,7 +290,9 @@ class TrainLoopRunner:
         an optimiser step."""
         closed_book = self.config.model.closed_book
         inputs = model_inputs(batch, self.device, closed_book=closed_book, eos_token_id=self.tokenizer.eos_token_id)
-        inputs, arguments, reader_warmup = curriculum_step(inputs, self.step, self.optim, closed_book=closed_book)
+        inputs, arguments, reader_warmup = curriculum_step(
+            inputs, self.step, self.optim, closed_book=closed_book, gate_open=self.gate_open
+        )
         output = (self.module if self.engine is None else self.engine)(**inputs, **arguments)
         if self.engine is not None:
             self.engine.backward(output.loss)
@@ -375,6 +380,7 @@ class TrainLoopRunner:
             "dev_f1": scores["average"]["f1"],
             "dev_kilt_em": scores["average"]["kilt_em"],
             **{f"dev_em/{task}": value["em"] for task, value in scores.items() if task != "average"},
+            **self._check_gate(),
         }
         if self.rank == 0:
             print(
@@ -390,6 +396,39 @@ class TrainLoopRunner:
                 dist.barrier()
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
         self.since_report.reset()
+
+    def _check_gate(self) -> dict[str, float]:
+        """optim.distill_gate: once distillation is due within the next evaluation period, the teacher's held-out
+        passage recall@m against the retriever's; the gate opens (for good) when the teacher is at least as good.
+        Returns both recalls for the report (nothing when there is no gate to check)."""
+        optim, config = self.optim, self.config
+        due = self.step + config.checkpoint.every_steps > optim.distill_start_step
+        if self.gate_open or not due or config.model.closed_book:
+            return {}
+        batches = dev_batches(
+            self.dev_paths,
+            os.path.join(config.data.dir, "tokenizer"),
+            self.dev_tokenize,
+            batch_size=optim.batch_size,
+            limit_per_task=config.data.dev_limit_per_task,
+            shard=(self.rank, self.world_size),
+        )
+        m = self.module.config.num_selected or config.data.num_passages
+        records = teacher_selection(self.module, batches, m, device=self.device)
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        teacher = prediction_recall(records, "reranked_passages", "passage", m)
+        retriever = prediction_recall(records, "retrieved_passages", "passage", m)
+        self.gate_open = teacher >= retriever
+        if self.rank == 0:
+            verdict = "opens: distillation from here" if self.gate_open else "stays closed: no distillation yet"
+            print(
+                f"[gate] step {self.step}: teacher passage R@{m} {teacher:.3f} vs retriever {retriever:.3f}; {verdict}",
+                flush=True,
+            )
+        return {"gate_teacher_passage_recall": teacher, "gate_retriever_passage_recall": retriever}
 
     def _dev_predictions(self) -> list[dict[str, Any]]:
         """Every rank answers its shard of the dev examples; the predictions of all ranks, on every rank."""
@@ -410,6 +449,8 @@ class TrainLoopRunner:
             closed_book=config.model.closed_book,
             fixed_length=self.zero3,
             device=self.device,
+            # while the curriculum reads the retriever's order, so does the evaluation: it measures the reader
+            select_by="retriever" if self.step < self.optim.rerank_warmup_steps or not self.gate_open else "reranker",
         )
         if self.world_size > 1:
             gathered = [None] * self.world_size
@@ -420,14 +461,16 @@ class TrainLoopRunner:
     def _save(self, directory: str) -> None:
         """The engine's checkpoint (every rank its ZeRO shards), or the plain PyTorch state (rank 0), with the step."""
         if self.engine is not None:
-            self.engine.save_checkpoint(directory, tag="deepspeed", client_state={"step": self.step})
+            self.engine.save_checkpoint(
+                directory, tag="deepspeed", client_state={"step": self.step, "gate_open": self.gate_open}
+            )
         elif self.rank == 0:
             torch.save(
                 {
                     "model": self.module.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "schedule": self.schedule.state_dict(),
-                    "client": {"step": self.step},
+                    "client": {"step": self.step, "gate_open": self.gate_open},
                 },
                 os.path.join(directory, "torch_state.pt"),
             )

@@ -159,6 +159,28 @@ def test_selected_is_top_m_of_rerank_scores(tiny_t5_dir, scoring):
     assert encoding.hidden.shape == (3, 2 * (6 + 9), model.config.d_model)
 
 
+def test_retrieval_prior_starts_as_the_retriever_and_learns_corrections(tiny_t5_dir):
+    model = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2, retrieval_prior=True)
+    question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch(batch_size=3, num_passages=5)
+    retrieval = torch.tensor([[0.1, 0.9, 0.3, 0.5, 0.2], [0.7, 0.1, 0.2, 0.3, 0.8], [0.3, 0.2, 0.1, 0.6, 0.4]])
+    encoding = model.encode(question_ids, question_mask, passage_ids, passage_mask, retrieval_scores=retrieval)
+    # the untrained scorer ranks exactly as the retriever, whatever the passages say
+    assert encoding.selected.tolist() == [[1, 3], [4, 0], [3, 4]]
+    torch.testing.assert_close(encoding.rerank_scores, 10.0 * retrieval)
+    with pytest.raises(ValueError, match="retrieval_scores"):
+        model.encode(question_ids, question_mask, passage_ids, passage_mask)
+    # distillation moves the learned part and the prior's weight
+    output = model.train()(
+        question_ids, question_mask, passage_ids, passage_mask, labels=labels, retrieval_scores=retrieval
+    )
+    output.pdist_loss.backward()
+    assert model.rerank_head.proj.weight.grad.abs().sum() > 0 and model.rerank_head.prior_weight.grad != 0
+    with torch.no_grad():
+        model.rerank_head.proj.weight.normal_()
+    moved = model.eval().encode(question_ids, question_mask, passage_ids, passage_mask, retrieval_scores=retrieval)
+    assert not torch.allclose(moved.rerank_scores, 10.0 * retrieval)
+
+
 def test_scores_read_stage_a_at_first_token_or_mean(tiny_t5_dir):
     first = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2)
     mean = _glimmer(tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2, scoring="mean_pool")
@@ -424,6 +446,7 @@ def test_from_t5_copies_every_weight(tiny_t5_dir, hf_t5):
     [
         dict(live_proportion=0.5, rerank_proportion=0.5, num_selected=2),
         dict(live_proportion=0.5, separate_question_encoder=True, scoring="mean_pool", num_selected=1),
+        dict(live_proportion=0.5, rerank_proportion=0.5, num_selected=2, retrieval_prior=True),
     ],
 )
 def test_save_pretrained_round_trips_bit_exactly(tiny_t5_dir, tmp_path, options):
@@ -439,15 +462,25 @@ def test_save_pretrained_round_trips_bit_exactly(tiny_t5_dir, tmp_path, options)
     assert original.keys() == restored.keys()
     for name in original:
         assert torch.equal(original[name], restored[name]), name
-    for key in ("live_proportion", "rerank_proportion", "num_selected", "scoring", "separate_question_encoder"):
+    for key in (
+        "live_proportion",
+        "rerank_proportion",
+        "num_selected",
+        "scoring",
+        "separate_question_encoder",
+        "retrieval_prior",
+    ):
         assert getattr(loaded.config, key) == getattr(model.config, key)
     assert loaded.lm_head.weight is not loaded.shared.weight
     stored = load_file(tmp_path / "model.safetensors")
     assert torch.equal(stored["rerank_head.proj.weight"], model.rerank_head.proj.weight)
     question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch()
+    retrieval = torch.rand(passage_ids.shape[:2], generator=torch.Generator().manual_seed(0))  # [b, k]
     assert torch.equal(
-        model(question_ids, question_mask, passage_ids, passage_mask, labels=labels).logits,
-        loaded(question_ids, question_mask, passage_ids, passage_mask, labels=labels).logits,
+        model(question_ids, question_mask, passage_ids, passage_mask, labels=labels, retrieval_scores=retrieval).logits,
+        loaded(
+            question_ids, question_mask, passage_ids, passage_mask, labels=labels, retrieval_scores=retrieval
+        ).logits,
     )
 
 

@@ -109,3 +109,30 @@ def test_closed_book_never_distils_and_reader_warmup_must_fit_k():
     assert arguments["num_selected"] == 1 and arguments["pdist_weight"] == 0.0
     with pytest.raises(ValueError, match="reader_warmup_passages must be between 1 and k = 2"):
         curriculum_step(_inputs(num_passages=2), 0, optim)
+
+
+def test_closed_gate_holds_distillation_and_reranking_back(tiny_t5_dir):
+    """optim.distill_gate: until an evaluation finds the teacher at the retriever's level, steps past
+    distill_start_step and rerank_warmup_steps neither distil nor read the reranker's picks."""
+    glimmer = GlimmerForConditionalGeneration.from_t5(
+        tiny_t5_dir, live_proportion=0.5, rerank_proportion=0.5, num_selected=2, retrieval_prior=True
+    ).eval()
+    optim = OptimSection(distill_start_step=0, rerank_warmup_steps=0, distill_gate=True)
+    inputs = {**_inputs(), "retrieval_scores": torch.tensor([[0.1, 0.2, 0.9, 0.3], [0.8, 0.1, 0.2, 0.7]])}
+    closed, arguments, _ = curriculum_step(inputs, 10, optim, gate_open=False)
+    output = glimmer(**closed, **arguments)
+    assert output.pdist_loss is None and output.selected.tolist() == [[0, 1], [0, 1]]  # the retriever's first m
+    opened, arguments, _ = curriculum_step(inputs, 10, optim, gate_open=True)
+    output = glimmer(**opened, **arguments)
+    assert output.pdist_loss is not None and output.selected.tolist() == [[2, 3], [0, 3]]  # by score: the prior
+
+
+def test_reader_warmup_keeps_the_retrieval_scores_of_the_passages_it_reads():
+    optim = OptimSection(reader_warmup_steps=5, reader_warmup_passages=2)
+    inputs = {**_inputs(), "retrieval_scores": torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.2]])}
+    warm, _, _ = curriculum_step(inputs, 0, optim)
+    torch.testing.assert_close(warm["retrieval_scores"], torch.tensor([[0.9, 0.8], [0.5, 0.4]]))
+    gold = OptimSection(reader_warmup_steps=5, reader_warmup_source="gold")
+    evidence = {"evidence_ids": inputs["passage_ids"][:, :3], "evidence_mask": inputs["passage_mask"][:, :3]}
+    warm, _, _ = curriculum_step({**inputs, **evidence}, 0, gold)
+    assert warm["retrieval_scores"].shape == (2, 3) and not warm["retrieval_scores"].any()
