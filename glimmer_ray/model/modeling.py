@@ -130,7 +130,9 @@ class RerankHead(nn.Module):
         self.scoring = scoring
         self.proj = nn.Linear(d_model, 1)
         # gamma: the retriever's cosine scores differ by ~0.1 between passages, teacher log-likelihoods by ~1
-        self.prior_weight = nn.Parameter(torch.tensor(10.0)) if retrieval_prior else None
+        self.prior_weight = (
+            nn.Parameter(torch.full((1,), 10.0)) if retrieval_prior else None
+        )  # [1]: ZeRO flattens no 0-d tensor
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor, retrieval_scores: torch.Tensor | None = None

@@ -8,19 +8,21 @@ run several trainings (jobs/benchmark_train.py).
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from glimmer_ray.cli import check_spare_cpu
-from glimmer_ray.config import to_dict
+from glimmer_ray.config import load_config, to_dict
 from glimmer_ray.data.stream import tokenized_dataset
 from glimmer_ray.train.config import TrainConfig, tokenize_config, train_paths
-from glimmer_ray.train.worker import check_checkpoint_tokenizer, train_loop_per_worker
+from glimmer_ray.train.worker import check_checkpoint_tokenizer, export_checkpoint, train_loop_per_worker
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
@@ -88,3 +90,32 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 shutil.copytree(source, config.export_dir)
                 summary["export_dir"] = config.export_dir
     return summary
+
+
+@dataclass
+class ExportConfig:
+    train_config: str = "jobs/configs/train_quickstart.yaml"  # the recipe the run was trained with
+    train_overrides: list[str] = field(default_factory=list)  # its dotted overrides, as given to jobs/train.py
+    checkpoint: str | None = None  # a checkpoint directory of the run; null = its newest (checkpoint.storage_path/name)
+    export_dir: str | None = None  # where the model goes (Hugging Face layout); null = the recipe's export_dir
+
+
+def run_export(config: ExportConfig) -> str:
+    """Export a checkpoint of a training run (a run stopped early, or a step better than the last) as the run's
+    final export would be; returns the export directory. Needs no Ray cluster."""
+    train = load_config(TrainConfig, config.train_config, config.train_overrides)
+    train.resolve_paths()
+    checkpoint = config.checkpoint
+    if checkpoint is None:
+        run_dir = os.path.join(train.checkpoint.storage_path, train.checkpoint.name)
+        found = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))  # Ray names them by time
+        if not found:
+            raise SystemExit(f"no checkpoint under {run_dir}: give checkpoint=DIR")
+        checkpoint = found[-1]
+    export_dir = os.path.abspath(config.export_dir or train.export_dir or "")
+    if not export_dir:
+        raise SystemExit("no export_dir: give export_dir=DIR")
+    if not train.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
+    print(f"[export] {checkpoint} -> {export_dir}", flush=True)
+    return export_checkpoint(train, checkpoint, export_dir)

@@ -101,6 +101,49 @@ def check_checkpoint_tokenizer(checkpoint: str | None, tokenizer_dir: str) -> No
         )
 
 
+def write_export(
+    model_config: GlimmerConfig, state: dict[str, torch.Tensor], tokenizer, config: TrainConfig, target: str
+):
+    """The model of `state` in Hugging Face layout (fp32), its tokenizer and the reading settings it was trained
+    with (`reading.json`) in `target`."""
+    export = GlimmerForConditionalGeneration(model_config)
+    missing, unexpected = export.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [name for name in missing if not name.endswith("embed_tokens.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"export does not match the model: missing {missing}, unexpected {unexpected}")
+    export.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    data = config.data
+    save_reading(
+        target,
+        ReadingConfig(
+            question_tokens=data.question_tokens,
+            passage_tokens=data.passage_tokens,
+            answer_tokens=data.answer_tokens,
+            num_passages=data.num_passages,
+            tasks=tuple(data.tasks),
+        ),
+    )
+
+
+def export_checkpoint(config: TrainConfig, checkpoint_dir: str, export_dir: str) -> str:
+    """Export the model of one of a run's checkpoints (any step, e.g. the best by dev EM before the run ended) as the
+    run's final export would be: DeepSpeed's ZeRO shards consolidated to fp32 (`zero_to_fp32`, any stage) or the plain
+    PyTorch state; the model's shape and split from `config`, the recipe the run was trained with."""
+    if os.path.isdir(os.path.join(checkpoint_dir, "deepspeed")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="deepspeed")
+    elif os.path.exists(os.path.join(checkpoint_dir, "torch_state.pt")):
+        state = torch.load(os.path.join(checkpoint_dir, "torch_state.pt"), map_location="cpu")["model"]
+    else:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no training checkpoint (deepspeed/ or torch_state.pt)")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.data.dir, "tokenizer"))
+    model_config = build_model(config, vocab_size=len(tokenizer)).config
+    write_export(model_config, state, tokenizer, config, export_dir)
+    return export_dir
+
+
 @dataclass
 class MetricsWindow:
     """Per-micro-batch values summed since `start`. A value's mean is over the micro-batches that gave it:
@@ -482,25 +525,7 @@ class TrainLoopRunner:
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.module.state_dict()
         if self.rank != 0:
             return
-        export = GlimmerForConditionalGeneration(self.module.config)
-        missing, unexpected = export.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        missing = [name for name in missing if not name.endswith("embed_tokens.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"export does not match the model: missing {missing}, unexpected {unexpected}")
-        target = os.path.join(directory, "hf")
-        export.save_pretrained(target)
-        self.tokenizer.save_pretrained(target)
-        data = self.config.data
-        save_reading(
-            target,
-            ReadingConfig(
-                question_tokens=data.question_tokens,
-                passage_tokens=data.passage_tokens,
-                answer_tokens=data.answer_tokens,
-                num_passages=data.num_passages,
-                tasks=tuple(data.tasks),
-            ),
-        )
+        write_export(self.module.config, state, self.tokenizer, self.config, os.path.join(directory, "hf"))
 
     def _write(self, section: str, values: dict[str, float]) -> None:
         """TensorBoard scalars `section/key` at the current step (rank 0, when log.tensorboard)."""

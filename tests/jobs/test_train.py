@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from glimmer_ray.config import load_config
@@ -17,6 +18,7 @@ from glimmer_ray.train.config import TrainConfig
 
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICKSTART = os.path.join(ROOT, "jobs", "configs", "train_quickstart.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def tiny_data(ray_cluster, tmp_path_factory, load_job):
     return str(root)
 
 
-def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainConfig:
+def _overrides(data_dir: str, run_dir: str, name: str, **overrides) -> list[str]:
     base = [
         f"data.dir={data_dir}",
         "data.cache=false",
@@ -63,11 +65,11 @@ def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainC
         "log.tensorboard=false",
         f"export_dir={os.path.join(run_dir, name + '-export')}",
     ]
-    return load_config(
-        TrainConfig,
-        os.path.join(ROOT, "jobs", "configs", "train_quickstart.yaml"),
-        base + [f"{key}={value}" for key, value in overrides.items()],
-    )
+    return base + [f"{key}={value}" for key, value in overrides.items()]
+
+
+def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainConfig:
+    return load_config(TrainConfig, QUICKSTART, _overrides(data_dir, run_dir, name, **overrides))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -88,12 +90,18 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
             "optim.distill_start_step": 2,
             "optim.rerank_warmup_steps": 4,
             "optim.reader_warmup_source": "gold" if stage == 3 else "retrieved",
+            # ZeRO-2: the scorer with the retrieval prior, distillation behind the teacher's gate
+            "model.retrieval_prior": "true" if stage == 2 else "false",
+            "optim.distill_gate": "true" if stage == 2 else "false",
         },
     )
     summary = train.main(config)
     metrics = summary["metrics"]
     assert metrics["step"] == 8 and metrics["resumed_from_step"] == 0
     assert metrics["train_loss"] < metrics["first_loss"]
+    if stage == 2:  # the last evaluation either found the gate open already or measured teacher and retriever
+        gate = metrics.get("gate_teacher_passage_recall")
+        assert gate is None or 0.0 <= gate <= 1.0 and 0.0 <= metrics["gate_retriever_passage_recall"] <= 1.0
     model = GlimmerForConditionalGeneration.from_pretrained(summary["export_dir"]).eval()  # no DeepSpeed needed
     tokenizer = AutoTokenizer.from_pretrained(summary["export_dir"])
     question = tokenizer(["nq: where was someone born"], return_tensors="pt")
@@ -104,8 +112,10 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
         passages.input_ids[None],
         passages.attention_mask[None],
         max_new_tokens=4,
+        retrieval_scores=torch.tensor([[0.5, 0.4]]),
     )
     assert tokens.shape[0] == 1 and encoding.selected.shape == (1, 2)
+    assert model.config.retrieval_prior == (stage == 2)
     assert model.config.num_selected == 2 and model.config.live_proportion == 0.5
     # the export says how it was trained: token lengths, k and tasks as configured
     assert load_reading(summary["export_dir"]) == ReadingConfig(
@@ -119,7 +129,7 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
 
 def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, load_job):
     train = load_job("train")
-    config = _train_config(
+    overrides = _overrides(
         tiny_data,
         str(tmp_path),
         "resume",
@@ -130,12 +140,24 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, loa
             "failure.fail_rank": 1,
         },
     )
-    summary = train.main(config)
+    summary = train.main(load_config(TrainConfig, QUICKSTART, overrides))
     assert os.path.exists(os.path.join(str(tmp_path), "resume", ".fault_injected"))  # the worker did die
     metrics = summary["metrics"]
     assert metrics["step"] == 8
     assert metrics["resumed_from_step"] == 4  # the restarted group loaded step 4's checkpoint, not step 0
     assert os.path.isdir(summary["export_dir"])
+
+    # the export job turns the run's newest checkpoint (step 8) into the same model as the run's own export
+    export = load_job("export")
+    exported = export.main(
+        export.ExportConfig(train_config=QUICKSTART, train_overrides=overrides, export_dir=str(tmp_path / "exported"))
+    )
+    final = GlimmerForConditionalGeneration.from_pretrained(summary["export_dir"]).state_dict()
+    again = GlimmerForConditionalGeneration.from_pretrained(exported).state_dict()
+    assert final.keys() == again.keys() and all(torch.equal(final[key], again[key]) for key in final)
+    assert load_reading(exported) == load_reading(summary["export_dir"])
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        export.main(export.ExportConfig(train_config=QUICKSTART, train_overrides=overrides, checkpoint=str(tmp_path)))
 
 
 def test_workers_that_would_starve_the_data_stream_are_refused(tiny_data, tmp_path, load_job):

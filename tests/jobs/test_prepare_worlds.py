@@ -1,4 +1,4 @@
-"""Many SynthKILT worlds (prepare_worlds) on a real local Ray cluster with the packaged MiniLM encoder: fresh
+"""The prepare_worlds job (`glimmer_ray.data.worlds`) on a real local Ray cluster with the packaged MiniLM encoder: fresh
 worlds, one tokenizer, each world retrieved in its own index, held-out worlds never in the train stream, and a
 run that resumes at the first unfinished world."""
 
@@ -36,9 +36,9 @@ def config(root, **overrides) -> WorldsConfig:
 
 
 @pytest.fixture(scope="module")
-def worlds(ray_cluster, tmp_path_factory):
+def worlds(ray_cluster, tmp_path_factory, load_job):
     root = tmp_path_factory.mktemp("worlds")
-    return root, prepare_worlds(config(root))
+    return root, load_job("prepare_worlds").main(config(root))  # joins the test's cluster (ray_address null)
 
 
 def rows(path, columns):
