@@ -65,6 +65,8 @@ def read_gold_evidence(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "passage_mask": batch["evidence_mask"],
         "passage_keys": batch["evidence_keys"],
         "passage_pages": batch["evidence_pages"],
+        # gold passages have no retriever score: a zero prior leaves the learned score alone, as in the warm-up
+        "passage_scores": np.zeros(np.shape(batch["evidence_keys"]), dtype=np.float32),
     }
 
 

@@ -108,7 +108,7 @@ def run_export(config: ExportConfig) -> str:
     checkpoint = config.checkpoint
     if checkpoint is None:
         run_dir = os.path.join(train.checkpoint.storage_path, train.checkpoint.name)
-        found = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))  # Ray names them by time
+        found = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(p))  # named by time
         if not found:
             raise SystemExit(f"no checkpoint under {run_dir}: give checkpoint=DIR")
         checkpoint = found[-1]

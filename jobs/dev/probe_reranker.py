@@ -82,9 +82,11 @@ class NormedRerankHead(nn.Module):
         self.norm = norm
         self.head = head
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden [n, l, d], mask [n, l] -> scores [n]."""
-        return self.head(self.norm(hidden), mask)
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor, retrieval_scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden [n, l, d], mask [n, l], retrieval_scores [n] (with a retrieval prior) -> scores [n]."""
+        return self.head(self.norm(hidden), mask, retrieval_scores)
 
 
 def probe_head(model, scoring: str | None, head_norm: bool) -> nn.Module:
