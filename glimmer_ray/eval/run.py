@@ -41,6 +41,7 @@ class ModelEntry:
     num_passages: int | None = None  # k read by this model; null = the evaluation's num_passages
     live_proportion: float | None = None  # alpha for this evaluation (1.0: the same weights as FiD); null = the model's
     memory: str | None = None  # memory store (jobs/build_memory.py) read instead of encoding passages; null = encode
+    teacher_recall: bool | None = None  # the teacher's recall for this model; null = the evaluation's teacher_recall
     reads: str = "retrieved"  # retrieved: the k retrieved, reranked to m | gold: the gold evidence passages alone (oracle: the reader, retrieval and reranking aside)
 
 
@@ -147,7 +148,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             for task, path in paths.items()
         }
         teacher: dict[str, list] = {}
-        if not entry.closed_book and not gold and config.teacher_recall:
+        wants_teacher = config.teacher_recall if entry.teacher_recall is None else entry.teacher_recall
+        if not entry.closed_book and not gold and wants_teacher:
             for selection in teacher_selection(model, batches, m, device=torch.device("cpu")):
                 teacher.setdefault(selection["task"], []).append(selection)
         pair_tokens = reading.question_tokens + reading.passage_tokens
@@ -229,7 +231,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             by_task = result["recall_at_m_by_task"]
             print(f"{name:<14}" + "".join(f"{by_task[t]['reranker']:9.3f}" for t in config.tasks))
             print(f"{'  retriever':<14}" + "".join(f"{by_task[t]['retriever']:9.3f}" for t in config.tasks))
-            if config.teacher_recall:
+            if all(by_task[t]["teacher"] is not None for t in config.tasks):
                 print(f"{'  pdist teacher':<14}" + "".join(f"{by_task[t]['teacher']:9.3f}" for t in config.tasks))
     print(
         "(page level, as KILT: the kept passages' pages cover a gold evidence set. reranker: its top m; retriever: the first m"

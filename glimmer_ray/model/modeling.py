@@ -35,6 +35,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.t5.modeling_t5 import T5Block, T5PreTrainedModel, T5Stack
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from glimmer_ray.model.configuration import GlimmerConfig
 
@@ -194,6 +195,14 @@ class GlimmerOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------
 
 
+def _glimmer_config(t5_config, options: dict) -> GlimmerConfig:
+    """A GlimmerConfig holding a T5 config's shape and the GLIMMER `options`."""
+    settings = t5_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        settings.pop(key, None)
+    return GlimmerConfig(**{**settings, **options})
+
+
 class GlimmerForConditionalGeneration(T5PreTrainedModel):
     """GLIMMER reader: memory encoder, live encoder with built-in reranker, FiD decoder.
 
@@ -277,28 +286,54 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         """Build GLIMMER from a Hugging Face T5 checkpoint directory or a loaded T5 model.
 
         `options` are `GlimmerConfig` arguments (live_proportion, rerank_proportion, num_selected,
-        scoring, separate_question_encoder). Every T5 weight is copied unchanged; the scoring head is
-        freshly initialised and a separate question encoder starts as a copy of the memory layers.
+        scoring, separate_question_encoder, retrieval_prior). Every T5 weight is copied unchanged; the scoring
+        head is freshly initialised and a separate question encoder starts as a copy of the memory layers.
+
+        A directory is read by Hugging Face's loader straight into GLIMMER (GLIMMER names its parameters as
+        T5 does): the model is built on the meta device and filled shard by shard, in the checkpoint's dtype,
+        so no whole T5 and no throw-away random GLIMMER are ever held beside it (and under a live ZeRO-3
+        `HfDeepSpeedConfig` each rank materialises only its partition).
         """
         if isinstance(path_or_model, T5ForConditionalGeneration):
-            t5 = path_or_model
-        else:
-            path = os.fspath(path_or_model)
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"T5 checkpoint directory not found: {path}")
-            source_config = AutoConfig.from_pretrained(path)
-            if source_config.model_type != "t5":
-                raise ValueError(
-                    f"{path} holds a {source_config.model_type!r} checkpoint; GLIMMER is built from a T5 "
-                    "(T5.1.1) encoder-decoder checkpoint (model_type 't5')"
-                )
-            t5 = T5ForConditionalGeneration.from_pretrained(path)
-        if not isinstance(t5, T5ForConditionalGeneration):
-            raise TypeError(f"expected a T5ForConditionalGeneration, got {type(t5).__name__}")
-        settings = t5.config.to_dict()
-        for key in ("model_type", "architectures", "transformers_version"):
-            settings.pop(key, None)
-        config = GlimmerConfig(**{**settings, **options})
+            return cls._from_loaded_t5(path_or_model, **options)
+        path = os.fspath(path_or_model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"T5 checkpoint directory not found: {path}")
+        source_config = AutoConfig.from_pretrained(path)
+        if source_config.model_type != "t5":
+            raise ValueError(
+                f"{path} holds a {source_config.model_type!r} checkpoint; GLIMMER is built from a T5 "
+                "(T5.1.1) encoder-decoder checkpoint (model_type 't5')"
+            )
+        config = _glimmer_config(source_config, options)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the missing head and question encoder are expected; checked below
+        try:
+            model, info = cls.from_pretrained(
+                path,
+                config=config,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [n for n in info["missing_keys"] if not n.startswith(("rerank_head.", "question_encoder."))]
+        unexpected = [n for n in info["unexpected_keys"] if "EncDecAttention.relative_attention_bias" not in n]
+        if missing or unexpected or info["mismatched_keys"]:
+            raise ValueError(
+                f"T5 checkpoint {path} does not fit the GLIMMER layout: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}, mismatched {sorted(info['mismatched_keys'])}"
+            )
+        if config.separate_question_encoder:
+            with torch.no_grad():
+                for index, block in enumerate(model.question_encoder):
+                    block.load_state_dict(model.encoder.block[index].state_dict())
+        return model
+
+    @classmethod
+    def _from_loaded_t5(cls, t5: T5ForConditionalGeneration, **options) -> "GlimmerForConditionalGeneration":
+        """GLIMMER holding a copy of an in-memory T5's weights (a random T5 built for training from scratch)."""
+        config = _glimmer_config(t5.config, options)
         model = cls(config)
         state = t5.state_dict()
         if config.separate_question_encoder:

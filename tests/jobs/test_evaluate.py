@@ -85,8 +85,11 @@ def test_evaluate_job_writes_kilt_predictions_and_scores(quickstart_run, tmp_pat
     with pytest.raises(SystemExit, match="reads must be"):
         evaluate.main(dataclasses.replace(config, models=[ModelEntry("x", model_dir, reads="oracle")]))
     # the training split: predictions are named by the split
-    on_train = evaluate.main(dataclasses.replace(config, models=config.models[:1], split="train", teacher_recall=False))
+    # (with the teacher's pass turned off for this model alone: an entry's teacher_recall overrides the evaluation's)
+    no_teacher = [dataclasses.replace(config.models[0], teacher_recall=False)]
+    on_train = evaluate.main(dataclasses.replace(config, models=no_teacher, split="train"))
     assert on_train["models"]["glimmer"]["scores"]["nq"]["count"] == 5
+    assert on_train["models"]["glimmer"]["recall_at_m_by_task"]["nq"]["teacher"] is None
     assert len((tmp_path / "eval" / "predictions" / "glimmer" / "nq-train-kilt.jsonl").read_text().splitlines()) == 5
     with pytest.raises(SystemExit, match="split must be"):
         evaluate.main(dataclasses.replace(config, split="test"))

@@ -441,6 +441,24 @@ def test_from_t5_copies_every_weight(tiny_t5_dir, hf_t5):
             assert torch.equal(tensor, state["encoder.block." + name[len("question_encoder.") :]])
 
 
+def test_from_t5_reads_a_sharded_checkpoint_as_the_loaded_model(hf_t5, tmp_path):
+    # a large T5 comes in safetensors shards: read shard by shard into GLIMMER, the same weights as from the model
+    hf_t5.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    options = dict(live_proportion=0.5, separate_question_encoder=True, retrieval_prior=True)
+    from_dir = GlimmerForConditionalGeneration.from_t5(tmp_path, **options).state_dict()
+    from_model = GlimmerForConditionalGeneration.from_t5(hf_t5, **options).state_dict()
+    assert set(from_dir) == set(from_model)
+    for name, tensor in from_model.items():
+        assert torch.equal(from_dir[name], tensor), name
+    # a checkpoint of another shape is refused, naming the tensors that do not fit
+    config = hf_t5.config.to_dict()
+    config["d_ff"] = 2 * config["d_ff"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not fit the GLIMMER layout.*DenseReluDense"):
+        GlimmerForConditionalGeneration.from_t5(tmp_path, **options)
+
+
 @pytest.mark.parametrize(
     "options",
     [
