@@ -1,10 +1,13 @@
-"""Process-level settings for running readers on CPU."""
+"""Where and in what precision a reader runs (`device`, `dtype` options, checked in one place), and
+process-level settings for running readers on CPU."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -32,3 +35,34 @@ def tune_cpu_allocator(mmap_threshold_bytes: int = 1 << 30, trim_threshold_bytes
         mallopt(_M_TRIM_THRESHOLD, int(trim_threshold_bytes))
     )
     return ok
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `dtype` option: float32 | bfloat16 | float16."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def torch_device(name: str | None) -> torch.device:
+    """The torch device of a `device` option: cpu | cuda | cuda:N; null = cuda where torch sees a GPU, else cpu.
+    A GPU asked for where there is none is a clear error here, not a CUDA stack trace later."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} needs a CUDA GPU, and torch sees none on this machine "
+            f"(torch.cuda.is_available() is False): use device=cpu, or run this on a GPU node"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device

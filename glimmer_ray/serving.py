@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from transformers import AutoTokenizer
 
 from glimmer_ray.data.reading import question_text
-from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore
+from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore, memory_encoder_fingerprint
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.retrieval.retriever import Retriever
+from glimmer_ray.runtime import torch_device, torch_dtype
 
 # ---- The API's types ---------------------------------------------------------------------------
 
@@ -139,9 +140,14 @@ class MemoryLookup:
 class ReaderStages:
     """The live encoder with its reranker, and the decoder, batched over requests of any k, m, lq."""
 
-    def __init__(self, model_dir: str, device: str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.model = GlimmerForConditionalGeneration.from_pretrained(model_dir).to(self.device).eval()
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32") -> None:
+        """`device`: cpu | cuda | cuda:N; `dtype`: float32 | bfloat16 | float16, the weights' and activations'
+        (stored memory and the encodings passed between stages are cast to it; results come back as float32)."""
+        self.device, self.dtype = torch_device(device), torch_dtype(dtype)
+        model = GlimmerForConditionalGeneration.from_pretrained(model_dir)  # as saved
+        # of the saved weights, before any cast: a memory store built from them matches at every dtype
+        self.memory_encoder_fingerprint = memory_encoder_fingerprint(model)
+        self.model = model.to(self.device, self.dtype).eval()
         self.eos = self.model.config.eos_token_id
 
     @torch.no_grad()
@@ -162,8 +168,8 @@ class ReaderStages:
                 question_ids[row, : len(ids)] = ids
                 question_mask[row, : len(ids)] = 1
             memory = torch.from_numpy(np.stack([requests[i]["memory"] for i in members])).to(
-                self.device
-            )  # [b, k, lp, d]
+                self.device, self.dtype
+            )  # [b, k, lp, d], as stored (float32 or bfloat16) cast to the reader's dtype
             memory_mask = torch.from_numpy(np.stack([requests[i]["memory_mask"] for i in members])).to(
                 self.device
             )  # [b, k, lp]
@@ -201,9 +207,9 @@ class ReaderStages:
             hidden[row, : len(request["mask"])] = torch.from_numpy(request["hidden"])
             mask[row, : len(request["mask"])] = torch.from_numpy(request["mask"])
         steps = max(r["max_new_tokens"] for r in requests)
-        tokens = self.model.generate_from_encoding(hidden.to(self.device), mask.to(self.device), max_new_tokens=steps)[
-            :, 1:
-        ]
+        tokens = self.model.generate_from_encoding(
+            hidden.to(self.device, self.dtype), mask.to(self.device), max_new_tokens=steps
+        )[:, 1:]
         answers = []
         for row, request in enumerate(requests):
             out = []
@@ -254,11 +260,13 @@ class InProcessPipeline:
         limits: Limits,
         encoder_path: str | None = None,
         cache_bytes: int = 1 << 30,
+        device: str = "cpu",
+        dtype: str = "float32",
     ) -> None:
         self.retriever = Retriever(index_dir, passages, encoder_path, use_gpu=False)
         self.memory = MemoryLookup(memory_store, cache_bytes)
-        self.reader = ReaderStages(model_dir)
-        self.memory.store.check_model(self.reader.model)
+        self.reader = ReaderStages(model_dir, device, dtype)
+        self.memory.store.check_model(self.reader.memory_encoder_fingerprint)
         self.questions = QuestionTokenizer(model_dir, limits.question_tokens)
         self.limits = limits
 

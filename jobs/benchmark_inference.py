@@ -23,7 +23,7 @@ from glimmer_ray.eval.variants import VariantConfig, figure_2_variants
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.flops import formula_flops, measure_reader_flops
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
-from glimmer_ray.runtime import tune_cpu_allocator
+from glimmer_ray.runtime import torch_device, torch_dtype, tune_cpu_allocator
 
 
 @dataclass
@@ -46,6 +46,10 @@ class BenchmarkConfig:
     num_examples: int = 3  # timed calls per variant
     warmup: int = 1  # untimed calls per variant first
     threads: int = 0  # torch threads; 0 = torch's default
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = (
+        "float32"  # float32 | bfloat16 | float16: weights, memory and activations (FLOPs are counted in fp32 on CPU)
+    )
     tune_allocator: bool = True  # keep large buffers on the heap (glimmer_ray.runtime.tune_cpu_allocator)
     seed: int = 0  # weights and inputs
     output: str = "outputs/benchmark_inference.json"  # JSON written here
@@ -58,9 +62,10 @@ def _inputs(
     num_passages: int,
     generator: torch.Generator,
 ):
-    vocab = config.model.vocab_size
-    question_ids = torch.randint(2, vocab, (batch, config.question_tokens), generator=generator)
+    vocab, device = config.model.vocab_size, next(model.parameters()).device
+    question_ids = torch.randint(2, vocab, (batch, config.question_tokens), generator=generator).to(device)
     passage_ids = torch.randint(2, vocab, (batch * num_passages, config.passage_tokens), generator=generator)
+    passage_ids = passage_ids.to(device)
     passage_mask = torch.ones_like(passage_ids)
     with torch.no_grad():  # pre-computed memory, as the memory store serves it: not timed
         memory = model.encode_memory(passage_ids, passage_mask)  # [b*k, lp, d]
@@ -72,16 +77,24 @@ def _inputs(
     )
 
 
+def _clock(device: torch.device) -> float:
+    """Wall time once the device has finished what was queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def _timed_answer(model, inputs, answer_tokens: int) -> tuple[float, float]:
     question_ids, question_mask, memory, passage_mask = inputs
-    start = time.perf_counter()
+    device = question_ids.device
+    start = _clock(device)
     encoding = model.encode(question_ids, question_mask, passage_memory=memory, passage_mask=passage_mask)
-    encoded = time.perf_counter()
+    encoded = _clock(device)
     model.generate_from_encoding(
         encoding.hidden, encoding.mask, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens
     )
-    return encoded - start, time.perf_counter() - encoded
+    return encoded - start, _clock(device) - encoded
 
 
 def _time_batch_size(
@@ -123,23 +136,27 @@ def _time_batch_size(
         result["flops_ratio_to_baseline"] = result["formula_flops"]["total"] / base["formula_flops"]["total"]
         result["measured_flops_ratio_to_baseline"] = result["measured_flops"]["total"] / base["measured_flops"]["total"]
         result["time_ratio_to_baseline"] = result["seconds_per_example"] / base["seconds_per_example"]
+        # achieved FLOP/s: the measured count (a multiply-add counted once) as 2 FLOPs each, over the time
+        result["achieved_tflops"] = 2 * result["measured_flops"]["total"] / result["seconds_per_example"] / 1e12
         result["encode_time_ratio_to_baseline"] = (
             result["encode_seconds_per_example"] / base["encode_seconds_per_example"]
         )
 
     header = (
         f"{'variant':<18} {'paper GF':>9} {'+Q mem GF':>9} {'meas. GF':>9} {'meas.proj':>9} {'s/ex':>7} {'enc s':>7} "
-        f"{'dec s':>7} {'FLOPs/' + baseline[:3]:>9} {'time/' + baseline[:3]:>8} {'enc/' + baseline[:3]:>7}"
+        f"{'dec s':>7} {'FLOPs/' + baseline[:3]:>9} {'time/' + baseline[:3]:>8} {'enc/' + baseline[:3]:>7} {'TFLOP/s':>8}"
     )
     print(
-        f"\nbatch size {batch_size}, {config.answer_tokens} answer tokens, median of {config.num_examples} calls\n{header}\n{'-' * len(header)}"
+        f"\nbatch size {batch_size}, {config.answer_tokens} answer tokens, median of {config.num_examples} calls, "
+        f"{config.device} {config.dtype}\n{header}\n{'-' * len(header)}"
     )
     for r in results:
         print(
             f"{r['variant']['name']:<18} {r['formula_flops']['paper_total'] / 1e9:9.1f} {r['formula_flops']['total'] / 1e9:9.1f} "
             f"{r['measured_flops']['total'] / 1e9:9.1f} {r['measured_flops']['projections'] / 1e9:9.1f} "
             f"{r['seconds_per_example']:7.3f} {r['encode_seconds_per_example']:7.3f} {r['decode_seconds_per_example']:7.3f} "
-            f"{r['flops_ratio_to_baseline']:9.3f} {r['time_ratio_to_baseline']:8.3f} {r['encode_time_ratio_to_baseline']:7.3f}"
+            f"{r['flops_ratio_to_baseline']:9.3f} {r['time_ratio_to_baseline']:8.3f} {r['encode_time_ratio_to_baseline']:7.3f} "
+            f"{r['achieved_tflops']:8.3f}"
         )
     print(
         "GF: 1e9 FLOPs per example, a multiply-add counted once (the paper's convention); 'meas. GF' adds attention "
@@ -150,6 +167,7 @@ def _time_batch_size(
 
 
 def main(config: BenchmarkConfig) -> dict:
+    device, dtype = torch_device(config.device), torch_dtype(config.dtype)  # a GPU where there is none fails here
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.tune_allocator:
@@ -188,11 +206,14 @@ def main(config: BenchmarkConfig) -> dict:
             f"live B {model.config.num_live_b_layers}; formula {formula.total / 1e9:.1f} GFLOPs",
             flush=True,
         )
+    for model in models.values():
+        model.to(device, dtype)  # FLOPs above were counted on CPU in fp32; the timing runs as configured
     tables = [_time_batch_size(config, models, flops, batch_size, generator) for batch_size in config.batch_sizes]
     report = {
         "config": to_dict(config),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tables": tables,
     }
     write_report(config.output, report)

@@ -27,7 +27,7 @@ import ray
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.metrics import Histogram
@@ -35,6 +35,7 @@ from ray.serve.metrics import Histogram
 from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.retrieval.retriever import Retriever as DenseRetriever
+from glimmer_ray.runtime import torch_dtype
 from glimmer_ray.serving import (
     AnswerRequest,
     AnswerResponse,
@@ -48,6 +49,7 @@ from glimmer_ray.serving import (
 )
 
 STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
+MODEL_STAGES = ("LiveEncoderReranker", "Decoder")  # the stages that run the reader: `device` and `dtype` are theirs
 
 
 class AppArgs(BaseModel):
@@ -67,6 +69,10 @@ class AppArgs(BaseModel):
     max_new_tokens: int | None = None  # default answer length limit (tokens); null = as trained (reading.answer_tokens)
     max_new_tokens_limit: int = 32
     cache_bytes: int = 1 << 30  # MemoryCache LRU budget per replica
+    device: str = (
+        "cpu"  # the model stages' (LiveEncoderReranker, Decoder): cpu | cuda; cuda needs num_gpus in their deployments
+    )
+    dtype: str = "float32"  # the model stages' weights and activations: float32 | bfloat16 | float16
     max_batch_size: int = 8  # dynamic batching of the model stages
     batch_wait_timeout_s: float = 0.005
     deployments: dict[str, dict[str, Any]] = Field(
@@ -83,6 +89,19 @@ class AppArgs(BaseModel):
                 f"(as trained); remove them"
             )
         return args
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        torch_dtype(value)  # raises, naming the choices
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "cpu" and not (value == "cuda" or value.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+        return value  # whether a GPU is there is checked where the stage runs (a GPU node), not here
 
     def resolved(self) -> "AppArgs":
         absolute = {name: os.path.abspath(getattr(self, name)) for name in ("model_dir", "index_dir", "passages")}
@@ -155,6 +174,13 @@ def stage_options(args: AppArgs) -> dict[str, dict[str, Any]]:
         if "num_replicas" in override:  # a fixed replica count replaces autoscaling
             base.pop("autoscaling_config", None)
         options[stage] = {**base, **override}
+    if args.device != "cpu":
+        without = [stage for stage in MODEL_STAGES if not options[stage].get("ray_actor_options", {}).get("num_gpus")]
+        if without:
+            raise ValueError(
+                f"device {args.device!r} runs the model stages on a GPU, but {' and '.join(without)} reserve none: "
+                f"set args.deployments.<stage>.ray_actor_options.num_gpus (e.g. 1, or 0.5 to share one GPU)"
+            )
     return options
 
 
@@ -224,9 +250,18 @@ class MemoryCache:
 class LiveEncoderReranker:
     """Question memory, live stage A over k, scores, top m, live stage B over m (batched)."""
 
-    def __init__(self, model_dir: str, memory_store: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.reader = ReaderStages(model_dir)
-        MemoryStore(memory_store, verify="none").check_model(self.reader.model)  # refuse memory of another encoder
+    def __init__(
+        self,
+        model_dir: str,
+        memory_store: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> None:
+        self.reader = ReaderStages(model_dir, device, dtype)
+        # refuse memory of another encoder
+        MemoryStore(memory_store, verify="none").check_model(self.reader.memory_encoder_fingerprint)
         self.encode.set_max_batch_size(max_batch_size)
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -263,8 +298,15 @@ class LiveEncoderReranker:
 class Decoder:
     """Greedy generation with a key/value cache over the fused encoding (batched)."""
 
-    def __init__(self, model_dir: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.reader = ReaderStages(model_dir)
+    def __init__(
+        self,
+        model_dir: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> None:
+        self.reader = ReaderStages(model_dir, device, dtype)
         self.generate.set_max_batch_size(max_batch_size)
         self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -447,10 +489,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         app_args.index_dir, app_args.passages, app_args.encoder_path, **batching
     )
     memory_cache = MemoryCache.options(**options["MemoryCache"]).bind(app_args.memory_store, app_args.cache_bytes)
+    placement = {"device": app_args.device, "dtype": app_args.dtype}
     live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(
-        app_args.model_dir, app_args.memory_store, **batching
+        app_args.model_dir, app_args.memory_store, **batching, **placement
     )
-    decoder = Decoder.options(**options["Decoder"]).bind(app_args.model_dir, **batching)
+    decoder = Decoder.options(**options["Decoder"]).bind(app_args.model_dir, **batching, **placement)
     return Ingress.options(**options["Ingress"]).bind(
         retriever, memory_cache, live, decoder, app_args.model_dir, app_args.model_dump()
     )

@@ -45,6 +45,7 @@ from glimmer_ray.memory.store import (
     write_shard,
 )
 from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
+from glimmer_ray.runtime import torch_device, torch_dtype
 
 
 class MemoryEncoder:
@@ -57,12 +58,14 @@ class MemoryEncoder:
         passage_tokens: int,
         batch_size: int = 32,
         device: str | None = None,
+        dtype: str = "float32",
     ) -> None:
-        """`model` and `tokenizer`: loaded objects or their directories."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        """`model` and `tokenizer`: loaded objects or their directories. `device`: null = cuda where there is
+        one; `dtype`: the encoder's compute dtype (memory comes out as float32 either way)."""
+        self.device = torch_device(device)
         if isinstance(model, str):
             model = GlimmerForConditionalGeneration.from_pretrained(model)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, torch_dtype(dtype)).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.passage_tokens, self.batch_size = passage_tokens, batch_size
 
@@ -100,8 +103,9 @@ class EncodeShards:
         codec_params: dict[str, Any],
         batch_size: int,
         device: str | None,
+        dtype: str = "float32",
     ) -> None:
-        self.encoder = MemoryEncoder(model_dir, tokenizer_dir, passage_tokens, batch_size, device)
+        self.encoder = MemoryEncoder(model_dir, tokenizer_dir, passage_tokens, batch_size, device, dtype)
         self.fs, self.root = resolve_filesystem(store_uri)
         centroids = None
         if codec == "pq":
@@ -164,6 +168,7 @@ def build_memory(
     num_gpus_per_actor: float = 0.0,
     pq_train_passages: int = 512,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Build (or extend, or resume) the memory store at `store_uri` for the passages of `passages_path`.
 
@@ -172,6 +177,7 @@ def build_memory(
         raise ValueError(f"unknown memory codec {codec!r}; choose one of {', '.join(CODECS)}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    torch_dtype(dtype)  # an unknown dtype fails here, before any actor starts
     codec_params = dict(codec_params or {})
     if codec != "pq":
         codec_params = {}
@@ -203,11 +209,13 @@ def build_memory(
             previous.get("codec_params", {}),
             previous["tokenizer"]["fingerprint"],
             previous["tokenizer"]["passage_tokens"],
+            previous["encoder"].get("dtype", "float32"),
         )
-        if settings != (codec, codec_params, tokenizer_print, passage_tokens):
+        if settings != (codec, codec_params, tokenizer_print, passage_tokens, dtype):
             raise ValueError(
                 f"{store_uri} was built with codec {previous['codec']} {previous.get('codec_params', {})}, passage_tokens "
-                f"{previous['tokenizer']['passage_tokens']} and another or the same tokenizer; new shards must match: use those settings or a new store"
+                f"{previous['tokenizer']['passage_tokens']}, dtype {previous['encoder'].get('dtype', 'float32')} and "
+                f"another or the same tokenizer; new shards must match: use those settings or a new store"
             )
         stored = set(store.passage_ids())
     version = (previous["version"] + 1) if previous else 1
@@ -279,6 +287,7 @@ def build_memory(
                 "codec_params": codec_params,
                 "batch_size": batch_size,
                 "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+                "dtype": dtype,
             },
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             batch_size=1,
@@ -317,6 +326,7 @@ def build_memory(
             "model_dir": os.path.abspath(model_dir) if "://" not in model_dir else model_dir,
             "num_memory_layers": model.config.num_memory_layers,
             "d_model": model.config.d_model,
+            "dtype": dtype,  # the encoder's compute dtype
         },
         "tokenizer": {
             "fingerprint": tokenizer_print,
@@ -384,6 +394,7 @@ class BuildMemoryConfig:
     concurrency: int = 1  # encoder actors
     num_cpus_per_actor: float = 1.0  # CPUs per encoder actor
     num_gpus_per_actor: float = 0.0  # GPUs per encoder actor (0: CPU)
+    dtype: str = "float32"  # the memory encoder's compute dtype: float32 | bfloat16 | float16 (stored by `codec`)
     report: str | None = None  # JSON report path; null = <store>/build_report.json when local
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
@@ -410,6 +421,7 @@ def run_build_memory(config: BuildMemoryConfig) -> dict:
         concurrency=config.concurrency,
         num_cpus_per_actor=config.num_cpus_per_actor,
         num_gpus_per_actor=config.num_gpus_per_actor,
+        dtype=config.dtype,
     )
     report["config"] = to_dict(config)
     if report.get("passages_encoded"):

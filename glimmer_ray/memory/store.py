@@ -260,8 +260,9 @@ class MemoryStore:
         return self.manifest["encoder"]["fingerprint"]
 
     def check_model(self, model, tokenizer=None) -> None:
-        """Refuse memory that another memory encoder (or tokenizer) made."""
-        expected = memory_encoder_fingerprint(model)
+        """Refuse memory that another memory encoder (or tokenizer) made. `model`: the reader, or the
+        `memory_encoder_fingerprint` of its saved weights (a reader cast to bfloat16 no longer has them)."""
+        expected = model if isinstance(model, str) else memory_encoder_fingerprint(model)
         if expected != self.encoder_fingerprint:
             raise MemoryEncoderMismatch(
                 f"the memory store at {self.uri} was built by memory encoder {self.encoder_fingerprint[:12]} "

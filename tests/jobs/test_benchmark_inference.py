@@ -3,7 +3,11 @@ size with every variant timed, and FLOP ratios that follow the paper's formulas 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+
+import pytest
+import torch
 
 from glimmer_ray.eval.variants import VariantConfig
 
@@ -34,3 +38,12 @@ def test_benchmark_inference_tables_follow_the_formulas(tmp_path, load_job):
         assert lumen["flops_ratio_to_baseline"] < 1.0  # the same k, two thirds of the encoder pre-computed
         assert glimmer["formula_flops"]["total"] > lumen["formula_flops"]["total"]  # 5 more passages through live A
         assert all(len(r["all_seconds_per_example"]) == 2 and r["seconds_per_example"] > 0 for r in table["results"])
+        assert all(r["achieved_tflops"] > 0 for r in table["results"])
+    # bf16 (the GPU setting) runs the same variants; FLOPs are counted in fp32 on CPU either way
+    bf16 = job.main(dataclasses.replace(config, dtype="bfloat16", batch_sizes=[1], output=str(tmp_path / "bf16.json")))
+    assert bf16["device"] == "cpu" and bf16["config"]["dtype"] == "bfloat16"
+    for ours, theirs in zip(bf16["tables"][0]["results"], report["tables"][0]["results"]):
+        assert ours["formula_flops"] == theirs["formula_flops"] and ours["seconds_per_example"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            job.main(dataclasses.replace(config, device="cuda"))

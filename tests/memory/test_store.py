@@ -175,6 +175,24 @@ def test_reader_output_from_lossy_codecs_stays_within_tolerance(artifacts, codec
     assert 0 < error <= CODEC_TOLERANCE[codec]
 
 
+def test_memory_encoded_in_bfloat16_stays_within_tolerance_and_is_not_mixed(artifacts, tmp_path):
+    # a GPU build runs the memory encoder in bf16 (dtype=bfloat16); the stored memory is the codec's (fp32 here)
+    path = tmp_path / "store-bf16-compute"
+    _build(artifacts, path, dtype="bfloat16", shard_size=64)
+    store = MemoryStore(str(path))
+    assert store.manifest["encoder"]["dtype"] == "bfloat16" and store.manifest["codec"] == "fp32"
+    model = GlimmerForConditionalGeneration.from_pretrained(artifacts["model"]).eval()
+    batch, keys = _example_batch(artifacts)
+    from_tokens, from_memory = _outputs_from_store(model, store, batch, keys)
+    error = (from_tokens.logits - from_memory.logits).abs().max() / from_tokens.logits.abs().max()
+    assert 0 < error <= CODEC_TOLERANCE["bf16"]
+    with pytest.raises(ValueError, match="dtype bfloat16.*new shards must match"):
+        _build(artifacts, path)  # float32 shards beside bfloat16 ones
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        _build(artifacts, tmp_path / "never", dtype="int4")
+    assert not (tmp_path / "never").exists()
+
+
 def test_killed_build_resumes_without_duplicates_or_gaps(artifacts, ray_cluster):
     import ray
 
