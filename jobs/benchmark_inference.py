@@ -3,219 +3,38 @@
 The paper's Figure 2 settings on one set of random weights of a realistic shape (default T5-base:
 d 768, 12 layers), 48 question and 304 passage tokens, greedy answers of a fixed length. Passage
 memory is pre-computed, as at serving time, and not timed. Variants run round-robin, example by
-example, so that machine noise falls on all of them alike; ratios to FiD are the result to read.
+example, so that machine noise falls on all of them alike; ratios to FiD are the result to read
+(glimmer_ray.eval.inference).
 
     python jobs/benchmark_inference.py --config jobs/configs/benchmark_inference.yaml
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
-from glimmer_ray.eval.variants import VariantConfig, figure_2_variants
-from glimmer_ray.model import GlimmerForConditionalGeneration
-from glimmer_ray.model.flops import formula_flops, measure_reader_flops
-from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
-from glimmer_ray.runtime import torch_device, torch_dtype, tune_cpu_allocator
+from glimmer_ray.eval.inference import InferenceBenchmarkConfig, run_inference_benchmark
+from glimmer_ray.runtime import tune_cpu_allocator
 
 
 @dataclass
-class ShapeConfig:
-    vocab_size: int = 32128  # tokens (T5's vocabulary)
-    d_model: int = 768  # width d
-    num_layers: int = 12  # L, encoder and decoder each
-    num_heads: int = 12  # attention heads (d_kv = d_model / num_heads)
-    d_ff: int = 2048  # gated feed-forward width (2048 = 8 d / 3 at d 768: 8 d^2 weights)
-
-
-@dataclass
-class BenchmarkConfig:
-    model: ShapeConfig = field(default_factory=ShapeConfig)
-    variants: list[VariantConfig] = field(default_factory=figure_2_variants)  # the first is the baseline
-    question_tokens: int = 48  # tokens per question
-    passage_tokens: int = 304  # tokens per passage
-    answer_tokens: int = 8  # greedy answer length, fixed (EOS suppressed)
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])  # questions per call; a table for each
-    num_examples: int = 3  # timed calls per variant
-    warmup: int = 1  # untimed calls per variant first
+class BenchmarkConfig(InferenceBenchmarkConfig):
     threads: int = 0  # torch threads; 0 = torch's default
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    dtype: str = (
-        "float32"  # float32 | bfloat16 | float16: weights, memory and activations (FLOPs are counted in fp32 on CPU)
-    )
     tune_allocator: bool = True  # keep large buffers on the heap (glimmer_ray.runtime.tune_cpu_allocator)
-    seed: int = 0  # weights and inputs
     output: str = "outputs/benchmark_inference.json"  # JSON written here
 
 
-def _inputs(
-    model: GlimmerForConditionalGeneration,
-    config: BenchmarkConfig,
-    batch: int,
-    num_passages: int,
-    generator: torch.Generator,
-):
-    vocab, device = config.model.vocab_size, next(model.parameters()).device
-    question_ids = torch.randint(2, vocab, (batch, config.question_tokens), generator=generator).to(device)
-    passage_ids = torch.randint(2, vocab, (batch * num_passages, config.passage_tokens), generator=generator)
-    passage_ids = passage_ids.to(device)
-    passage_mask = torch.ones_like(passage_ids)
-    with torch.no_grad():  # pre-computed memory, as the memory store serves it: not timed
-        memory = model.encode_memory(passage_ids, passage_mask)  # [b*k, lp, d]
-    return (
-        question_ids,
-        torch.ones_like(question_ids),
-        memory.view(batch, num_passages, config.passage_tokens, -1),  # [b, k, lp, d]
-        passage_mask.view(batch, num_passages, config.passage_tokens),  # [b, k, lp]
-    )
-
-
-def _clock(device: torch.device) -> float:
-    """Wall time once the device has finished what was queued (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-@torch.no_grad()
-def _timed_answer(model, inputs, answer_tokens: int) -> tuple[float, float]:
-    question_ids, question_mask, memory, passage_mask = inputs
-    device = question_ids.device
-    start = _clock(device)
-    encoding = model.encode(question_ids, question_mask, passage_memory=memory, passage_mask=passage_mask)
-    encoded = _clock(device)
-    model.generate_from_encoding(
-        encoding.hidden, encoding.mask, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens
-    )
-    return encoded - start, _clock(device) - encoded
-
-
-def _time_batch_size(
-    config: BenchmarkConfig, models: dict, flops: dict, batch_size: int, generator: torch.Generator
-) -> dict:
-    """Time every variant at one batch size, round-robin; print and return the table."""
-    inputs = {v.name: _inputs(models[v.name], config, batch_size, v.num_passages, generator) for v in config.variants}
-    timings = {v.name: {"encode": [], "decode": []} for v in config.variants}
-    total_rounds = config.warmup + config.num_examples
-    for round_index in range(total_rounds):
-        for variant in config.variants:
-            encode_s, decode_s = _timed_answer(models[variant.name], inputs[variant.name], config.answer_tokens)
-            if round_index >= config.warmup:
-                timings[variant.name]["encode"].append(encode_s / batch_size)
-                timings[variant.name]["decode"].append(decode_s / batch_size)
-        print(
-            f"batch {batch_size}: round {round_index + 1}/{total_rounds}{' (warm-up)' if round_index < config.warmup else ''}",
-            flush=True,
-        )
-
-    baseline = config.variants[0].name
-    results = []
-    for variant in config.variants:
-        per_example = [e + d for e, d in zip(timings[variant.name]["encode"], timings[variant.name]["decode"])]
-        formula, measured = flops[variant.name]
-        results.append(
-            {
-                "variant": to_dict(variant),
-                "formula_flops": formula,
-                "measured_flops": measured,
-                "seconds_per_example": statistics.median(per_example),
-                "encode_seconds_per_example": statistics.median(timings[variant.name]["encode"]),
-                "decode_seconds_per_example": statistics.median(timings[variant.name]["decode"]),
-                "all_seconds_per_example": per_example,
-            }
-        )
-    base = results[0]
-    for result in results:
-        result["flops_ratio_to_baseline"] = result["formula_flops"]["total"] / base["formula_flops"]["total"]
-        result["measured_flops_ratio_to_baseline"] = result["measured_flops"]["total"] / base["measured_flops"]["total"]
-        result["time_ratio_to_baseline"] = result["seconds_per_example"] / base["seconds_per_example"]
-        # achieved FLOP/s: the measured count (a multiply-add counted once) as 2 FLOPs each, over the time
-        result["achieved_tflops"] = 2 * result["measured_flops"]["total"] / result["seconds_per_example"] / 1e12
-        result["encode_time_ratio_to_baseline"] = (
-            result["encode_seconds_per_example"] / base["encode_seconds_per_example"]
-        )
-
-    header = (
-        f"{'variant':<18} {'paper GF':>9} {'+Q mem GF':>9} {'meas. GF':>9} {'meas.proj':>9} {'s/ex':>7} {'enc s':>7} "
-        f"{'dec s':>7} {'FLOPs/' + baseline[:3]:>9} {'time/' + baseline[:3]:>8} {'enc/' + baseline[:3]:>7} {'TFLOP/s':>8}"
-    )
-    print(
-        f"\nbatch size {batch_size}, {config.answer_tokens} answer tokens, median of {config.num_examples} calls, "
-        f"{config.device} {config.dtype}\n{header}\n{'-' * len(header)}"
-    )
-    for r in results:
-        print(
-            f"{r['variant']['name']:<18} {r['formula_flops']['paper_total'] / 1e9:9.1f} {r['formula_flops']['total'] / 1e9:9.1f} "
-            f"{r['measured_flops']['total'] / 1e9:9.1f} {r['measured_flops']['projections'] / 1e9:9.1f} "
-            f"{r['seconds_per_example']:7.3f} {r['encode_seconds_per_example']:7.3f} {r['decode_seconds_per_example']:7.3f} "
-            f"{r['flops_ratio_to_baseline']:9.3f} {r['time_ratio_to_baseline']:8.3f} {r['encode_time_ratio_to_baseline']:7.3f} "
-            f"{r['achieved_tflops']:8.3f}"
-        )
-    print(
-        "GF: 1e9 FLOPs per example, a multiply-add counted once (the paper's convention); 'meas. GF' adds attention "
-        "scores and the vocabulary projection, which the formulas leave out.\n",
-        flush=True,
-    )
-    return {"batch_size": batch_size, "results": results}
-
-
 def main(config: BenchmarkConfig) -> dict:
-    device, dtype = torch_device(config.device), torch_dtype(config.dtype)  # a GPU where there is none fails here
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.tune_allocator:
         tune_cpu_allocator()
-    shape = config.model
-    t5_config = t5_1_1_config(**to_dict(shape), dropout_rate=0.0)
-    print(
-        f"building one random T5.1.1 (d {shape.d_model}, {shape.num_layers} layers); torch threads {torch.get_num_threads()}",
-        flush=True,
-    )
-    t5 = random_t5(t5_config, seed=config.seed)
-    models = {
-        variant.name: GlimmerForConditionalGeneration.from_t5(
-            t5,
-            live_proportion=variant.live_proportion,
-            rerank_proportion=variant.rerank_proportion,
-            num_selected=variant.num_selected,
-        ).eval()
-        for variant in config.variants
-    }
-    del t5
-    generator = torch.Generator().manual_seed(config.seed)
-    pair_tokens = config.question_tokens + config.passage_tokens
-    flops = {}
-    for variant in config.variants:
-        model = models[variant.name]
-        formula = formula_flops(
-            model.config, variant.num_passages, pair_tokens, config.answer_tokens, config.question_tokens
-        )
-        measured = measure_reader_flops(
-            model, *_inputs(model, config, 1, variant.num_passages, generator), target_tokens=config.answer_tokens
-        )
-        flops[variant.name] = (formula.as_dict(), measured.as_dict())
-        print(
-            f"  {variant.name}: memory layers {model.config.num_memory_layers}, live A {model.config.num_live_a_layers}, "
-            f"live B {model.config.num_live_b_layers}; formula {formula.total / 1e9:.1f} GFLOPs",
-            flush=True,
-        )
-    for model in models.values():
-        model.to(device, dtype)  # FLOPs above were counted on CPU in fp32; the timing runs as configured
-    tables = [_time_batch_size(config, models, flops, batch_size, generator) for batch_size in config.batch_sizes]
-    report = {
-        "config": to_dict(config),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "tables": tables,
-    }
+    report = {"config": to_dict(config), **run_inference_benchmark(config)}
     write_report(config.output, report)
     return report
 

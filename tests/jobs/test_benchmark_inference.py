@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 
+from glimmer_ray.eval.inference import ShapeConfig
 from glimmer_ray.eval.variants import VariantConfig
 
 
 def test_benchmark_inference_tables_follow_the_formulas(tmp_path, load_job):
     job = load_job("benchmark_inference")
     config = job.BenchmarkConfig(
-        model=job.ShapeConfig(vocab_size=128, d_model=32, num_layers=6, num_heads=2, d_ff=64),
+        model=ShapeConfig(vocab_size=128, d_model=32, num_layers=6, num_heads=2, d_ff=64),
         variants=[
             VariantConfig("FiD k=5", 5, None, 1.0, 0.25),
             VariantConfig("LUMEN k=5", 5, None, 1 / 3, 0.25),
