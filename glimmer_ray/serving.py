@@ -47,11 +47,14 @@ class AnswerRequest(BaseModel):
         return value.strip()
 
 
+MAX_BATCH_REQUESTS = 32  # requests in one POST /v1/answer:batch; more is a 422
+
+
 class BatchRequest(BaseModel):
     """POST /v1/answer:batch."""
 
     model_config = ConfigDict(extra="forbid")
-    requests: list[AnswerRequest] = Field(min_length=1)
+    requests: list[AnswerRequest] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
 
 
 class Passage(BaseModel):

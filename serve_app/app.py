@@ -16,7 +16,9 @@ the encoding from the live encoder to the decoder without passing through the in
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time, in
 # the replica, where string annotations of functions shipped by value cannot be resolved.
+import asyncio
 import dataclasses
+import logging
 import os
 import time
 from collections import defaultdict, deque
@@ -33,7 +35,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.metrics import Histogram
 
 from glimmer_ray.data.reading import ReadingConfig, load_reading
-from glimmer_ray.memory.store import MemoryStore
+from glimmer_ray.memory.store import MemoryStore, MemoryStoreError
 from glimmer_ray.retrieval.retriever import Retriever as DenseRetriever
 from glimmer_ray.runtime import torch_dtype
 from glimmer_ray.serving import (
@@ -48,6 +50,7 @@ from glimmer_ray.serving import (
     assemble_response,
 )
 
+logger = logging.getLogger("ray.serve")
 STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
 MODEL_STAGES = ("LiveEncoderReranker", "Decoder")  # the stages that run the reader: `device` and `dtype` are theirs
 
@@ -355,17 +358,28 @@ async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=400, content={"error": str(error)})
 
 
+def failure_response(error: BaseException) -> tuple[int, dict[str, str], dict[str, str]]:
+    """(status, body, headers) of a request that failed in a stage. A stage overloaded or restarting is a 503 with
+    Retry-After (retry); anything else is a 500 (do not retry) whose reason is one line: no traceback, no paths
+    (the whole error goes to the replica's log). Ray wraps a stage's exception; its `cause` is the original."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(error, UNAVAILABLE) or isinstance(cause, UNAVAILABLE):
+        reason = f"a serving stage is overloaded or restarting ({type(cause).__name__}); retry"
+        return 503, {"error": reason}, {"Retry-After": "1"}
+    if isinstance(cause, MemoryStoreError):
+        return (
+            500,
+            {"error": "the memory store failed a check (corrupt or changed); rebuild it with jobs/build_memory.py"},
+            {},
+        )
+    return 500, {"error": f"a serving stage failed: {type(cause).__name__}"}, {}
+
+
 @api.exception_handler(Exception)
 async def _stage_failure(request: Request, error: Exception) -> JSONResponse:
-    if isinstance(error, UNAVAILABLE) or isinstance(getattr(error, "cause", None), UNAVAILABLE):
-        return JSONResponse(
-            status_code=503,
-            content={"error": f"a serving stage is overloaded or restarting ({type(error).__name__}); retry"},
-            headers={"Retry-After": "1"},
-        )
-    return JSONResponse(
-        status_code=503, content={"error": f"the request failed in a serving stage: {type(error).__name__}: {error}"}
-    )
+    status, body, headers = failure_response(error)
+    logger.error("request failed with %d: %r", status, error)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 @serve.deployment
@@ -437,13 +451,22 @@ class Ingress:
 
     @api.post("/v1/answer:batch")
     async def answer_batch(self, batch: Annotated[BatchRequest, Body()]) -> list[AnswerResponse]:
-        import asyncio
-
+        """At most MAX_BATCH_REQUESTS requests, all checked before any runs; when one fails, the others are
+        cancelled (a failed batch leaves no work behind)."""
+        limits = await self._limits()
+        for request in batch.requests:
+            try:
+                limits.resolve(request, self.model_num_selected)
+            except RequestError as error:
+                self.counts["rejected"] += 1
+                raise RequestError(f"{error} (every request of a batch must be valid)") from error
+        tasks = [asyncio.ensure_future(self._answer(request)) for request in batch.requests]
         try:
-            return list(await asyncio.gather(*(self._answer(r) for r in batch.requests)))
-        except RequestError as error:
-            self.counts["rejected"] += 1
-            raise RequestError(f"{error} (every request of a batch must be valid)") from error
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

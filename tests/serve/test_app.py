@@ -153,6 +153,9 @@ def test_malformed_and_mistyped_bodies_are_4xx(app):
     assert response.status_code == 422
     response = requests.post(f"{URL}/v1/answer:batch", json={"requests": []}, timeout=30)
     assert response.status_code == 422 and "requests" in response.json()["error"]
+    too_many = {"requests": [{"question": "capital"}] * 33}  # the batch maximum, documented in the API
+    response = requests.post(f"{URL}/v1/answer:batch", json=too_many, timeout=30)
+    assert response.status_code == 422 and "at most 32 items" in response.json()["error"]
     response = requests.post(
         f"{URL}/v1/answer:batch", json={"requests": [{"question": "a"}, {"question": "b", "top_k": 0}]}, timeout=30
     )

@@ -11,12 +11,14 @@ import sys
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.schema import ServeDeploySchema
 
 from glimmer_ray.config import load_config
 from glimmer_ray.data.reading import ReadingConfig
-from glimmer_ray.serving import Limits
-from serve_app.app import STAGES, AppArgs, build_app, default_options, stage_options
+from glimmer_ray.memory.store import MemoryStoreError
+from glimmer_ray.serving import MAX_BATCH_REQUESTS, BatchRequest, Limits
+from serve_app.app import STAGES, AppArgs, build_app, default_options, failure_response, stage_options
 from serve_app.deploy import config_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -123,3 +125,31 @@ def test_limits_are_the_models_as_trained_unless_set():
     )
     with pytest.raises(ValueError, match="default_task 'fever' is not a task the model was trained on \\(tqa, nq\\)"):
         AppArgs(default_task="fever").limits(READING)
+
+
+class _StageError(Exception):
+    """How Ray hands a stage's exception to its caller: a traceback in the message, the original as `cause`."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f'Traceback (most recent call last):\n  File "/srv/app/serving.py", line 1\n{cause}')
+        self.cause = cause
+
+
+def test_stage_failures_are_one_line_and_say_whether_to_retry():
+    corrupt = _StageError(MemoryStoreError("shard shard-00001.arrow of /data/store fails its sha256 check"))
+    status, body, headers = failure_response(corrupt)
+    assert status == 500 and not headers  # permanent: no Retry-After
+    assert "rebuild it" in body["error"] and "/data" not in body["error"] and "\n" not in body["error"]
+    status, body, headers = failure_response(_StageError(ZeroDivisionError("division by zero at /srv/app")))
+    assert (status, body) == (500, {"error": "a serving stage failed: ZeroDivisionError"})
+    status, body, headers = failure_response(
+        _StageError(BackPressureError(num_queued_requests=9, max_queued_requests=8))
+    )
+    assert status == 503 and headers == {"Retry-After": "1"} and "retry" in body["error"]
+
+
+def test_a_batch_has_a_documented_maximum():
+    one = {"question": "capital"}
+    assert len(BatchRequest(requests=[one] * MAX_BATCH_REQUESTS).requests) == MAX_BATCH_REQUESTS
+    with pytest.raises(ValidationError, match=f"at most {MAX_BATCH_REQUESTS} items"):
+        BatchRequest(requests=[one] * (MAX_BATCH_REQUESTS + 1))
