@@ -358,6 +358,14 @@ async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=400, content={"error": str(error)})
 
 
+def stage_health(deployment) -> str:
+    """ready | degraded | down, from a deployment's entry in `serve.status()` (None: not deployed)."""
+    running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+    if not running:
+        return "down"
+    return "ready" if deployment.status == "HEALTHY" else "degraded"
+
+
 def failure_response(error: BaseException) -> tuple[int, dict[str, str], dict[str, str]]:
     """(status, body, headers) of a request that failed in a stage. A stage overloaded or restarting is a 503 with
     Retry-After (retry); anything else is a 500 (do not retry) whose reason is one line: no traceback, no paths
@@ -469,8 +477,16 @@ class Ingress:
             raise
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "stages": list(STAGES)}
+    async def healthz(self) -> JSONResponse:
+        """Each stage ready (healthy, replicas running), degraded (running replicas, but not healthy: starting,
+        scaling or replacing one) or down (no running replica); 503 when any stage is down."""
+        overview = serve.status().applications[serve.get_replica_context().app_name]
+        stages = {name: stage_health(overview.deployments.get(name)) for name in STAGES}
+        down = [name for name, state in stages.items() if state == "down"]
+        body = {"status": "down" if down else "ok", "stages": stages}
+        return JSONResponse(
+            status_code=503 if down else 200, content=body, headers={"Retry-After": "5"} if down else None
+        )
 
     @api.get("/v1/metrics")
     async def metrics(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import requests
 from glimmer_ray.client import GlimmerAPIError, GlimmerClient
 from glimmer_ray.data.reading import READING_FILE, load_reading
 from glimmer_ray.serving import InProcessPipeline
+from serve_app.app import STAGES
 
 pytestmark = pytest.mark.ray
 PORT = 8431
@@ -142,6 +143,12 @@ def test_bad_input_gets_a_4xx_with_its_reason(app, body, status, message):
     response = requests.post(f"{URL}/v1/answer", json=body, timeout=30)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_health_reports_every_stage(app):
+    response = requests.get(f"{URL}/healthz", timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "ok", "stages": {stage: "ready" for stage in STAGES}}
 
 
 def test_malformed_and_mistyped_bodies_are_4xx(app):

@@ -18,7 +18,15 @@ from glimmer_ray.config import load_config
 from glimmer_ray.data.reading import ReadingConfig
 from glimmer_ray.memory.store import MemoryStoreError
 from glimmer_ray.serving import MAX_BATCH_REQUESTS, BatchRequest, Limits
-from serve_app.app import STAGES, AppArgs, build_app, default_options, failure_response, stage_options
+from serve_app.app import (
+    STAGES,
+    AppArgs,
+    build_app,
+    default_options,
+    failure_response,
+    stage_health,
+    stage_options,
+)
 from serve_app.deploy import config_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -153,3 +161,15 @@ def test_a_batch_has_a_documented_maximum():
     assert len(BatchRequest(requests=[one] * MAX_BATCH_REQUESTS).requests) == MAX_BATCH_REQUESTS
     with pytest.raises(ValidationError, match=f"at most {MAX_BATCH_REQUESTS} items"):
         BatchRequest(requests=[one] * (MAX_BATCH_REQUESTS + 1))
+
+
+def test_stage_health_reads_serve_status():
+    from types import SimpleNamespace
+
+    def deployment(status: str, running: int) -> SimpleNamespace:
+        return SimpleNamespace(status=status, replica_states={"RUNNING": running} if running else {})
+
+    assert stage_health(deployment("HEALTHY", 2)) == "ready"
+    assert stage_health(deployment("UPDATING", 1)) == "degraded"  # a replica is being replaced: still serving
+    assert stage_health(deployment("UNHEALTHY", 0)) == "down"
+    assert stage_health(None) == "down"  # not deployed
