@@ -1,6 +1,7 @@
 """The GLIMMER Serve application: Ingress -> Retriever -> MemoryCache -> LiveEncoderReranker -> Decoder.
 
-    serve run serve_app.app:build_app model_dir=outputs/quickstart/model ...     (development)
+    serve run serve_app.app:build_app artifacts_dir=DIR                          (development; DIR of jobs/quickstart.py)
+    GLIMMER_ARTIFACTS_DIR=DIR serve run serve_app/config.yaml                    (the same, from the config)
     serve deploy serve_app/config.yaml                                           (a running cluster)
 
 Settings: the defaults are `AppArgs` and `default_options` below; serve_app/config.yaml sets only what
@@ -52,6 +53,8 @@ from glimmer_ray.serving import (
 
 logger = logging.getLogger("ray.serve")
 STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
+ARTIFACT_NAMES = {"model_dir": "model", "index_dir": "index", "passages": "passages.parquet", "memory_store": "memory"}
+ARTIFACTS_ENV = "GLIMMER_ARTIFACTS_DIR"  # where serve run / serve deploy of serve_app/config.yaml find the artifacts
 MODEL_STAGES = ("LiveEncoderReranker", "Decoder")  # the stages that run the reader: `device` and `dtype` are theirs
 
 
@@ -61,6 +64,9 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    artifacts_dir: str | None = (
+        None  # a directory laid out as jobs/quickstart.py writes one (model/, index/, passages.parquet, memory/): the four paths below that are not given are taken under it; null = $GLIMMER_ARTIFACTS_DIR where set
+    )
     model_dir: str = "outputs/quickstart/model"  # trained reader, its tokenizer and reading.json (jobs/train.py export)
     index_dir: str = "outputs/quickstart/index"  # FAISS index (jobs/prepare_data.py)
     passages: str = "outputs/quickstart/passages.parquet"  # passage table behind the index
@@ -107,9 +113,17 @@ class AppArgs(BaseModel):
         return value  # whether a GPU is there is checked where the stage runs (a GPU node), not here
 
     def resolved(self) -> "AppArgs":
-        absolute = {name: os.path.abspath(getattr(self, name)) for name in ("model_dir", "index_dir", "passages")}
-        if "://" not in self.memory_store:
-            absolute["memory_store"] = os.path.abspath(self.memory_store)
+        """Absolute artifact paths: a path given is taken as it is; one not given is <artifacts_dir>/<its name>
+        when `artifacts_dir` (or $GLIMMER_ARTIFACTS_DIR) is set, else its default."""
+        root = self.artifacts_dir or os.environ.get(ARTIFACTS_ENV) or None
+        absolute = {}
+        for name, file_name in ARTIFACT_NAMES.items():
+            value = getattr(self, name)
+            if root and name not in self.model_fields_set:
+                value = os.path.join(root, file_name)
+            absolute[name] = value if "://" in value else os.path.abspath(value)
+        if root:
+            absolute["artifacts_dir"] = root if "://" in root else os.path.abspath(root)
         unknown = sorted(set(self.deployments) - set(STAGES))
         if unknown:
             raise ValueError(

@@ -4,6 +4,7 @@ the app's defaults; the serve job deploys that config's app; the app's limits ar
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from glimmer_ray.data.reading import ReadingConfig
 from glimmer_ray.memory.store import MemoryStoreError
 from glimmer_ray.serving import MAX_BATCH_REQUESTS, BatchRequest, Limits
 from serve_app.app import (
+    ARTIFACTS_ENV,
     STAGES,
     AppArgs,
     build_app,
@@ -173,3 +175,19 @@ def test_stage_health_reads_serve_status():
     assert stage_health(deployment("UPDATING", 1)) == "degraded"  # a replica is being replaced: still serving
     assert stage_health(deployment("UNHEALTHY", 0)) == "down"
     assert stage_health(None) == "down"  # not deployed
+
+
+def test_artifacts_come_from_one_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv(ARTIFACTS_ENV, raising=False)
+    args = AppArgs(artifacts_dir=str(tmp_path)).resolved()
+    assert (args.model_dir, args.index_dir) == (str(tmp_path / "model"), str(tmp_path / "index"))
+    assert (args.passages, args.memory_store) == (str(tmp_path / "passages.parquet"), str(tmp_path / "memory"))
+    args = AppArgs(artifacts_dir=str(tmp_path), index_dir="elsewhere/index").resolved()  # a path given stays
+    assert args.index_dir == os.path.abspath("elsewhere/index") and args.model_dir == str(tmp_path / "model")
+    # serve run serve_app/config.yaml after `jobs/quickstart.py --output-dir DIR`: the environment names DIR
+    monkeypatch.setenv(ARTIFACTS_ENV, str(tmp_path / "run"))
+    args = AppArgs.model_validate(config_args(str(CONFIG))).resolved()
+    assert args.model_dir == str(tmp_path / "run" / "model") and args.memory_store == str(tmp_path / "run" / "memory")
+    monkeypatch.delenv(ARTIFACTS_ENV)
+    assert AppArgs().resolved().model_dir == os.path.abspath("outputs/quickstart/model")  # the quickstart's
+    assert AppArgs(artifacts_dir="s3://bucket/run").resolved().memory_store == "s3://bucket/run/memory"
