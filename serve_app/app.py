@@ -84,6 +84,7 @@ class AppArgs(BaseModel):
     dtype: str = "float32"  # the model stages' weights and activations: float32 | bfloat16 | float16
     max_batch_size: int = 8  # dynamic batching of the model stages
     batch_wait_timeout_s: float = 0.005
+    stage_timeout_s: float = 20.0  # deadline of each stage call: past it the request gets a 503 with Retry-After
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict
     )  # per-stage .options(), over the defaults below
@@ -372,6 +373,17 @@ async def _bad_request(request: Request, error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=400, content={"error": str(error)})
 
 
+class StageTimeout(Exception):
+    """A stage did not answer within its deadline (down, restarting or overloaded)."""
+
+    def __init__(self, stage: str, seconds: float) -> None:
+        super().__init__(f"{stage} did not answer within {seconds:g} s")
+
+
+async def _awaited(response) -> Any:
+    return await response
+
+
 def stage_health(deployment) -> str:
     """ready | degraded | down, from a deployment's entry in `serve.status()` (None: not deployed)."""
     running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
@@ -385,6 +397,8 @@ def failure_response(error: BaseException) -> tuple[int, dict[str, str], dict[st
     Retry-After (retry); anything else is a 500 (do not retry) whose reason is one line: no traceback, no paths
     (the whole error goes to the replica's log). Ray wraps a stage's exception; its `cause` is the original."""
     cause = getattr(error, "cause", None) or error
+    if isinstance(cause, StageTimeout):
+        return 503, {"error": f"{cause}; retry"}, {"Retry-After": "1"}
     if isinstance(error, UNAVAILABLE) or isinstance(cause, UNAVAILABLE):
         reason = f"a serving stage is overloaded or restarting ({type(cause).__name__}); retry"
         return 503, {"error": reason}, {"Retry-After": "1"}
@@ -439,7 +453,9 @@ class Ingress:
         memory = self.memory_cache.fetch.remote(retrieved)
         encoding = self.live.encode.remote(question_ids, memory, m)
         generated = self.decoder.generate.remote(encoding, max_new_tokens)
-        retrieved, encoding, generated = await retrieved, await encoding, await generated
+        calls = [retrieved, memory, encoding, generated]  # cancelled together when one misses its deadline
+        chain = [("Retriever", retrieved), ("LiveEncoderReranker", encoding), ("Decoder", generated)]
+        retrieved, encoding, generated = [await self._within_deadline(stage, r, calls) for stage, r in chain]
         timings = {
             "retriever": retrieved["ms"],
             "memory": encoding["memory_ms"],
@@ -462,6 +478,15 @@ class Ingress:
             self.questions.decode(generated["tokens"]),
             timings,
         )
+
+    async def _within_deadline(self, stage: str, response, calls: list) -> Any:
+        """The stage's result, or StageTimeout after args.stage_timeout_s (every call of the request cancelled)."""
+        try:
+            return await asyncio.wait_for(_awaited(response), self.args.stage_timeout_s)
+        except asyncio.TimeoutError:
+            for pending in calls:
+                pending.cancel()
+            raise StageTimeout(stage, self.args.stage_timeout_s) from None
 
     @api.post("/v1/answer")
     async def answer(self, request: AnswerRequest) -> AnswerResponse:

@@ -23,6 +23,7 @@ from serve_app.app import (
     ARTIFACTS_ENV,
     STAGES,
     AppArgs,
+    StageTimeout,
     build_app,
     default_options,
     failure_response,
@@ -156,6 +157,10 @@ def test_stage_failures_are_one_line_and_say_whether_to_retry():
         _StageError(BackPressureError(num_queued_requests=9, max_queued_requests=8))
     )
     assert status == 503 and headers == {"Retry-After": "1"} and "retry" in body["error"]
+    status, body, headers = failure_response(StageTimeout("Decoder", 20.0))  # past a stage's deadline
+    assert (status, headers) == (503, {"Retry-After": "1"}) and body[
+        "error"
+    ] == "Decoder did not answer within 20 s; retry"
 
 
 def test_a_batch_has_a_documented_maximum():
