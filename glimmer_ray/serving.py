@@ -131,8 +131,10 @@ class QuestionTokenizer:
 class MemoryLookup:
     """Memory of retrieved passages from the store, through an LRU cache: [k, lp, d] and mask [k, lp]."""
 
-    def __init__(self, store_uri: str, cache_bytes: int) -> None:
-        self.store = MemoryStore(store_uri)
+    def __init__(self, store_uri: str, cache_bytes: int, verify: str = "all") -> None:
+        """`verify`: all = every shard's sha256 now, before serving (a corrupt store never starts); open = each
+        shard's when first read (a very large store); rows' crc32 are checked on every read either way."""
+        self.store = MemoryStore(store_uri, verify=verify)
         self.cache = LRUMemoryCache(self.store, cache_bytes)
         self.passage_tokens = int(self.store.manifest["tokenizer"]["passage_tokens"])
 
@@ -265,9 +267,10 @@ class InProcessPipeline:
         cache_bytes: int = 1 << 30,
         device: str = "cpu",
         dtype: str = "float32",
+        verify_memory: str = "all",
     ) -> None:
         self.retriever = Retriever(index_dir, passages, encoder_path, use_gpu=False)
-        self.memory = MemoryLookup(memory_store, cache_bytes)
+        self.memory = MemoryLookup(memory_store, cache_bytes, verify_memory)
         self.reader = ReaderStages(model_dir, device, dtype)
         self.memory.store.check_model(self.reader.memory_encoder_fingerprint)
         self.questions = QuestionTokenizer(model_dir, limits.question_tokens)

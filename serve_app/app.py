@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import ray
@@ -78,6 +78,9 @@ class AppArgs(BaseModel):
     max_new_tokens: int | None = None  # default answer length limit (tokens); null = as trained (reading.answer_tokens)
     max_new_tokens_limit: int = 32
     cache_bytes: int = 1 << 30  # MemoryCache LRU budget per replica
+    verify_memory: Literal["all", "open"] = (
+        "all"  # all: every shard's sha256 at start-up; open: when first read (huge stores)
+    )
     device: str = (
         "cpu"  # the model stages' (LiveEncoderReranker, Decoder): cpu | cuda; cuda needs num_gpus in their deployments
     )
@@ -241,12 +244,17 @@ class Retriever:
 class MemoryCache:
     """The memory store's reader with its LRU cache: memory [k, lp, d] of the retrieved passages."""
 
-    def __init__(self, memory_store: str, cache_bytes: int) -> None:
-        self.lookup = MemoryLookup(memory_store, cache_bytes)
+    def __init__(self, memory_store: str, cache_bytes: int, verify: str = "all") -> None:
+        self.lookup = MemoryLookup(memory_store, cache_bytes, verify)  # a corrupt store never starts
+        self.broken: str | None = None  # a failed store check at read time: the replica is unhealthy from then on
 
     def fetch(self, retrieved: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        memory, mask = self.lookup.fetch(retrieved["ids"])
+        try:
+            memory, mask = self.lookup.fetch(retrieved["ids"])
+        except MemoryStoreError as error:
+            self.broken = str(error)
+            raise
         return {
             "memory": memory,
             "memory_mask": mask,
@@ -256,6 +264,8 @@ class MemoryCache:
         }
 
     def check_health(self) -> None:
+        if self.broken:
+            raise RuntimeError(f"the memory store failed a check: {self.broken}")
         store = self.lookup.store
         missing = [
             s["file"] for s in store.manifest["shards"] if not store.fs.get_file_info(f"{store.root}/{s['file']}").size
@@ -566,7 +576,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     retriever = Retriever.options(**options["Retriever"]).bind(
         app_args.index_dir, app_args.passages, app_args.encoder_path, **batching
     )
-    memory_cache = MemoryCache.options(**options["MemoryCache"]).bind(app_args.memory_store, app_args.cache_bytes)
+    memory_cache = MemoryCache.options(**options["MemoryCache"]).bind(
+        app_args.memory_store, app_args.cache_bytes, app_args.verify_memory
+    )
     placement = {"device": app_args.device, "dtype": app_args.dtype}
     live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(
         app_args.model_dir, app_args.memory_store, **batching, **placement

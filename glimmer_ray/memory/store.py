@@ -199,6 +199,7 @@ class _Shard:
     meta: dict[str, Any]
     table: pa.Table | None = None
     rows: dict[str, int] | None = None
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) of a local, memory-mapped shard when it was opened
 
 
 class MemoryStore:
@@ -299,11 +300,11 @@ class MemoryStore:
                     if self.verify_mode == "open":
                         self._verify_shard(shard)
                     path = _join(self.root, shard.meta["file"])
-                    source = (
-                        pa.memory_map(path)
-                        if isinstance(self.fs, pafs.LocalFileSystem)
-                        else self.fs.open_input_file(path)
-                    )
+                    local = isinstance(self.fs, pafs.LocalFileSystem)
+                    if local:
+                        status = os.stat(path)
+                        shard.stamp = (status.st_size, status.st_mtime_ns)
+                    source = pa.memory_map(path) if local else self.fs.open_input_file(path)
                     try:
                         table = pa.ipc.open_file(source).read_all()
                     except pa.ArrowInvalid as error:
@@ -328,9 +329,28 @@ class MemoryStore:
         """Every stored passage id, in manifest (shard) order."""
         return [pid for _, table in self.iter_shards() for pid in table.column("passage_id").to_pylist()]
 
+    def _check_unchanged(self, shard: _Shard) -> None:
+        """A memory-mapped shard whose file changed since it was opened is refused, and its mapping dropped:
+        reading a truncated mapping would kill the process (SIGBUS)."""
+        if shard.stamp is None:
+            return
+        try:
+            status = os.stat(_join(self.root, shard.meta["file"]))
+            now = (status.st_size, status.st_mtime_ns)
+        except FileNotFoundError:
+            now = None
+        if now != shard.stamp:
+            with self._lock:
+                shard.table, shard.rows, shard.stamp = None, None, None
+            raise MemoryStoreError(
+                f"shard {shard.meta['file']} of {self.uri} changed on disk while in use (size or time): a store must "
+                "not be rewritten under a running reader; rebuild it to a new directory"
+            )
+
     def get(self, passage_id: str) -> np.ndarray:
         """The memory of one passage, float32 [n, d]."""
         shard, row = self._locate(passage_id)
+        self._check_unchanged(shard)
         table = shard.table
         payload = table.column("data")[row].as_buffer()
         scales = table.column("scales")[row].as_buffer()

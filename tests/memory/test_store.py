@@ -27,6 +27,7 @@ from glimmer_ray.memory.store import LRUMemoryCache, MemoryEncoderMismatch, Memo
 from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.retrieval.passages import write_passages
+from glimmer_ray.serving import MemoryLookup
 
 pytestmark = pytest.mark.ray
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -311,6 +312,34 @@ def test_corrupt_or_missing_shards_are_reported_by_name(artifacts, fp32_store, t
         MemoryStore(str(tmp_path / "nowhere"))
     with pytest.raises(KeyError, match="not in the memory store"):
         MemoryStore(str(fp32_store[0])).get("no-such-passage")
+
+
+def test_a_shard_changed_under_a_running_reader_is_refused_not_a_crash(fp32_store, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(fp32_store[0], path)
+    store = MemoryStore(str(path))
+    victim = store.manifest["shards"][0]
+    pid = victim["first_id"]
+    before = store.get(pid)  # the shard is memory-mapped from here on
+    shard_file = path / victim["file"]
+    shard_file.write_bytes(shard_file.read_bytes()[: victim["bytes"] // 2])  # truncated while mapped
+    with pytest.raises(MemoryStoreError, match=f"{victim['file']} .* changed on disk while in use"):
+        store.get(pid)  # reading the old mapping past the new end of file would be a SIGBUS
+    with pytest.raises(MemoryStoreError, match="corrupt or truncated"):
+        MemoryStore(str(path))  # and a new reader refuses the truncated shard
+    assert np.array_equal(before, MemoryStore(str(fp32_store[0])).get(pid))
+
+
+def test_serving_verifies_the_whole_store_before_it_starts(fp32_store, tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(fp32_store[0], path)
+    victim = MemoryStore(str(path)).manifest["shards"][-1]
+    raw = bytearray((path / victim["file"]).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # size unchanged: only the sha256 can tell
+    (path / victim["file"]).write_bytes(bytes(raw))
+    with pytest.raises(MemoryStoreError, match=f"{victim['file']} .* sha256"):
+        MemoryLookup(str(path), cache_bytes=1 << 20)  # the default: every shard checked at start-up
+    MemoryLookup(str(path), cache_bytes=1 << 20, verify="open")  # a huge store: checked as shards are first read
 
 
 def test_lru_cache_keeps_its_byte_budget_and_returns_stored_memory(artifacts, fp32_store):
