@@ -35,8 +35,9 @@ def model_inputs(
             np.asarray(batch["passage_scores"], dtype=np.float32), device=device
         )
     if closed_book:
-        inputs.pop("retrieval_scores", None)
         batch_size = inputs["question_ids"].shape[0]
         inputs["passage_ids"] = torch.full((batch_size, 1, 1), eos_token_id, dtype=torch.long, device=device)
         inputs["passage_mask"] = torch.ones((batch_size, 1, 1), dtype=torch.long, device=device)
+        # the one empty passage has no retriever score: zero, for a scorer with a retrieval prior
+        inputs["retrieval_scores"] = torch.zeros((batch_size, 1), dtype=torch.float32, device=device)
     return inputs

@@ -20,3 +20,5 @@ def test_closed_book_inputs_hold_no_passage():
     assert inputs["passage_ids"].shape == (2, 4, 5)
     closed = model_inputs(batch, torch.device("cpu"), closed_book=True, eos_token_id=1)
     assert closed["passage_ids"].tolist() == [[[1]], [[1]]] and closed["passage_mask"].shape == (2, 1, 1)
+    # a scorer with a retrieval prior scores the one empty passage too: its retriever score is zero
+    assert closed["retrieval_scores"].tolist() == [[0.0], [0.0]]
