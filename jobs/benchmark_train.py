@@ -1,4 +1,5 @@
-"""Training step benchmark: a DeepSpeed step against a plain PyTorch step, one worker, same model and data.
+"""Training step benchmark: a DeepSpeed step against a plain PyTorch step, one worker, same model and data; and
+what perplexity distillation adds to a GLIMMER step (k 25 -> m 5).
 
     python jobs/benchmark_train.py --config jobs/configs/benchmark_train.yaml
     ray job submit --working-dir . -- python jobs/benchmark_train.py --config jobs/configs/benchmark_train.yaml
@@ -6,7 +7,10 @@
 Runs jobs/train.py's recipe (`glimmer_ray.train.run.run_training` of `train_config` plus `overrides`) once
 per engine in `engines`, one after the other in this process and Ray session, on one worker for `steps`
 optimiser steps, and reports each run's seconds per step and tokens per second over its training steps
-(evaluation and checkpoint saving excluded), its first and last loss, and the ratio to the first engine. Writes the table as JSON to `output`.
+(evaluation and checkpoint saving excluded), its first and last loss, and the ratio to the first engine.
+With `distillation` set, it then times one GLIMMER training step with and without the distillation teacher
+(`glimmer_ray.train.step_timing`, in this process, round-robin) and reports `distillation_overhead` (distil / reader
+seconds per step). Writes everything as JSON to `output_dir/benchmark_train.json`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from glimmer_ray.cli import ray_session
 from glimmer_ray.config import ConfigError, load_config, parse_job_args, to_dict
 from glimmer_ray.train.config import TrainConfig
 from glimmer_ray.train.run import run_training
+from glimmer_ray.train.step_timing import DistillationTiming, time_distillation
 
 ENGINES = ("deepspeed", "pytorch")
 
@@ -33,6 +38,9 @@ class BenchmarkTrainConfig:
     )  # deepspeed | pytorch; the first is the ratios' baseline
     steps: int = 60  # optimiser steps per engine
     output_dir: str = "outputs/quickstart/benchmark-train"  # runs, exports and benchmark_train.json
+    distillation: DistillationTiming | None = field(
+        default_factory=DistillationTiming
+    )  # the distillation comparison (null: skip it)
 
 
 def _run_config(config: BenchmarkTrainConfig, engine: str) -> TrainConfig:
@@ -60,8 +68,10 @@ def _run_config(config: BenchmarkTrainConfig, engine: str) -> TrainConfig:
 def main(config: BenchmarkTrainConfig) -> dict:
     # setup
     unknown = [engine for engine in config.engines if engine not in ENGINES]
-    if unknown or not config.engines:
-        raise SystemExit(f"engines must be a non-empty list of {', '.join(ENGINES)}; got {config.engines}")
+    if unknown or (not config.engines and config.distillation is None):
+        raise SystemExit(
+            f"engines must be a list of {', '.join(ENGINES)} (empty only with distillation); got {config.engines}"
+        )
     if config.steps < 1:
         raise SystemExit(f"steps must be at least 1, got {config.steps}")
     try:
@@ -70,20 +80,47 @@ def main(config: BenchmarkTrainConfig) -> dict:
             run.validate()
     except (ConfigError, ValueError) as error:
         raise SystemExit(f"{config.train_config} with overrides {config.overrides}: {error}") from error
+    if config.distillation is not None:
+        try:
+            config.distillation.validate()
+        except ValueError as error:
+            raise SystemExit(f"distillation: {error}") from error
 
     # loop: the engines one after the other, same recipe, same seed, one Ray session
     results = {}
-    with ray_session(next(iter(runs.values())).ray_address, log_to_driver=True):
-        for engine, run in runs.items():
-            print(f"[benchmark_train] {engine}: {config.steps} steps on one worker", flush=True)
-            summary = run_training(run)
-            print(json.dumps(summary, indent=2, default=str))
-            results[engine] = {
-                key: summary["metrics"][key]
-                for key in ("seconds_per_step", "tokens_per_second_per_worker", "first_loss", "train_loss", "step")
-            }
+    if runs:
+        with ray_session(next(iter(runs.values())).ray_address, log_to_driver=True):
+            for engine, run in runs.items():
+                print(f"[benchmark_train] {engine}: {config.steps} steps on one worker", flush=True)
+                summary = run_training(run)
+                print(json.dumps(summary, indent=2, default=str))
+                results[engine] = {
+                    key: summary["metrics"][key]
+                    for key in ("seconds_per_step", "tokens_per_second_per_worker", "first_loss", "train_loss", "step")
+                }
+        _print_engines(config, results)
+    report = {"config": to_dict(config), "results": results}
+    if config.distillation is not None:
+        timing = config.distillation
+        print(
+            f"[benchmark_train] distillation: d {timing.d_model}, {timing.num_layers} layers, k {timing.num_passages} "
+            f"-> m {timing.num_selected}, batch {timing.batch_size}, {timing.rounds} rounds of {timing.steps} steps",
+            flush=True,
+        )
+        distillation = time_distillation(timing)
+        _print_distillation(distillation)
+        report["distillation"] = distillation
+        report["distillation_overhead"] = distillation["distillation_overhead"]
 
-    # report
+    os.makedirs(config.output_dir, exist_ok=True)
+    path = os.path.join(config.output_dir, "benchmark_train.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"wrote {path}")
+    return report
+
+
+def _print_engines(config: BenchmarkTrainConfig, results: dict) -> None:
     base = results[config.engines[0]]["seconds_per_step"]
     print(
         f"\n{'engine':<10}{'s / step':>10}{'tokens/s':>10}{'first loss':>12}{'last loss':>11}{'time / ' + config.engines[0]:>18}"
@@ -95,12 +132,18 @@ def main(config: BenchmarkTrainConfig) -> dict:
             f"{result['first_loss']:12.3f}{result['train_loss']:11.3f}{result['time_ratio']:18.2f}"
         )
     print("(one worker; training steps only, evaluation and checkpoint saving excluded; last loss: mean over the run)")
-    os.makedirs(config.output_dir, exist_ok=True)
-    path = os.path.join(config.output_dir, "benchmark_train.json")
-    with open(path, "w") as handle:
-        json.dump({"config": to_dict(config), "results": results}, handle, indent=2)
-    print(f"wrote {path}")
-    return results
+
+
+def _print_distillation(distillation: dict) -> None:
+    print(f"\n{'GLIMMER training step':<52}{'s / step':>10}{'time / reader':>15}")
+    labels = {
+        "reader": "reader (no distillation)",
+        "distil": "+ distillation, teacher reads on from live stage A",
+        "distil_recompute": "+ distillation, teacher recomputes memory + stage A",
+    }
+    for name, row in distillation["rows"].items():
+        print(f"{labels[name]:<52}{row['seconds_per_step']:10.3f}{row['time_over_reader']:15.2f}")
+    print(f"distillation_overhead {distillation['distillation_overhead']:.2f} (median of the rounds)")
 
 
 if __name__ == "__main__":

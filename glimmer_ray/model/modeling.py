@@ -67,16 +67,31 @@ def run_encoder_blocks(
     return hidden
 
 
-LIVE_CHUNK_TOKENS = 2048
+CPU_LIVE_CHUNK_TOKENS = 2048  # the live stages' chunk on a CPU (jobs/benchmark_inference.py, chunk_tokens)
 
 
-def run_in_chunks(stage, hidden: torch.Tensor, mask: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """Apply `stage(hidden, mask)` to groups of rows holding at most `chunk_tokens` tokens each.
+def resolve_chunk_tokens(chunk_tokens: int | str | None, device: torch.device) -> int | None:
+    """The live stages' chunk size for a call: an int (tokens per chunk), None (every pair in one call), or
+    "auto": `CPU_LIVE_CHUNK_TOKENS` on a CPU, where chunks let the allocator reuse a layer's activations, and
+    one call on an accelerator, where chunks only cut the kernels' parallelism."""
+    if chunk_tokens == "auto":
+        return CPU_LIVE_CHUNK_TOKENS if torch.device(device).type == "cpu" else None
+    if chunk_tokens is None:
+        return None
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, None or 'auto', got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+def run_in_chunks(stage, hidden: torch.Tensor, mask: torch.Tensor, chunk_tokens: int | None) -> torch.Tensor:
+    """Apply `stage(hidden, mask)` to groups of rows holding at most `chunk_tokens` tokens each (None: one call).
 
     The result equals one call over all rows (rows do not interact in the encoder). Chunks keep the
     activations of a layer small enough to be reused by the allocator; on CPU one call over 25
     pairs of 352 tokens ran about 1.5x slower than the same work in chunks of 5.
     """
+    if chunk_tokens is None:
+        return stage(hidden, mask)
     rows_per_chunk = max(1, chunk_tokens // max(1, hidden.shape[1]))
     if hidden.shape[0] <= rows_per_chunk:
         return stage(hidden, mask)
@@ -166,13 +181,16 @@ class GlimmerEncoding(ModelOutput):
 
     hidden [b, m*l, d] and mask [b, m*l] hold the m selected pairs side by side (FiD fusion);
     rerank_scores [b, k] (None without reranking); selected [b, m] indices into the k passages,
-    in descending score order.
+    in descending score order. live_a [b*k, l, d] and live_a_mask [b*k, l]: live stage A's output for all k pairs,
+    detached, kept only when asked (`keep_live_a`) for the distillation teacher to read on from.
     """
 
     hidden: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     rerank_scores: torch.Tensor | None = None
     selected: torch.Tensor | None = None
+    live_a: torch.Tensor | None = None
+    live_a_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -404,17 +422,19 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         passage_memory: torch.Tensor,
         passage_mask: torch.Tensor,
         num_selected: int | None = None,
-        chunk_tokens: int = LIVE_CHUNK_TOKENS,
+        chunk_tokens: int | str | None = "auto",
         select_by: str = "reranker",
         retrieval_scores: torch.Tensor | None = None,
+        keep_live_a: bool = False,
     ) -> GlimmerEncoding:
         """LiveEncA over all k pairs, score, keep the top m, LiveEncB over those m only.
 
         question_memory [b, lq, d], passage_memory [b, k, lp, d], retrieval_scores [b, k] (the
         retriever's, read by a scorer with `retrieval_prior`); `num_selected` overrides the
         config's m for this call. Without reranking all k pairs pass both stages in order.
-        Pairs go through each stage in chunks of at most `chunk_tokens` tokens (same result).
-        `select_by="retriever"` keeps the first m passages (the retriever's order) while still
+        Pairs go through each stage in chunks of at most `chunk_tokens` tokens (same result; None: one
+        call; "auto": chunks on a CPU only, `resolve_chunk_tokens`). `keep_live_a` returns stage A's output
+        for all k pairs, detached (the distillation teacher's starting point). `select_by="retriever"` keeps the first m passages (the retriever's order) while still
         returning the rerank scores: a training warm-up for a reader that cannot read yet.
         """
         if select_by not in ("reranker", "retriever"):
@@ -427,7 +447,9 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         length, width = pairs.shape[2:]
         hidden = pairs.reshape(batch_size * num_passages, length, width)  # [b*k, l, d]
         flat_mask = pair_mask.reshape(batch_size * num_passages, length)  # [b*k, l]
+        chunk_tokens = resolve_chunk_tokens(chunk_tokens, hidden.device)
         hidden = run_in_chunks(self._live_a, hidden, flat_mask, chunk_tokens)
+        live_a = hidden.detach() if keep_live_a else None
 
         if m is None:
             scores = None
@@ -453,6 +475,8 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             mask=kept_mask.reshape(batch_size, m * length),  # [b, m*l]
             rerank_scores=scores,
             selected=selected,
+            live_a=live_a,
+            live_a_mask=flat_mask if keep_live_a else None,
         )
 
     def _live_a(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -473,6 +497,8 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         num_selected: int | None = None,
         select_by: str = "reranker",
         retrieval_scores: torch.Tensor | None = None,
+        chunk_tokens: int | str | None = "auto",
+        keep_live_a: bool = False,
     ) -> GlimmerEncoding:
         """Memory (from tokens, or the pre-computed `passage_memory`) then the live encoder."""
         passage_memory = self._passage_memory(question_ids, question_mask, passage_ids, passage_mask, passage_memory)
@@ -483,8 +509,10 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             passage_memory,
             passage_mask,
             num_selected,
+            chunk_tokens=chunk_tokens,
             select_by=select_by,
             retrieval_scores=retrieval_scores,
+            keep_live_a=keep_live_a,
         )
 
     # ---- Decoder, loss, generation ---------------------------------------------------------
@@ -520,6 +548,8 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         pdist_temperature: float = 1.0,
         select_by: str = "reranker",
         retrieval_scores: torch.Tensor | None = None,
+        chunk_tokens: int | str | None = "auto",
+        teacher_reuse: bool = True,
     ) -> GlimmerOutput:
         """Score, select and read k passages per question.
 
@@ -535,7 +565,14 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             select_by: "reranker" (the model) or "retriever" (the first m passages are read; the
                 rerank scores are still returned and distilled), a training warm-up.
             retrieval_scores: [b, k] the retriever's scores, read by a scorer with `retrieval_prior`.
+            chunk_tokens: the live stages' chunk (`resolve_chunk_tokens`; "auto": chunks on a CPU only).
+            teacher_reuse: the distillation teacher reads on from this pass's live stage A states (detached)
+                instead of running the memory encoder and stage A again; used only where the two are equal,
+                i.e. no dropout is active (the teacher reads in eval mode, as ATLAS's).
         """
+        distilling = labels is not None and pdist_weight > 0
+        dropout_active = self.training and self.config.dropout_rate > 0
+        reuse = distilling and teacher_reuse and not dropout_active
         encoding = self.encode(
             question_ids,
             question_mask,
@@ -545,6 +582,8 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             num_selected,
             select_by=select_by,
             retrieval_scores=retrieval_scores,
+            chunk_tokens=chunk_tokens,
+            keep_live_a=reuse,
         )
         if decoder_input_ids is None:
             if labels is None:
@@ -558,7 +597,15 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             loss = lm_loss
             if encoding.rerank_scores is not None and pdist_weight > 0:
                 target = self.passage_log_likelihood(
-                    question_ids, question_mask, passage_ids, passage_mask, passage_memory, labels
+                    question_ids,
+                    question_mask,
+                    passage_ids,
+                    passage_mask,
+                    passage_memory,
+                    labels,
+                    live_a=encoding.live_a,
+                    live_a_mask=encoding.live_a_mask,
+                    chunk_tokens=chunk_tokens,
                 )  # [b, k]
                 pdist_loss = perplexity_distillation_loss(encoding.rerank_scores, target, pdist_temperature)
                 loss = lm_loss + pdist_weight * pdist_loss
@@ -581,30 +628,44 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         passage_mask: torch.Tensor,
         passage_memory: torch.Tensor | None,
         labels: torch.Tensor,
+        live_a: torch.Tensor | None = None,
+        live_a_mask: torch.Tensor | None = None,
+        chunk_tokens: int | str | None = "auto",
     ) -> torch.Tensor:
         """The perplexity-distillation target: log p(answer | Q, P_i) with each passage read alone.
 
         As ATLAS's `perplexity_score`: no gradient, dropout off, every passage through the whole
         reader by itself, the answer's log-likelihood averaged over its tokens. Returns [b, k].
+        `live_a` [b*k, l, d] / `live_a_mask` [b*k, l]: live stage A's output for the k pairs, already
+        computed by the student's pass with the same weights and no dropout; the teacher then runs only
+        stage B and the decoder (the same numbers, without the memory encoder and stage A again).
         """
         was_training = self.training
         self.eval()
         try:
-            passage_memory = self._passage_memory(
-                question_ids, question_mask, passage_ids, passage_mask, passage_memory
-            )
-            batch_size, num_passages = passage_memory.shape[:2]
-            question_memory = self.encode_question(question_ids, question_mask)
-            pairs, pair_mask = pack_pairs(
-                question_memory, question_mask, passage_memory.to(question_memory.dtype), passage_mask
-            )
-            length, width = pairs.shape[2:]
-            hidden = pairs.reshape(batch_size * num_passages, length, width)  # [b*k, l, d]
-            flat_mask = pair_mask.reshape(batch_size * num_passages, length)  # [b*k, l]
-            hidden = run_in_chunks(self._live_a, hidden, flat_mask, LIVE_CHUNK_TOKENS)
-            hidden = run_in_chunks(self._live_b, hidden, flat_mask, LIVE_CHUNK_TOKENS)
+            batch_size, num_passages = passage_mask.shape[:2]
+            if live_a is None:
+                passage_memory = self._passage_memory(
+                    question_ids, question_mask, passage_ids, passage_mask, passage_memory
+                )
+                question_memory = self.encode_question(question_ids, question_mask)
+                pairs, pair_mask = pack_pairs(
+                    question_memory, question_mask, passage_memory.to(question_memory.dtype), passage_mask
+                )
+                length, width = pairs.shape[2:]
+                live_a = pairs.reshape(batch_size * num_passages, length, width)  # [b*k, l, d]
+                live_a_mask = pair_mask.reshape(batch_size * num_passages, length)  # [b*k, l]
+                live_a = run_in_chunks(
+                    self._live_a, live_a, live_a_mask, resolve_chunk_tokens(chunk_tokens, live_a.device)
+                )
+            elif live_a_mask is None or live_a.shape[0] != batch_size * num_passages:
+                raise ValueError(
+                    f"live_a needs its mask and one row per pair: {batch_size} x {num_passages} pairs, got "
+                    f"{tuple(live_a.shape)}"
+                )
+            hidden = run_in_chunks(self._live_b, live_a, live_a_mask, resolve_chunk_tokens(chunk_tokens, live_a.device))
             passage_labels = labels.repeat_interleave(num_passages, dim=0)  # [b*k, t]
-            logits = self.decode(hidden, flat_mask, self._shift_right(passage_labels))  # [b*k, t, v]
+            logits = self.decode(hidden, live_a_mask, self._shift_right(passage_labels))  # [b*k, t, v]
             valid = passage_labels != -100
             token_log_probs = torch.gather(
                 F.log_softmax(logits.float(), dim=-1), 2, passage_labels.clamp(min=0)[..., None]
@@ -673,10 +734,11 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         min_new_tokens: int = 0,
         select_by: str = "reranker",
         retrieval_scores: torch.Tensor | None = None,
+        chunk_tokens: int | str | None = "auto",
     ) -> tuple[torch.Tensor, GlimmerEncoding]:
         """Greedy answers for a batch: returns (token ids [b, t'], the encoding with scores and selection);
         `select_by="retriever"` reads the retriever's first m (a reader whose reranker is not trained yet);
-        `retrieval_scores` [b, k] for a scorer with `retrieval_prior`."""
+        `retrieval_scores` [b, k] for a scorer with `retrieval_prior`; `chunk_tokens` as in `live_encode`."""
         encoding = self.encode(
             question_ids,
             question_mask,
@@ -686,6 +748,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             num_selected,
             select_by=select_by,
             retrieval_scores=retrieval_scores,
+            chunk_tokens=chunk_tokens,
         )
         tokens = self.generate_from_encoding(encoding.hidden, encoding.mask, max_new_tokens, min_new_tokens)
         return tokens, encoding

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, T5ForConditionalGeneration
 
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration, perplexity_distillation_loss
+from glimmer_ray.model.modeling import CPU_LIVE_CHUNK_TOKENS, resolve_chunk_tokens
 
 VOCAB = 256
 
@@ -273,6 +274,35 @@ def test_pdist_target_reads_each_passage_alone_without_dropout(tiny_t5_dropout_d
             assert target[example, passage].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
 
 
+def test_teacher_reading_on_from_the_students_live_a_gives_the_recomputed_target(tiny_t5_dir, tiny_t5_dropout_dir):
+    """The teacher reuses live stage A's states of the student's pass (no second memory / stage A run) and
+    gives ATLAS's target within 1e-5; with dropout active the states differ, so it recomputes them."""
+    question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch(num_passages=5)
+    labels[1, 2:] = -100
+    model = _glimmer(tiny_t5_dir, live_proportion=0.75, rerank_proportion=0.5, num_selected=2).train()
+    reused = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
+    recomputed = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels, teacher_reuse=False)
+    torch.testing.assert_close(reused.pdist_target, recomputed.pdist_target, rtol=0, atol=1e-5)
+    assert reused.pdist_loss.item() == pytest.approx(recomputed.pdist_loss.item(), rel=1e-5, abs=1e-6)
+
+    calls = []
+    hook = model.encoder.block[0].register_forward_hook(lambda *_: calls.append(1))  # the first memory layer
+    model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
+    hook.remove()
+    assert len(calls) == 2  # question + passages once each: the teacher did not run the memory encoder again
+
+    dropout = GlimmerForConditionalGeneration.from_t5(
+        tiny_t5_dropout_dir, live_proportion=0.75, rerank_proportion=0.5, num_selected=2
+    ).train()
+    output = dropout(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
+    expected = dropout.passage_log_likelihood(question_ids, question_mask, passage_ids, passage_mask, None, labels)
+    torch.testing.assert_close(output.pdist_target, expected, rtol=0, atol=1e-5)  # eval-mode states, recomputed
+    with pytest.raises(ValueError, match="one row per pair"):
+        model.passage_log_likelihood(
+            question_ids, question_mask, passage_ids, passage_mask, None, labels, live_a=torch.zeros(3, 4, 48)
+        )
+
+
 def test_pdist_loss_is_kl_of_target_to_scores():
     scores = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]])
     target = torch.tensor([[-3.0, -1.0, -2.0], [-1.0, -4.0, -0.5]])
@@ -514,6 +544,55 @@ def test_chunked_live_stages_equal_one_pass(tiny_t5_dir):
     assert torch.equal(whole.selected, chunked.selected)
     _assert_float32_close(chunked.rerank_scores, whole.rerank_scores)
     _assert_float32_close(chunked.hidden, whole.hidden)
+
+
+def test_chunking_is_per_call_and_per_device(tiny_t5_dir):
+    """`chunk_tokens`: None reads every pair in one call, "auto" chunks on a CPU only; all give the same output."""
+    assert resolve_chunk_tokens("auto", torch.device("cpu")) == CPU_LIVE_CHUNK_TOKENS
+    assert resolve_chunk_tokens("auto", torch.device("cuda")) is None
+    assert resolve_chunk_tokens(None, torch.device("cpu")) is None and resolve_chunk_tokens(64, "cpu") == 64
+    for bad in (0, -5, "big", True, 1.5):
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            resolve_chunk_tokens(bad, torch.device("cpu"))
+    model = _glimmer(tiny_t5_dir, live_proportion=0.75, rerank_proportion=0.5, num_selected=2)
+    question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch(num_passages=5)
+    outputs = [
+        model(question_ids, question_mask, passage_ids, passage_mask, labels=labels, chunk_tokens=chunk)
+        for chunk in (None, "auto", 20)
+    ]
+    for output in outputs[1:]:
+        _assert_float32_close(output.logits, outputs[0].logits)
+        torch.testing.assert_close(output.pdist_target, outputs[0].pdist_target, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(live_proportion=1.0, num_selected=None),  # FiD
+        dict(live_proportion=0.5, num_selected=None),  # LUMEN
+        dict(live_proportion=0.75, rerank_proportion=0.5, num_selected=2),  # GLIMMER
+    ],
+    ids=["fid", "lumen", "glimmer"],
+)
+def test_sdpa_attention_matches_eager(tiny_t5_dir, options):
+    """The reader runs PyTorch's scaled_dot_product_attention (the relative position bias as its additive mask)
+    by default; it matches eager attention within 1e-5 in float32, training loss and distillation target included."""
+    model = _glimmer(tiny_t5_dir, **options)
+    assert model.config._attn_implementation == "sdpa"
+    question_ids, question_mask, passage_ids, passage_mask, labels = _random_batch(num_passages=4)
+    question_mask[0, -2:] = 0
+    passage_mask[1, 2, -3:] = 0
+    sdpa = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
+    sdpa_tokens, _ = model.generate(question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=4)
+    model.set_attn_implementation("eager")
+    eager = model(question_ids, question_mask, passage_ids, passage_mask, labels=labels)
+    eager_tokens, _ = model.generate(question_ids, question_mask, passage_ids, passage_mask, max_new_tokens=4)
+    scale = eager.logits.abs().max().item()
+    assert (sdpa.logits - eager.logits).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert sdpa.loss.item() == pytest.approx(eager.loss.item(), rel=1e-5)
+    assert torch.equal(sdpa_tokens, eager_tokens)
+    if eager.pdist_target is not None:
+        torch.testing.assert_close(sdpa.pdist_target, eager.pdist_target, rtol=0, atol=1e-5)
 
 
 def test_reranking_without_a_live_layer_before_it_is_refused():
