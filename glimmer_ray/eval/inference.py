@@ -19,6 +19,7 @@ from glimmer_ray.config import to_dict
 from glimmer_ray.eval.variants import VariantConfig, figure_2_variants
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.flops import formula_flops, measure_reader_flops
+from glimmer_ray.model.modeling import resolve_chunk_tokens
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.runtime import torch_device, torch_dtype
 
@@ -44,7 +45,36 @@ class InferenceBenchmarkConfig:
     warmup: int = 1  # untimed calls per variant first
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights, memory and activations
+    attention: list[str] = field(default_factory=lambda: ["sdpa"])  # sdpa | eager: each variant timed under each
+    chunk_tokens: list[int | str | None] = field(
+        default_factory=lambda: ["auto"]
+    )  # live stages' chunk, each timed: auto (CPU 2048 tokens, GPU one call) | N | null (one call)
     seed: int = 0  # weights and inputs
+
+    def validate(self) -> None:
+        bad = [name for name in self.attention if name not in ATTENTION]
+        if bad or not self.attention:
+            raise ValueError(f"attention must be a non-empty list of {', '.join(ATTENTION)}, got {self.attention}")
+        if not self.chunk_tokens:
+            raise ValueError("chunk_tokens must list at least one setting (auto, null or a number of tokens)")
+        for chunk in self.chunk_tokens:
+            resolve_chunk_tokens(chunk, torch.device("cpu"))  # a bad value fails before any model is built
+
+
+ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class _Setting:
+    """One timed row: a variant under one attention implementation and one live-stage chunk size."""
+
+    variant: VariantConfig
+    attention: str
+    chunk_tokens: int | str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name} {self.attention} c={self.chunk_tokens}"
 
 
 def _inputs(
@@ -77,11 +107,13 @@ def _clock(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _timed_answer(model, inputs, answer_tokens: int) -> tuple[float, float]:
+def _timed_answer(model, inputs, answer_tokens: int, chunk_tokens: int | str | None = "auto") -> tuple[float, float]:
     question_ids, question_mask, memory, passage_mask = inputs
     device = question_ids.device
     start = _clock(device)
-    encoding = model.encode(question_ids, question_mask, passage_memory=memory, passage_mask=passage_mask)
+    encoding = model.encode(
+        question_ids, question_mask, passage_memory=memory, passage_mask=passage_mask, chunk_tokens=chunk_tokens
+    )
     encoded = _clock(device)
     model.generate_from_encoding(
         encoding.hidden, encoding.mask, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens
@@ -89,19 +121,34 @@ def _timed_answer(model, inputs, answer_tokens: int) -> tuple[float, float]:
     return encoded - start, _clock(device) - encoded
 
 
+def _settings(config: InferenceBenchmarkConfig) -> list[_Setting]:
+    return [
+        _Setting(variant, attention, chunk)
+        for variant in config.variants
+        for attention in config.attention
+        for chunk in config.chunk_tokens
+    ]
+
+
 def _time_batch_size(
     config: InferenceBenchmarkConfig, models: dict, flops: dict, batch_size: int, generator: torch.Generator
 ) -> dict:
-    """Time every variant at one batch size, round-robin; print and return the table."""
+    """Time every setting (variant x attention x chunk) at one batch size, round-robin; print and return the table."""
+    settings = _settings(config)
     inputs = {v.name: _inputs(models[v.name], config, batch_size, v.num_passages, generator) for v in config.variants}
-    timings = {v.name: {"encode": [], "decode": []} for v in config.variants}
+    timings = {s.name: {"encode": [], "decode": []} for s in settings}
     total_rounds = config.warmup + config.num_examples
     for round_index in range(total_rounds):
-        for variant in config.variants:
-            encode_s, decode_s = _timed_answer(models[variant.name], inputs[variant.name], config.answer_tokens)
+        for setting in settings:
+            model = models[setting.variant.name]
+            if model.config._attn_implementation != setting.attention:
+                model.set_attn_implementation(setting.attention)
+            encode_s, decode_s = _timed_answer(
+                model, inputs[setting.variant.name], config.answer_tokens, setting.chunk_tokens
+            )
             if round_index >= config.warmup:
-                timings[variant.name]["encode"].append(encode_s / batch_size)
-                timings[variant.name]["decode"].append(decode_s / batch_size)
+                timings[setting.name]["encode"].append(encode_s / batch_size)
+                timings[setting.name]["decode"].append(decode_s / batch_size)
         print(
             f"batch {batch_size}: round {round_index + 1}/{total_rounds}{' (warm-up)' if round_index < config.warmup else ''}",
             flush=True,
@@ -109,17 +156,21 @@ def _time_batch_size(
 
     baseline = config.variants[0].name
     results = []
-    for variant in config.variants:
-        per_example = [e + d for e, d in zip(timings[variant.name]["encode"], timings[variant.name]["decode"])]
-        formula, measured = flops[variant.name]
+    for setting in settings:
+        timing = timings[setting.name]
+        per_example = [e + d for e, d in zip(timing["encode"], timing["decode"])]
+        formula, measured = flops[setting.variant.name]
         results.append(
             {
-                "variant": to_dict(variant),
+                "name": setting.name,
+                "variant": to_dict(setting.variant),
+                "attention": setting.attention,
+                "chunk_tokens": setting.chunk_tokens,
                 "formula_flops": formula,
                 "measured_flops": measured,
                 "seconds_per_example": statistics.median(per_example),
-                "encode_seconds_per_example": statistics.median(timings[variant.name]["encode"]),
-                "decode_seconds_per_example": statistics.median(timings[variant.name]["decode"]),
+                "encode_seconds_per_example": statistics.median(timing["encode"]),
+                "decode_seconds_per_example": statistics.median(timing["decode"]),
                 "all_seconds_per_example": per_example,
             }
         )
@@ -133,9 +184,8 @@ def _time_batch_size(
         result["encode_time_ratio_to_baseline"] = (
             result["encode_seconds_per_example"] / base["encode_seconds_per_example"]
         )
-
     header = (
-        f"{'variant':<18} {'paper GF':>9} {'+Q mem GF':>9} {'meas. GF':>9} {'meas.proj':>9} {'s/ex':>7} {'enc s':>7} "
+        f"{'variant':<18} {'attn':<5} {'chunk':>5} {'paper GF':>9} {'+Q mem GF':>9} {'meas. GF':>9} {'meas.proj':>9} {'s/ex':>7} {'enc s':>7} "
         f"{'dec s':>7} {'FLOPs/' + baseline[:3]:>9} {'time/' + baseline[:3]:>8} {'enc/' + baseline[:3]:>7} {'TFLOP/s':>8}"
     )
     print(
@@ -144,7 +194,7 @@ def _time_batch_size(
     )
     for r in results:
         print(
-            f"{r['variant']['name']:<18} {r['formula_flops']['paper_total'] / 1e9:9.1f} {r['formula_flops']['total'] / 1e9:9.1f} "
+            f"{r['variant']['name']:<18} {r['attention']:<5} {str(r['chunk_tokens']):>5} {r['formula_flops']['paper_total'] / 1e9:9.1f} {r['formula_flops']['total'] / 1e9:9.1f} "
             f"{r['measured_flops']['total'] / 1e9:9.1f} {r['measured_flops']['projections'] / 1e9:9.1f} "
             f"{r['seconds_per_example']:7.3f} {r['encode_seconds_per_example']:7.3f} {r['decode_seconds_per_example']:7.3f} "
             f"{r['flops_ratio_to_baseline']:9.3f} {r['time_ratio_to_baseline']:8.3f} {r['encode_time_ratio_to_baseline']:7.3f} "
@@ -161,6 +211,7 @@ def _time_batch_size(
 def run_inference_benchmark(config: InferenceBenchmarkConfig) -> dict:
     """Build the variants from one random T5.1.1, count their FLOPs, time them at every batch size (a printed
     table each); returns the device, the torch version and the tables."""
+    config.validate()
     device, dtype = torch_device(config.device), torch_dtype(config.dtype)  # a GPU where there is none fails here
     shape = config.model
     t5_config = t5_1_1_config(**to_dict(shape), dropout_rate=0.0)

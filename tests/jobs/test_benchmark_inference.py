@@ -48,3 +48,33 @@ def test_benchmark_inference_tables_follow_the_formulas(tmp_path, load_job):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             job.main(dataclasses.replace(config, device="cuda"))
+
+
+def test_benchmark_inference_times_attention_and_chunking_side_by_side(tmp_path, load_job):
+    """attention x chunk_tokens: every variant timed under each (eager vs sdpa, one call vs chunks), round-robin,
+    each row named by its setting and counted with the same FLOPs; bad settings fail before any model is built."""
+    job = load_job("benchmark_inference")
+    config = job.BenchmarkConfig(
+        model=ShapeConfig(vocab_size=128, d_model=32, num_layers=4, num_heads=2, d_ff=64),
+        variants=[VariantConfig("GLIMMER k=6 m=2", 6, 2, 0.5, 0.5)],
+        question_tokens=8,
+        passage_tokens=16,
+        answer_tokens=2,
+        batch_sizes=[2],
+        num_examples=2,
+        attention=["eager", "sdpa"],
+        chunk_tokens=[None, 24],  # 24 tokens: one pair per chunk
+        tune_allocator=False,
+        output=str(tmp_path / "inference.json"),
+    )
+    (table,) = job.main(config)["tables"]
+    rows = table["results"]
+    assert [(r["attention"], r["chunk_tokens"]) for r in rows] == [
+        ("eager", None), ("eager", 24), ("sdpa", None), ("sdpa", 24)
+    ]  # fmt: skip
+    assert len({r["name"] for r in rows}) == 4 and rows[0]["time_ratio_to_baseline"] == 1.0
+    assert all(r["formula_flops"] == rows[0]["formula_flops"] and r["seconds_per_example"] > 0 for r in rows)
+    for bad, message in (({"attention": ["flash"]}, "attention must be"), ({"chunk_tokens": [0]}, "chunk_tokens")):
+        with pytest.raises(ValueError, match=message):
+            job.main(dataclasses.replace(config, **bad, output=str(tmp_path / "bad.json")))
+    assert not (tmp_path / "bad.json").exists()
