@@ -367,13 +367,18 @@ def memory_dataset(store_uri: str) -> ray.data.Dataset:
 
     def read_shard(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         reader = MemoryStore(store_uri, verify="none")
-        rows = [row for file in batch["file"] for row in reader.read_shard(str(file))]
-        memories = np.empty(len(rows), dtype=object)  # ragged: [n_i, d] each
-        memories[:] = [memory for _, memory in rows]
+        ids, counts, memories = [], [], []
+        for file in batch["file"]:
+            for batch_ids, batch_counts, memory in reader.scan_shard(str(file)):  # bulk decode, crc32 per row
+                ids.extend(batch_ids)
+                counts.append(batch_counts)
+                memories.extend(np.split(memory, np.cumsum(batch_counts)[:-1]))  # views, no copy
+        ragged = np.empty(len(memories), dtype=object)  # ragged: [n_i, d] each
+        ragged[:] = memories
         return {
-            "passage_id": np.array([pid for pid, _ in rows], dtype=object),
-            "num_tokens": np.array([len(memory) for _, memory in rows]),
-            "memory": memories,
+            "passage_id": np.array(ids, dtype=object),
+            "num_tokens": np.concatenate(counts),
+            "memory": ragged,
         }
 
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(

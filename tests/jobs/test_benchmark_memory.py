@@ -32,5 +32,6 @@ def test_benchmark_memory_measures_every_codec_against_fp32(quickstart_run, tmp_
     assert fp32["bytes_per_token"] == 4 * d and int8["bytes_per_token"] == d + 4  # one float32 scale a token
     assert fp32["max_abs_error"] == 0 and fp32["answers_changed"] == 0 and fp32["dev_em_change"] == 0
     assert 0 < int8["max_abs_error"] and int8["compression_vs_fp32"] == pytest.approx(4 * d / (d + 4))
+    assert results["scan_over_cat"] == fp32["throughput"]["scan_over_cat"] > 0  # the bulk scan against cat
     with pytest.raises(SystemExit, match="must include fp32"):
         job.main(job.BenchmarkMemoryConfig(codecs=["int8"]))
