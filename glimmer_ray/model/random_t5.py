@@ -26,6 +26,12 @@ T5_1_1_DEFAULTS = dict(
 )
 
 
+# The original T5's output layer: the input embedding, tied, on the decoder state rescaled by d^-0.5. A from-scratch
+# reader then writes a token by pointing at its embedding, so copying a name from a passage needs no output row
+# learned for each of its sub-words (T5.1.1's untied layer does).
+TIED_EMBEDDINGS = dict(tie_word_embeddings=True, scale_decoder_outputs=True)
+
+
 def t5_1_1_config(
     vocab_size: int = 512,
     d_model: int = 64,
@@ -66,6 +72,11 @@ def random_t5(config: T5Config, seed: int = 0) -> T5ForConditionalGeneration:
         std = config.initializer_factor * config.d_model**-0.5
         model.lm_head.weight = nn.Parameter(torch.randn_like(model.shared.weight) * std)
         model.all_tied_weights_keys.pop("lm_head.weight", None)
+    elif config.scale_decoder_outputs:
+        # Tied (TIED_EMBEDDINGS): the decoder's state holds its input token's embedding, so at std 1 that token's
+        # logit is sqrt(d) (a first loss of 14 at d 512); at std d^-0.5 every first logit is O(1).
+        with torch.no_grad():
+            model.shared.weight.normal_(0.0, config.initializer_factor * config.d_model**-0.5)
     return model.eval()
 
 

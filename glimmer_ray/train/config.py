@@ -23,6 +23,7 @@ class ModelSection:
     num_heads: int = 4  # random init: attention heads
     d_ff: int | None = None  # random init: gated FFN width; null = 8 d / 3
     dropout_rate: float = 0.1  # random init: dropout (T5.1.1 fine-tuning: 0.1)
+    tie_embeddings: bool = False  # random init: the original T5's tied, rescaled output embedding (T5.1.1 unties it)
     live_proportion: float = 0.5  # alpha
     rerank_proportion: float = 0.5  # beta
     num_selected: int | None = 3  # m; null = no reranking (LUMEN / FiD)

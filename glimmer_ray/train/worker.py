@@ -35,7 +35,7 @@ from glimmer_ray.data.reading import ReadingConfig, save_reading
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
 from glimmer_ray.eval.metrics import prediction_recall, reranker_recall, retriever_recall
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
-from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
+from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
 from glimmer_ray.train.curriculum import curriculum_step
 from glimmer_ray.train.deepspeed import deepspeed_config
@@ -76,6 +76,7 @@ def build_model(config: TrainConfig, vocab_size: int) -> GlimmerForConditionalGe
         num_heads=section.num_heads,
         d_ff=section.d_ff,
         dropout_rate=section.dropout_rate,
+        **(TIED_EMBEDDINGS if section.tie_embeddings else {}),
     )
     return GlimmerForConditionalGeneration.from_t5(random_t5(t5_config, seed=config.seed).train(), **options)
 
