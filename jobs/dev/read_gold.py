@@ -1,0 +1,141 @@
+"""Does a from-scratch reader learn to read? Train it on the gold evidence alone and score it reading the gold evidence.
+
+    python jobs/dev/read_gold.py --config jobs/dev/configs/read_gold.yaml
+
+The smallest form of reading: each question comes with its g gold evidence passages only (no distractors, no
+reranking), and the held-out dev questions are scored reading theirs (the oracle of jobs/evaluate.py). A reader
+that cannot learn this cannot learn the full task. One process, no Ray, plain PyTorch AdamW; the model is the
+training job's random T5.1.1 (`model.*` as in jobs/train.py, `tie_embeddings` included). Prints the training loss
+every `log_every` steps and the dev EM per task every `eval_every` steps; writes the curve as JSON to `output`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from glimmer_ray.cli import write_report
+from glimmer_ray.config import parse_job_args, to_dict
+from glimmer_ray.data import synthkilt
+from glimmer_ray.data.batches import EVIDENCE_KEYS, model_inputs
+from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
+from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions
+from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
+
+
+@dataclass
+class ReadGoldConfig:
+    data_dir: str = "outputs/worlds"  # jobs/prepare_worlds.py (or prepare_data.py) output: retrieved/, tokenizer/
+    tasks: list[str] = field(default_factory=lambda: ["nq", "tqa", "zsre", "trex"])  # the tasks whose answer is a span
+    d_model: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
+    live_proportion: float = 0.6666666666666666  # alpha
+    evidence_passages: int = 1  # g gold passages read per question
+    question_tokens: int = 32
+    passage_tokens: int = 96
+    answer_tokens: int = 12
+    steps: int = 4000
+    batch_size: int = 16
+    learning_rate: float = 0.001  # AdamW, linear warm-up over warmup_steps, then constant
+    warmup_steps: int = 100
+    eval_every: int = 500
+    log_every: int = 100
+    dev_limit_per_task: int = 60
+    threads: int = 0  # torch threads; 0 = torch's default
+    seed: int = 0
+    output: str = "outputs/worlds/read_gold.json"
+
+
+def _training_rows(config: ReadGoldConfig) -> list[dict]:
+    rows = []
+    for task in config.tasks:
+        path = os.path.join(config.data_dir, "retrieved", f"{task}-train.parquet")
+        if not os.path.exists(path):
+            raise SystemExit(
+                f"{path} is missing: run jobs/prepare_worlds.py (or prepare_data.py) for {config.data_dir}"
+            )
+        rows.extend(pq.read_table(path).to_pylist())
+    random.Random(config.seed).shuffle(rows)
+    return rows
+
+
+def main(config: ReadGoldConfig) -> dict:
+    # setup
+    unknown = sorted(set(config.tasks) - set(synthkilt.TASKS))
+    if unknown or not config.tasks:
+        raise SystemExit(f"tasks must be a non-empty list of {', '.join(synthkilt.TASKS)}; got {config.tasks}")
+    if config.steps < 1 or config.eval_every < 1 or config.evidence_passages < 1:
+        raise SystemExit("steps, eval_every and evidence_passages must be at least 1")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rows = _training_rows(config)
+    tokenizer_dir = os.path.join(config.data_dir, "tokenizer")
+    lengths = (config.question_tokens, config.passage_tokens, config.answer_tokens)
+    tokenize_config = TokenizeConfig(*lengths, num_passages=1, evidence_passages=config.evidence_passages)
+    tokenize = TokenizeBatch(tokenizer_dir, tokenize_config)
+    t5_config = t5_1_1_config(
+        vocab_size=len(tokenize.tokenizer),
+        d_model=config.d_model,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        dropout_rate=0.0,
+        **(TIED_EMBEDDINGS if config.tie_embeddings else {}),
+    )
+    model = GlimmerForConditionalGeneration.from_t5(
+        random_t5(t5_config, seed=config.seed), live_proportion=config.live_proportion, num_selected=None
+    ).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    dev_paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
+
+    def evaluate() -> dict[str, float]:
+        batches = dev_batches(dev_paths, tokenizer_dir, tokenize_config, 32, limit_per_task=config.dev_limit_per_task)
+        predictions = predict(
+            model, (read_gold_evidence(b) for b in batches), tokenize.tokenizer, max_new_tokens=config.answer_tokens
+        )
+        model.train()
+        return {task: round(score["em"], 4) for task, score in score_predictions(predictions).items()}
+
+    # loop
+    curve, losses, start, position = [], [], time.perf_counter(), 0
+    print(f"[read_gold] {len(rows)} training questions, {sum(p.numel() for p in model.parameters())} parameters")
+    for step in range(1, config.steps + 1):
+        chunk = rows[position : position + config.batch_size]
+        position = position + config.batch_size if position + 2 * config.batch_size <= len(rows) else 0
+        batch = read_gold_evidence(tokenize({key: np.array([r[key] for r in chunk], dtype=object) for key in chunk[0]}))
+        inputs = {k: v for k, v in model_inputs(batch, torch.device("cpu")).items() if k not in EVIDENCE_KEYS}
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % config.log_every == 0:
+            print(f"[read_gold] step {step} loss {np.mean(losses[-config.log_every :]):.3f}", flush=True)
+        if step % config.eval_every == 0 or step == config.steps:
+            em = evaluate()
+            minutes = (time.perf_counter() - start) / 60
+            curve.append({"step": step, "minutes": minutes, "loss": float(np.mean(losses[-config.log_every :])), **em})
+            print(f"[read_gold] step {step} ({minutes:.1f} min): gold-evidence dev EM {json.dumps(em)}", flush=True)
+
+    # report
+    report = {"config": to_dict(config), "curve": curve}
+    write_report(config.output, report)
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_job_args(ReadGoldConfig, __doc__.splitlines()[0], sys.argv[1:]))
