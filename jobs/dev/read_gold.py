@@ -7,10 +7,19 @@ reranking), and the held-out dev questions are scored reading theirs (the oracle
 that cannot learn this cannot learn the full task. One process, no Ray, plain PyTorch AdamW; the model is the
 training job's random T5.1.1 (`model.*` as in jobs/train.py, `tie_embeddings` included). Prints the training loss
 every `log_every` steps and the dev EM per task every `eval_every` steps; writes the curve as JSON to `output`.
+
+`copy_steps` > 0 first pre-trains the reader to copy (docs/learning.md, "Can it copy at all?"): the question is
+`copy_query_tokens` consecutive tokens of a passage, the passage is read whole, and the target is the
+`copy_tokens` tokens that follow the query in it; `copy_source` "passages" draws the passages of the training
+worlds (text a model can also memorise), "random" draws sequences of the same tokens at random (only copying
+helps). Teacher-forced token accuracy on the held-out world's passages (or fresh random ones) is logged.
+With `live_proportion` 1 the reader is exactly Hugging Face's T5 reading `question + passage` (FiD with one
+passage; tests/model check the equality).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -26,6 +35,7 @@ from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.batches import EVIDENCE_KEYS, model_inputs
+from glimmer_ray.data.reading import passage_text
 from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions
 from glimmer_ray.model import GlimmerForConditionalGeneration
@@ -52,6 +62,10 @@ class ReadGoldConfig:
     eval_every: int = 500
     log_every: int = 100
     dev_limit_per_task: int = 60
+    copy_steps: int = 0  # copy pre-training steps before the gold-evidence training; 0 = none
+    copy_source: str = "passages"  # passages (the training worlds' text) | random (random sequences of its tokens)
+    copy_query_tokens: int = 6  # tokens of the passage given as the question
+    copy_tokens: int = 12  # tokens after them to copy (the target)
     threads: int = 0  # torch threads; 0 = torch's default
     seed: int = 0
     output: str = "outputs/worlds/read_gold.json"
@@ -70,6 +84,89 @@ def _training_rows(config: ReadGoldConfig) -> list[dict]:
     return rows
 
 
+def _passage_pools(config: ReadGoldConfig, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the training worlds' passages and of the held-out world's (`data_dir/passages.parquet`); a
+    single-world `prepare_data` output has no worlds/ and trains on its own passages."""
+
+    def read(paths: list[str]) -> list[list[int]]:
+        texts = [passage_text(r["title"], r["text"]) for path in paths for r in pq.read_table(path).to_pylist()]
+        return [ids[: config.passage_tokens - 1] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    held_out = os.path.join(config.data_dir, "passages.parquet")
+    train = sorted(glob.glob(os.path.join(config.data_dir, "worlds", "train-*", "passages.parquet"))) or [held_out]
+    return read(train), read([held_out])
+
+
+def copy_batch(
+    pool: list[list[int]], config: ReadGoldConfig, rng: random.Random, eos: int, source: str
+) -> dict[str, torch.Tensor]:
+    """A copy pre-training batch: question = `copy_query_tokens` consecutive tokens of a passage, passage = the
+    passage whole (+ EOS), labels = the `copy_tokens` that follow the query (+ EOS). `source` "random" replaces
+    each passage by tokens drawn at random from the pool's (so nothing but the passage predicts them)."""
+    query, span = config.copy_query_tokens, config.copy_tokens
+    usable = [ids for ids in pool if len(ids) >= query + span]
+    if not usable:
+        raise SystemExit(f"no passage holds copy_query_tokens + copy_tokens = {query + span} tokens")
+    flat = [token for ids in usable for token in ids] if source == "random" else None
+    size = config.batch_size
+    question = torch.zeros(size, query + 1, dtype=torch.long)  # [b, lq]
+    passage = torch.zeros(size, 1, config.passage_tokens, dtype=torch.long)  # [b, 1, lp]
+    labels = torch.full((size, span + 1), -100, dtype=torch.long)  # [b, t]
+    for row in range(size):
+        ids = rng.choice(usable)
+        if flat is not None:
+            ids = [flat[rng.randrange(len(flat))] for _ in ids]
+        start = rng.randrange(query, len(ids) - span + 1)
+        question[row, :query] = torch.tensor(ids[start - query : start])
+        question[row, query] = eos
+        passage[row, 0, : len(ids) + 1] = torch.tensor(ids + [eos])
+        labels[row, :span] = torch.tensor(ids[start : start + span])
+        labels[row, span] = eos
+    return {
+        "question_ids": question,
+        "question_mask": (question != 0).long(),
+        "passage_ids": passage,
+        "passage_mask": (passage != 0).long(),
+        "labels": labels,
+    }
+
+
+def _copy_pretraining(model, optimizer, schedule, config: ReadGoldConfig, tokenizer) -> list[dict]:
+    """Train `model` on `copy_batch`es for `copy_steps`; returns its curve (loss, held-out token accuracy)."""
+    rng = random.Random(config.seed + 1)
+    train_pool, held_out_pool = _passage_pools(config, tokenizer)
+    print(f"[read_gold] copy pre-training ({config.copy_source}) on {len(train_pool)} passages", flush=True)
+    curve, losses, start = [], [], time.perf_counter()
+    for step in range(1, config.copy_steps + 1):
+        loss = model(**copy_batch(train_pool, config, rng, tokenizer.eos_token_id, config.copy_source)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % config.log_every == 0 or step == config.copy_steps:
+            batch = copy_batch(held_out_pool, config, rng, tokenizer.eos_token_id, config.copy_source)
+            model.eval()
+            with torch.no_grad():
+                predicted = model(**batch).logits.argmax(-1)  # [b, t]
+            model.train()
+            valid = batch["labels"] != -100
+            accuracy = float(((predicted == batch["labels"]) & valid).sum() / valid.sum())
+            point = {
+                "copy_step": step,
+                "minutes": (time.perf_counter() - start) / 60,
+                "loss": float(np.mean(losses[-config.log_every :])),
+                "held_out_token_accuracy": round(accuracy, 4),
+            }
+            curve.append(point)
+            print(
+                f"[read_gold] copy step {step} loss {point['loss']:.3f} held-out token accuracy {accuracy:.3f}",
+                flush=True,
+            )
+    return curve
+
+
 def main(config: ReadGoldConfig) -> dict:
     # setup
     unknown = sorted(set(config.tasks) - set(synthkilt.TASKS))
@@ -77,6 +174,12 @@ def main(config: ReadGoldConfig) -> dict:
         raise SystemExit(f"tasks must be a non-empty list of {', '.join(synthkilt.TASKS)}; got {config.tasks}")
     if config.steps < 1 or config.eval_every < 1 or config.evidence_passages < 1:
         raise SystemExit("steps, eval_every and evidence_passages must be at least 1")
+    if config.copy_source not in ("passages", "random"):
+        raise SystemExit(f"copy_source must be 'passages' or 'random', got {config.copy_source!r}")
+    if config.copy_steps < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
+        raise SystemExit("copy_steps must be >= 0 and copy_query_tokens, copy_tokens >= 1")
+    if config.copy_query_tokens + 1 > config.question_tokens and config.copy_steps:
+        raise SystemExit(f"copy_query_tokens + EOS must fit question_tokens ({config.question_tokens})")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -109,6 +212,7 @@ def main(config: ReadGoldConfig) -> dict:
         return {task: round(score["em"], 4) for task, score in score_predictions(predictions).items()}
 
     # loop
+    copy_curve = _copy_pretraining(model, optimizer, schedule, config, tokenize.tokenizer) if config.copy_steps else []
     curve, losses, start, position = [], [], time.perf_counter(), 0
     print(f"[read_gold] {len(rows)} training questions, {sum(p.numel() for p in model.parameters())} parameters")
     for step in range(1, config.steps + 1):
@@ -132,7 +236,7 @@ def main(config: ReadGoldConfig) -> dict:
             print(f"[read_gold] step {step} ({minutes:.1f} min): gold-evidence dev EM {json.dumps(em)}", flush=True)
 
     # report
-    report = {"config": to_dict(config), "curve": curve}
+    report = {"config": to_dict(config), "copy_curve": copy_curve, "curve": curve}
     write_report(config.output, report)
     return report
 

@@ -4,6 +4,7 @@ predictions (scored by hand here against the answers), and bad settings refused.
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -27,3 +28,33 @@ def test_read_gold_trains_on_the_evidence_and_scores_the_held_out_questions(quic
         job.main(job.ReadGoldConfig(data_dir=str(root), tasks=["squad"]))
     with pytest.raises(SystemExit, match="is missing"):
         job.main(job.ReadGoldConfig(data_dir=str(tmp_path / "nowhere")))
+
+
+def test_copy_batches_ask_for_the_tokens_after_the_query_and_copy_pretraining_runs(quickstart_run, tmp_path, load_job):
+    _, _, root = quickstart_run
+    job = load_job("dev/read_gold")
+    config = job.ReadGoldConfig(
+        data_dir=str(root), tasks=["nq"], d_model=32, num_layers=2, num_heads=2, steps=2, batch_size=4, eval_every=2,
+        log_every=2, dev_limit_per_task=2, copy_steps=3, copy_source="random", output=str(tmp_path / "copy.json"),
+    )  # fmt: skip
+    pool = [list(range(10, 40)), list(range(50, 90))]
+    for source in ("passages", "random"):
+        batch = job.copy_batch(pool, config, random.Random(0), eos=1, source=source)
+        for row in range(config.batch_size):
+            passage = [int(t) for t in batch["passage_ids"][row, 0] if t != 0]
+            query = batch["question_ids"][row, : config.copy_query_tokens].tolist()
+            target = batch["labels"][row, : config.copy_tokens].tolist()
+            assert passage[-1] == 1 and batch["question_ids"][row, -1] == 1 and batch["labels"][row, -1] == 1
+            starts = [i for i in range(len(passage)) if passage[i : i + len(query)] == query]
+            assert any(passage[s + len(query) : s + len(query) + len(target)] == target for s in starts)
+            if source == "passages":
+                assert passage[:-1] in pool
+            else:
+                assert set(passage[:-1]) <= set(pool[0]) | set(pool[1])
+    report = job.main(config)
+    assert [point["copy_step"] for point in report["copy_curve"]] == [2, 3]
+    assert all(0 <= point["held_out_token_accuracy"] <= 1 and point["loss"] > 0 for point in report["copy_curve"])
+    with pytest.raises(SystemExit, match="copy_source"):
+        job.main(job.ReadGoldConfig(data_dir=str(root), copy_source="shuffled"))
+    with pytest.raises(SystemExit, match="no passage holds"):
+        job.copy_batch([[5, 6]], config, random.Random(0), eos=1, source="passages")
