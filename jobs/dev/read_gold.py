@@ -131,6 +131,17 @@ def copy_batch(
     }
 
 
+def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) -> float:
+    """One AdamW step on the reader's LM loss over `inputs` (gradients clipped at norm 1); returns the loss."""
+    loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _copy_pretraining(model, optimizer, schedule, config: ReadGoldConfig, tokenizer) -> list[dict]:
     """Train `model` on `copy_batch`es for `copy_steps`; returns its curve (loss, held-out token accuracy)."""
     rng = random.Random(config.seed + 1)
@@ -138,13 +149,8 @@ def _copy_pretraining(model, optimizer, schedule, config: ReadGoldConfig, tokeni
     print(f"[read_gold] copy pre-training ({config.copy_source}) on {len(train_pool)} passages", flush=True)
     curve, losses, start = [], [], time.perf_counter()
     for step in range(1, config.copy_steps + 1):
-        loss = model(**copy_batch(train_pool, config, rng, tokenizer.eos_token_id, config.copy_source)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        batch = copy_batch(train_pool, config, rng, tokenizer.eos_token_id, config.copy_source)
+        losses.append(_training_step(model, optimizer, schedule, batch))
         if step % config.log_every == 0 or step == config.copy_steps:
             batch = copy_batch(held_out_pool, config, rng, tokenizer.eos_token_id, config.copy_source)
             model.eval()
@@ -220,13 +226,7 @@ def main(config: ReadGoldConfig) -> dict:
         position = position + config.batch_size if position + 2 * config.batch_size <= len(rows) else 0
         batch = read_gold_evidence(tokenize({key: np.array([r[key] for r in chunk], dtype=object) for key in chunk[0]}))
         inputs = {k: v for k, v in model_inputs(batch, torch.device("cpu")).items() if k not in EVIDENCE_KEYS}
-        loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_training_step(model, optimizer, schedule, inputs))
         if step % config.log_every == 0:
             print(f"[read_gold] step {step} loss {np.mean(losses[-config.log_every :]):.3f}", flush=True)
         if step % config.eval_every == 0 or step == config.steps:
