@@ -258,7 +258,7 @@ def _serve_and_ask(config: QuickstartConfig, root: str, model_dir: str) -> list[
     from ray import serve
 
     from glimmer_ray.client import GlimmerAPIError, GlimmerClient
-    from serve_app.deploy import ask, deploy
+    from serve_app.deploy import ask, config_http_options, deploy
 
     args = {
         "model_dir": model_dir,
@@ -272,7 +272,8 @@ def _serve_and_ask(config: QuickstartConfig, root: str, model_dir: str) -> list[
     }
     answers = []
     try:
-        client = GlimmerClient(deploy(args, port=config.port))
+        http_options = config_http_options(os.path.join(HERE, "..", "serve_app", "config.yaml"))
+        client = GlimmerClient(deploy(args, port=config.port, http_options=http_options))
         for task in config.tasks[: config.questions]:
             for row in pq.read_table(
                 os.path.join(root, "retrieved", f"{task}-dev.parquet"), columns=["input", "answers"]

@@ -23,7 +23,7 @@ from glimmer_ray.cli import ray_session
 from glimmer_ray.client import GlimmerClient
 from glimmer_ray.config import parse_job_args
 from serve_app.app import AppArgs
-from serve_app.deploy import ask, config_args, deploy
+from serve_app.deploy import ask, config_args, config_http_options, deploy
 
 
 @dataclass
@@ -56,7 +56,8 @@ def main(config: ServeConfig) -> dict:
     config.validate()
     with ray_session(config.ray_address, log_to_driver=True):
         # deploy, then one question over HTTP
-        url = deploy(config.args(), config.name, config.route_prefix, config.host, config.port)
+        http_options = config_http_options(config.serve_config)
+        url = deploy(config.args(), config.name, config.route_prefix, config.host, config.port, http_options)
         print(f"[serve] app {config.name!r} RUNNING at {url} (POST {url}/v1/answer)", flush=True)
         result = ask(GlimmerClient(url), config.question, config.task)
 

@@ -2,7 +2,8 @@
 
     with glimmer_ray.cli.ray_session(address):
         args = config_args("serve_app/config.yaml")           # the app `serve deploy serve_app/config.yaml` runs
-        url = deploy({**args, "model_dir": "..."}, port=8000)  # returns once every stage is RUNNING
+        url = deploy({**args, "model_dir": "..."}, port=8000,    # returns once every stage is RUNNING
+                     http_options=config_http_options("serve_app/config.yaml"))
         ask(GlimmerClient(url), "what is the capital of Kraxbrath")
 
 Serve applications outlive the driver that deployed them: the app keeps serving for as long as the cluster
@@ -38,13 +39,25 @@ def config_args(path: str, name: str = "glimmer") -> dict[str, Any]:
     return args
 
 
+def config_http_options(path: str) -> dict[str, Any]:
+    """The `http_options` of a Serve config (serve_app/config.yaml: `request_timeout_s`), as `serve deploy` reads them."""
+    with open(path) as handle:
+        return dict(yaml.safe_load(handle).get("http_options") or {})
+
+
 def deploy(
-    args: dict[str, Any], name: str = "glimmer", route_prefix: str = "/", host: str = "127.0.0.1", port: int = 8000
+    args: dict[str, Any],
+    name: str = "glimmer",
+    route_prefix: str = "/",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    http_options: dict[str, Any] | None = None,
 ) -> str:
     """Start Serve's HTTP proxy, deploy the app with `build_app(args)` and wait until it is RUNNING; its URL.
-    A stage that cannot start (memory built by another encoder, a model without reading.json) raises a RuntimeError with each failing
-    deployment's message."""
-    serve.start(http_options={"host": host, "port": port})
+    `http_options` are Serve's proxy options beside host and port (`config_http_options`: the proxy's
+    `request_timeout_s`). A stage that cannot start (memory built by another encoder, a model without reading.json)
+    raises a RuntimeError with each failing deployment's message."""
+    serve.start(http_options={**(http_options or {}), "host": host, "port": port})
     try:
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
     except RuntimeError as error:  # DEPLOY_FAILED: the deployments' own messages say why

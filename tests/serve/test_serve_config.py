@@ -30,7 +30,7 @@ from serve_app.app import (
     stage_health,
     stage_options,
 )
-from serve_app.deploy import config_args
+from serve_app.deploy import config_args, config_http_options
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "serve_app" / "config.yaml"
@@ -196,3 +196,12 @@ def test_artifacts_come_from_one_directory(tmp_path, monkeypatch):
     monkeypatch.delenv(ARTIFACTS_ENV)
     assert AppArgs().resolved().model_dir == os.path.abspath("outputs/quickstart/model")  # the quickstart's
     assert AppArgs(artifacts_dir="s3://bucket/run").resolved().memory_store == "s3://bucket/run/memory"
+
+
+def test_the_proxy_timeout_never_cuts_what_the_stage_deadlines_would_answer():
+    config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG.read_text()))
+    (app,) = config.applications
+    args = AppArgs.model_validate(config_args(str(CONFIG), app.name))
+    timeout = config_http_options(str(CONFIG))["request_timeout_s"]
+    assert config.http_options.request_timeout_s == timeout
+    assert timeout > (len(STAGES) - 1) * args.stage_timeout_s  # the four stages behind the Ingress, one after another
