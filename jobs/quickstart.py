@@ -258,7 +258,7 @@ def _serve_and_ask(config: QuickstartConfig, root: str, model_dir: str) -> list[
     from ray import serve
 
     from glimmer_ray.client import GlimmerAPIError, GlimmerClient
-    from serve_app.deploy import ask, config_http_options, deploy
+    from serve_app.deploy import ask, deploy
 
     args = {
         "model_dir": model_dir,
@@ -272,8 +272,7 @@ def _serve_and_ask(config: QuickstartConfig, root: str, model_dir: str) -> list[
     }
     answers = []
     try:
-        http_options = config_http_options(os.path.join(HERE, "..", "serve_app", "config.yaml"))
-        client = GlimmerClient(deploy(args, port=config.port, http_options=http_options))
+        client = GlimmerClient(deploy(args, port=config.port))
         for task in config.tasks[: config.questions]:
             for row in pq.read_table(
                 os.path.join(root, "retrieved", f"{task}-dev.parquet"), columns=["input", "answers"]

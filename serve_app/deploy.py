@@ -2,8 +2,7 @@
 
     with glimmer_ray.cli.ray_session(address):
         args = config_args("serve_app/config.yaml")           # the app `serve deploy serve_app/config.yaml` runs
-        url = deploy({**args, "model_dir": "..."}, port=8000,    # returns once every stage is RUNNING
-                     http_options=config_http_options("serve_app/config.yaml"))
+        url = deploy({**args, "model_dir": "..."}, port=8000)  # returns once every stage is RUNNING
         ask(GlimmerClient(url), "what is the capital of Kraxbrath")
 
 Serve applications outlive the driver that deployed them: the app keeps serving for as long as the cluster
@@ -12,6 +11,7 @@ runs, until `serve.delete(name)` or `serve.shutdown()`.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import yaml
@@ -20,6 +20,8 @@ from ray import serve
 from glimmer_ray.client import GlimmerClient
 from glimmer_ray.serving import AnswerResponse
 from serve_app.app import build_app
+
+SERVE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")  # the shipped Serve config
 
 
 def config_args(path: str, name: str = "glimmer") -> dict[str, Any]:
@@ -54,10 +56,11 @@ def deploy(
     http_options: dict[str, Any] | None = None,
 ) -> str:
     """Start Serve's HTTP proxy, deploy the app with `build_app(args)` and wait until it is RUNNING; its URL.
-    `http_options` are Serve's proxy options beside host and port (`config_http_options`: the proxy's
-    `request_timeout_s`). A stage that cannot start (memory built by another encoder, a model without reading.json)
+    `http_options` are Serve's proxy options beside host and port (None: the shipped config's, `SERVE_CONFIG`:
+    the proxy's `request_timeout_s`). A stage that cannot start (memory built by another encoder, a model without reading.json)
     raises a RuntimeError with each failing deployment's message."""
-    serve.start(http_options={**(http_options or {}), "host": host, "port": port})
+    options = config_http_options(SERVE_CONFIG) if http_options is None else http_options
+    serve.start(http_options={**options, "host": host, "port": port})
     try:
         serve.run(build_app(args), name=name, route_prefix=route_prefix)
     except RuntimeError as error:  # DEPLOY_FAILED: the deployments' own messages say why

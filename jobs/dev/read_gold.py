@@ -98,24 +98,22 @@ def _passage_pools(config: ReadGoldConfig, tokenizer) -> tuple[list[list[int]], 
 
 
 def copy_batch(
-    pool: list[list[int]], config: ReadGoldConfig, rng: random.Random, eos: int, source: str
+    pool: list[list[int]], config: ReadGoldConfig, rng: random.Random, eos: int, tokens: list[int] | None = None
 ) -> dict[str, torch.Tensor]:
     """A copy pre-training batch: question = `copy_query_tokens` consecutive tokens of a passage, passage = the
-    passage whole (+ EOS), labels = the `copy_tokens` that follow the query (+ EOS). `source` "random" replaces
-    each passage by tokens drawn at random from the pool's (so nothing but the passage predicts them)."""
+    passage whole (+ EOS), labels = the `copy_tokens` that follow the query (+ EOS). With `tokens` (copy_source
+    "random": every token of the pool, flattened once) each passage is replaced by as many tokens drawn at random
+    from them, so nothing but the passage predicts its continuation. `pool` holds passages long enough to copy
+    from (`_copy_pool`)."""
     query, span = config.copy_query_tokens, config.copy_tokens
-    usable = [ids for ids in pool if len(ids) >= query + span]
-    if not usable:
-        raise SystemExit(f"no passage holds copy_query_tokens + copy_tokens = {query + span} tokens")
-    flat = [token for ids in usable for token in ids] if source == "random" else None
     size = config.batch_size
     question = torch.zeros(size, query + 1, dtype=torch.long)  # [b, lq]
     passage = torch.zeros(size, 1, config.passage_tokens, dtype=torch.long)  # [b, 1, lp]
     labels = torch.full((size, span + 1), -100, dtype=torch.long)  # [b, t]
     for row in range(size):
-        ids = rng.choice(usable)
-        if flat is not None:
-            ids = [flat[rng.randrange(len(flat))] for _ in ids]
+        ids = rng.choice(pool)
+        if tokens is not None:
+            ids = [tokens[rng.randrange(len(tokens))] for _ in ids]
         start = rng.randrange(query, len(ids) - span + 1)
         question[row, :query] = torch.tensor(ids[start - query : start])
         question[row, query] = eos
@@ -131,6 +129,16 @@ def copy_batch(
     }
 
 
+def _copy_pool(passages: list[list[int]], config: ReadGoldConfig) -> tuple[list[list[int]], list[int] | None]:
+    """The passages long enough to copy from and, for copy_source "random", their tokens flattened (`copy_batch`)."""
+    pool = [ids for ids in passages if len(ids) >= config.copy_query_tokens + config.copy_tokens]
+    if not pool:
+        raise SystemExit(
+            f"no passage holds copy_query_tokens + copy_tokens = {config.copy_query_tokens + config.copy_tokens} tokens"
+        )
+    return pool, [token for ids in pool for token in ids] if config.copy_source == "random" else None
+
+
 def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) -> float:
     """One AdamW step on the reader's LM loss over `inputs` (gradients clipped at norm 1); returns the loss."""
     loss = model(**inputs).loss
@@ -144,15 +152,19 @@ def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) 
 
 def _copy_pretraining(model, optimizer, schedule, config: ReadGoldConfig, tokenizer) -> list[dict]:
     """Train `model` on `copy_batch`es for `copy_steps`; returns its curve (loss, held-out token accuracy)."""
-    rng = random.Random(config.seed + 1)
-    train_pool, held_out_pool = _passage_pools(config, tokenizer)
+    rng, eos = random.Random(config.seed + 1), tokenizer.eos_token_id
+    train_passages, held_out_passages = _passage_pools(config, tokenizer)
+    (train_pool, train_tokens), (held_out_pool, held_out_tokens) = (
+        _copy_pool(train_passages, config),
+        _copy_pool(held_out_passages, config),
+    )
     print(f"[read_gold] copy pre-training ({config.copy_source}) on {len(train_pool)} passages", flush=True)
     curve, losses, start = [], [], time.perf_counter()
     for step in range(1, config.copy_steps + 1):
-        batch = copy_batch(train_pool, config, rng, tokenizer.eos_token_id, config.copy_source)
+        batch = copy_batch(train_pool, config, rng, eos, train_tokens)
         losses.append(_training_step(model, optimizer, schedule, batch))
         if step % config.log_every == 0 or step == config.copy_steps:
-            batch = copy_batch(held_out_pool, config, rng, tokenizer.eos_token_id, config.copy_source)
+            batch = copy_batch(held_out_pool, config, rng, eos, held_out_tokens)
             model.eval()
             with torch.no_grad():
                 predicted = model(**batch).logits.argmax(-1)  # [b, t]
@@ -184,8 +196,6 @@ def main(config: ReadGoldConfig) -> dict:
         raise SystemExit(f"copy_source must be 'passages' or 'random', got {config.copy_source!r}")
     if config.copy_steps < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
         raise SystemExit("copy_steps must be >= 0 and copy_query_tokens, copy_tokens >= 1")
-    if config.copy_query_tokens + 1 > config.question_tokens and config.copy_steps:
-        raise SystemExit(f"copy_query_tokens + EOS must fit question_tokens ({config.question_tokens})")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

@@ -18,6 +18,7 @@ def test_read_gold_trains_on_the_evidence_and_scores_the_held_out_questions(quic
         data_dir=str(root), tasks=["nq", "trex"], d_model=32, num_layers=2, num_heads=2, steps=6, batch_size=4,
         eval_every=3, log_every=2, dev_limit_per_task=3, tie_embeddings=True, output=str(tmp_path / "read.json"),
     )  # fmt: skip
+    config.copy_source = "random"
     report = job.main(config)
     assert json.loads((tmp_path / "read.json").read_text()) == report
     assert [point["step"] for point in report["curve"]] == [3, 6]
@@ -39,7 +40,9 @@ def test_copy_batches_ask_for_the_tokens_after_the_query_and_copy_pretraining_ru
     )  # fmt: skip
     pool = [list(range(10, 40)), list(range(50, 90))]
     for source in ("passages", "random"):
-        batch = job.copy_batch(pool, config, random.Random(0), eos=1, source=source)
+        config.copy_source = source
+        usable, tokens = job._copy_pool(pool, config)
+        batch = job.copy_batch(usable, config, random.Random(0), eos=1, tokens=tokens)
         for row in range(config.batch_size):
             passage = [int(t) for t in batch["passage_ids"][row, 0] if t != 0]
             query = batch["question_ids"][row, : config.copy_query_tokens].tolist()
@@ -51,10 +54,11 @@ def test_copy_batches_ask_for_the_tokens_after_the_query_and_copy_pretraining_ru
                 assert passage[:-1] in pool
             else:
                 assert set(passage[:-1]) <= set(pool[0]) | set(pool[1])
+    config.copy_source = "random"
     report = job.main(config)
     assert [point["copy_step"] for point in report["copy_curve"]] == [2, 3]
     assert all(0 <= point["held_out_token_accuracy"] <= 1 and point["loss"] > 0 for point in report["copy_curve"])
     with pytest.raises(SystemExit, match="copy_source"):
         job.main(job.ReadGoldConfig(data_dir=str(root), copy_source="shuffled"))
     with pytest.raises(SystemExit, match="no passage holds"):
-        job.copy_batch([[5, 6]], config, random.Random(0), eos=1, source="passages")
+        job._copy_pool([[5, 6]], config)
