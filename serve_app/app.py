@@ -19,6 +19,7 @@ the encoding from the live encoder to the decoder without passing through the in
 # the replica, where string annotations of functions shipped by value cannot be resolved.
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ import numpy as np
 import ray
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -402,6 +403,18 @@ def stage_health(deployment) -> str:
     return "ready" if deployment.status == "HEALTHY" else "degraded"
 
 
+def replica_died(error: BaseException) -> bool:
+    """Whether a stage call failed because the replica running it died (ActorDiedError), however Serve wraps it
+    (a RayTaskError's `cause`, or a RayServeException raised from it when an upstream stage of the chain died)."""
+    for _ in range(4):
+        if error is None:
+            return False
+        if isinstance(error, ray.exceptions.ActorDiedError):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__
+    return False
+
+
 def failure_response(error: BaseException) -> tuple[int, dict[str, str], dict[str, str]]:
     """(status, body, headers) of a request that failed in a stage. A stage overloaded or restarting is a 503 with
     Retry-After (retry); anything else is a 500 (do not retry) whose reason is one line: no traceback, no paths
@@ -428,6 +441,15 @@ async def _stage_failure(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+DEMO_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.html")
+
+
+def demo_page(tasks: tuple[str, ...]) -> str:
+    """serve_app/demo.html with the model's tasks in its task menu (JSON, '<' escaped so it cannot end the script)."""
+    with open(DEMO_PAGE, encoding="utf-8") as page:
+        return page.read().replace("__TASKS__", json.dumps(list(tasks)).replace("<", "\\u003c"))
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -447,7 +469,8 @@ class Ingress:
             tag_keys=("stage",),
         )
         self.recent: dict[str, deque] = defaultdict(lambda: deque(maxlen=1000))
-        self.counts = {"answered": 0, "rejected": 0}
+        self.counts = {"answered": 0, "rejected": 0, "retried": 0}
+        self.demo_page = demo_page(self.limits.tasks)
 
     async def _limits(self) -> Limits:
         if self.max_top_k is None:
@@ -456,6 +479,26 @@ class Ingress:
         return dataclasses.replace(self.limits, max_top_k=self.max_top_k)
 
     async def _answer(self, request: AnswerRequest) -> AnswerResponse:
+        """`_answer_once`, retried once when a replica died under the request and every stage still has a running
+        replica (Serve's router has then dropped the dead one, so the retry reaches another). Safe: every stage only
+        reads. With a stage down the retry could only wait for its replacement, so the failure is returned at once."""
+        try:
+            return await self._answer_once(request)
+        except Exception as error:
+            if not replica_died(error):
+                raise
+            down = [name for name, state in self._stage_states().items() if state == "down"]
+            if down:
+                raise
+            self.counts["retried"] += 1
+            logger.warning("a replica died under a request; retrying it once: %r", error)
+            return await self._answer_once(request)
+
+    def _stage_states(self) -> dict[str, str]:
+        overview = serve.status().applications[serve.get_replica_context().app_name]
+        return {name: stage_health(overview.deployments.get(name)) for name in STAGES}
+
+    async def _answer_once(self, request: AnswerRequest) -> AnswerResponse:
         start = time.perf_counter()
         task, k, m, max_new_tokens = (await self._limits()).resolve(request, self.model_num_selected)
         question_ids = self.questions(task, request.question)
@@ -525,12 +568,17 @@ class Ingress:
                 task.cancel()
             raise
 
+    @api.get("/", response_class=HTMLResponse)
+    async def demo(self) -> HTMLResponse:
+        """The demo page: a question box, the answer, the k retrieved passages with their retrieval and rerank
+        scores and which m were kept. It calls POST /v1/answer like any client."""
+        return HTMLResponse(self.demo_page)
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """Each stage ready (healthy, replicas running), degraded (running replicas, but not healthy: starting,
         scaling or replacing one) or down (no running replica); 503 when any stage is down."""
-        overview = serve.status().applications[serve.get_replica_context().app_name]
-        stages = {name: stage_health(overview.deployments.get(name)) for name in STAGES}
+        stages = self._stage_states()
         down = [name for name, state in stages.items() if state == "down"]
         body = {"status": "down" if down else "ok", "stages": stages}
         return JSONResponse(

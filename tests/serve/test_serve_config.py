@@ -27,6 +27,7 @@ from serve_app.app import (
     build_app,
     default_options,
     failure_response,
+    replica_died,
     stage_health,
     stage_options,
 )
@@ -161,6 +162,21 @@ def test_stage_failures_are_one_line_and_say_whether_to_retry():
     assert (status, headers) == (503, {"Retry-After": "1"}) and body[
         "error"
     ] == "Decoder did not answer within 20 s; retry"
+
+
+def test_a_replica_death_is_recognised_however_serve_wraps_it():
+    import ray
+    from ray.serve.exceptions import RayServeException
+
+    died = ray.exceptions.ActorDiedError()
+    assert replica_died(died)
+    assert replica_died(_StageError(died))  # a RayTaskError's cause: the chain's argument failed
+    upstream = RayServeException("an upstream actor died before finishing a dependent task")
+    upstream.__cause__ = died
+    assert replica_died(upstream)
+    assert not replica_died(_StageError(ZeroDivisionError("division by zero")))  # a stage's own bug: no retry
+    assert not replica_died(StageTimeout("Decoder", 20.0))
+    assert not replica_died(_StageError(BackPressureError(num_queued_requests=9, max_queued_requests=8)))
 
 
 def test_a_batch_has_a_documented_maximum():
