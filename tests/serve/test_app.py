@@ -152,6 +152,18 @@ def test_health_reports_every_stage(app):
     assert response.json() == {"status": "ok", "stages": {stage: "ready" for stage in STAGES}}
 
 
+def test_an_oversized_batch_is_refused_and_leaves_no_work_behind(app):
+    from glimmer_ray.serving import MAX_BATCH_REQUESTS
+
+    response = requests.post(
+        f"{URL}/v1/answer:batch", json={"requests": [{"question": QUESTIONS[0]}] * 1000}, timeout=60
+    )
+    assert response.status_code == 422 and f"at most {MAX_BATCH_REQUESTS} items" in response.json()["error"]
+    start = time.monotonic()
+    response = requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[1]}, timeout=60)
+    assert response.status_code == 200 and time.monotonic() - start < 5.0  # nothing of the 1,000 items runs
+
+
 def test_malformed_and_mistyped_bodies_are_4xx(app):
     response = requests.post(
         f"{URL}/v1/answer", data="{not json", headers={"content-type": "application/json"}, timeout=30
