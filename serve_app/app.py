@@ -485,10 +485,7 @@ class Ingress:
         try:
             return await self._answer_once(request)
         except Exception as error:
-            if not replica_died(error):
-                raise
-            down = [name for name, state in self._stage_states().items() if state == "down"]
-            if down:
+            if not replica_died(error) or "down" in self._stage_states().values():
                 raise
             self.counts["retried"] += 1
             logger.warning("a replica died under a request; retrying it once: %r", error)
