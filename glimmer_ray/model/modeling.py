@@ -213,7 +213,7 @@ class GlimmerOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------
 
 
-def _glimmer_config(t5_config, options: dict) -> GlimmerConfig:
+def glimmer_config_from_t5(t5_config, options: dict) -> GlimmerConfig:
     """A GlimmerConfig holding a T5 config's shape and the GLIMMER `options`."""
     settings = t5_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
@@ -323,7 +323,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
                 f"{path} holds a {source_config.model_type!r} checkpoint; GLIMMER is built from a T5 "
                 "(T5.1.1) encoder-decoder checkpoint (model_type 't5')"
             )
-        config = _glimmer_config(source_config, options)
+        config = glimmer_config_from_t5(source_config, options)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the missing head and question encoder are expected; checked below
         try:
@@ -351,7 +351,7 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
     @classmethod
     def _from_loaded_t5(cls, t5: T5ForConditionalGeneration, **options) -> "GlimmerForConditionalGeneration":
         """GLIMMER holding a copy of an in-memory T5's weights (a random T5 built for training from scratch)."""
-        config = _glimmer_config(t5.config, options)
+        config = glimmer_config_from_t5(t5.config, options)
         model = cls(config)
         state = t5.state_dict()
         if config.separate_question_encoder:

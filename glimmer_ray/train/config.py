@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from transformers.utils.hub import convert_file_size_to_int
+
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.stream import TokenizeConfig
 
@@ -88,6 +90,9 @@ class DeepSpeedSection:
     offload_optimizer: bool = False  # optimiser states in CPU memory
     offload_parameters: bool = False  # ZeRO-3 parameters in CPU memory
     bf16: bool = False  # bf16 mixed precision (GPUs with bf16)
+    zero3_init: bool = (
+        True  # ZeRO-3 from a checkpoint: each rank builds and reads only its partition (false: whole, then partitioned)
+    )
 
 
 @dataclass
@@ -132,6 +137,7 @@ class TrainConfig:
     failure: FailureSection = field(default_factory=FailureSection)
     log: LogSection = field(default_factory=LogSection)
     export_dir: str | None = "outputs/quickstart/model"  # final model, Hugging Face layout; null = none
+    export_max_shard_size: str = "2GB"  # largest safetensors file of the export (Hugging Face's max_shard_size)
     seed: int = 0  # weights, data order
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
@@ -177,6 +183,14 @@ class TrainConfig:
             )
         if self.optim.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        try:
+            shard_bytes = convert_file_size_to_int(self.export_max_shard_size)
+        except ValueError:
+            shard_bytes = 0
+        if shard_bytes <= 0:
+            raise ValueError(
+                f"export_max_shard_size must be a positive size such as 2GB or 500MB, got {self.export_max_shard_size!r}"
+            )
 
 
 def task_paths(config: TrainConfig, split: str, directory: str | None = None) -> dict[str, str]:

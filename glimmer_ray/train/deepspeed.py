@@ -20,9 +20,15 @@ def deepspeed_config(
     weight_decay: float = 0.0,
     gradient_clipping: float = 1.0,
     warmup_steps: int = 0,
+    hidden_size: int | None = None,
 ) -> dict[str, Any]:
     """A DeepSpeed config. AdamW is DeepSpeed's own (`torch_adam`: no fused kernel to compile on CPU);
-    Adafactor is passed as a client optimizer by the training job, so no `optimizer` section then."""
+    Adafactor is passed as a client optimizer by the training job, so no `optimizer` section then.
+
+    With ZeRO-3 and the model's `hidden_size` d, the buckets follow the model as Hugging Face's DeepSpeed integration
+    sizes them ("auto"): gradients reduced d^2 elements at a time, parameters prefetched 0.9 d^2 at a time, and only
+    parameters under 10 d elements (layer norms) kept whole on every rank. DeepSpeed's fixed defaults (a 5e8-element
+    reduce bucket: 2 GB of fp32 per rank) would dwarf a partition of a model under a few billion parameters."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
     if offload_parameters and zero_stage != 3:
@@ -34,6 +40,10 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size is not None:
+            zero["reduce_bucket_size"] = hidden_size * hidden_size
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,

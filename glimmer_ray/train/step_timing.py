@@ -60,21 +60,30 @@ class DistillationTiming:
             )
 
 
-def _batch(config: DistillationTiming) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(config.seed)
-    b, k = config.batch_size, config.num_passages
+def random_batch(
+    batch_size: int,
+    num_passages: int,
+    question_tokens: int,
+    passage_tokens: int,
+    answer_tokens: int,
+    vocab_size: int,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A training batch of random tokens (full masks, random retrieval scores): the model's `forward` arguments."""
+    generator = torch.Generator().manual_seed(seed)
 
     def ids(*shape: int) -> torch.Tensor:
-        return torch.randint(2, config.vocab_size, shape, generator=generator)
+        return torch.randint(2, vocab_size, shape, generator=generator)
 
-    question_ids, passage_ids = ids(b, config.question_tokens), ids(b, k, config.passage_tokens)
+    question_ids = ids(batch_size, question_tokens)  # [b, lq]
+    passage_ids = ids(batch_size, num_passages, passage_tokens)  # [b, k, lp]
     return {
         "question_ids": question_ids,
         "question_mask": torch.ones_like(question_ids),
         "passage_ids": passage_ids,
         "passage_mask": torch.ones_like(passage_ids),
-        "labels": ids(b, config.answer_tokens),
-        "retrieval_scores": torch.rand(b, k, generator=generator),
+        "labels": ids(batch_size, answer_tokens),  # [b, la]
+        "retrieval_scores": torch.rand(batch_size, num_passages, generator=generator),  # [b, k]
     }
 
 
@@ -99,7 +108,15 @@ def time_distillation(config: DistillationTiming) -> dict:
         retrieval_prior=True,
     ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # tiny steps: the timing, not the learning
-    batch = _batch(config)
+    batch = random_batch(
+        config.batch_size,
+        config.num_passages,
+        config.question_tokens,
+        config.passage_tokens,
+        config.answer_tokens,
+        config.vocab_size,
+        config.seed,
+    )
 
     def step(arguments: dict) -> None:
         output = model(**batch, chunk_tokens=config.chunk_tokens, **arguments)

@@ -17,7 +17,7 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, T5Config
 from transformers.optimization import Adafactor
 
 from glimmer_ray.config import from_dict
@@ -35,21 +35,28 @@ from glimmer_ray.data.reading import ReadingConfig, save_reading
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
 from glimmer_ray.eval.metrics import prediction_recall, reranker_recall, retriever_recall
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
+from glimmer_ray.model.modeling import glimmer_config_from_t5
 from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
 from glimmer_ray.train.curriculum import curriculum_step
 from glimmer_ray.train.deepspeed import deepspeed_config
+from glimmer_ray.train.zero3 import (
+    build_partitioned,
+    gathered_parameters,
+    is_partitioned,
+    partitioned_config,
+    save_sharded,
+)
 
 LOSS_KEYS = ("loss", "lm_loss", "pdist_loss")
 RECALL_KEYS = ("reranker_recall", "retriever_recall", "reranker_passage_recall", "retriever_passage_recall")
 TEACHER_KEYS = ("teacher_passage_recall", "pdist_target_max_prob")  # the distillation target: its top m, its sharpness
 
 
-def build_model(config: TrainConfig, vocab_size: int) -> GlimmerForConditionalGeneration:
-    """GLIMMER from a T5 checkpoint, from a GLIMMER checkpoint (a run continued: an earlier export), or from
-    a random T5.1.1 of the configured shape (the same on every rank)."""
+def reading_options(config: TrainConfig) -> dict[str, Any]:
+    """The GLIMMER settings of the job's model section (split, m, scorer), applied over any checkpoint's."""
     section = config.model
-    options = dict(
+    return dict(
         live_proportion=section.live_proportion,
         rerank_proportion=section.rerank_proportion,
         num_selected=section.num_selected,
@@ -57,19 +64,12 @@ def build_model(config: TrainConfig, vocab_size: int) -> GlimmerForConditionalGe
         separate_question_encoder=section.separate_question_encoder,
         retrieval_prior=section.retrieval_prior,
     )
-    saved = AutoConfig.from_pretrained(section.checkpoint) if section.checkpoint else None
-    if saved is not None and saved.model_type == GlimmerConfig.model_type:
-        if saved.separate_question_encoder != section.separate_question_encoder:
-            raise ValueError(
-                f"{section.checkpoint} was trained with separate_question_encoder={saved.separate_question_encoder}; "
-                f"set model.separate_question_encoder to match (a question encoder cannot be added or dropped mid-training)"
-            )
-        return GlimmerForConditionalGeneration.from_pretrained(
-            section.checkpoint, **options
-        )  # the split and m as configured now
-    if section.checkpoint:
-        return GlimmerForConditionalGeneration.from_t5(section.checkpoint, **options)
-    t5_config = t5_1_1_config(
+
+
+def random_t5_config(config: TrainConfig, vocab_size: int) -> T5Config:
+    """The T5.1.1 shape of a from-scratch run (no checkpoint)."""
+    section = config.model
+    return t5_1_1_config(
         vocab_size=vocab_size,
         d_model=section.d_model,
         num_layers=section.num_layers,
@@ -78,7 +78,44 @@ def build_model(config: TrainConfig, vocab_size: int) -> GlimmerForConditionalGe
         dropout_rate=section.dropout_rate,
         **(TIED_EMBEDDINGS if section.tie_embeddings else {}),
     )
-    return GlimmerForConditionalGeneration.from_t5(random_t5(t5_config, seed=config.seed).train(), **options)
+
+
+def model_config(config: TrainConfig, vocab_size: int) -> GlimmerConfig:
+    """The GLIMMER config `build_model` gives, without building the model."""
+    if config.model.checkpoint:
+        return partitioned_config(config.model.checkpoint, reading_options(config))[0]
+    return glimmer_config_from_t5(random_t5_config(config, vocab_size), reading_options(config))
+
+
+def build_model(
+    config: TrainConfig, vocab_size: int, zero3_config: dict[str, Any] | None = None
+) -> GlimmerForConditionalGeneration:
+    """GLIMMER from a T5 checkpoint, from a GLIMMER checkpoint (a run continued: an earlier export), or from
+    a random T5.1.1 of the configured shape (the same on every rank).
+
+    With `zero3_config` (a ZeRO-3 DeepSpeed config) a checkpoint is loaded partitioned (`zero3.build_partitioned`:
+    no rank ever holds the whole model); a from-scratch model is small and built whole, as without ZeRO-3."""
+    section = config.model
+    options = reading_options(config)
+    if section.checkpoint:
+        saved = AutoConfig.from_pretrained(section.checkpoint)
+        if (
+            saved.model_type == GlimmerConfig.model_type
+            and saved.separate_question_encoder != section.separate_question_encoder
+        ):
+            raise ValueError(
+                f"{section.checkpoint} was trained with separate_question_encoder={saved.separate_question_encoder}; "
+                f"set model.separate_question_encoder to match (a question encoder cannot be added or dropped mid-training)"
+            )
+        if zero3_config is not None:
+            return build_partitioned(section.checkpoint, zero3_config, **options)
+        if saved.model_type == GlimmerConfig.model_type:
+            return GlimmerForConditionalGeneration.from_pretrained(
+                section.checkpoint, **options
+            )  # the split and m as configured now
+        return GlimmerForConditionalGeneration.from_t5(section.checkpoint, **options)
+    t5 = random_t5(random_t5_config(config, vocab_size), seed=config.seed).train()
+    return GlimmerForConditionalGeneration.from_t5(t5, **options)
 
 
 def check_checkpoint_tokenizer(checkpoint: str | None, tokenizer_dir: str) -> None:
@@ -103,16 +140,36 @@ def check_checkpoint_tokenizer(checkpoint: str | None, tokenizer_dir: str) -> No
 
 
 def write_export(
-    model_config: GlimmerConfig, state: dict[str, torch.Tensor], tokenizer, config: TrainConfig, target: str
-):
-    """The model of `state` in Hugging Face layout (fp32), its tokenizer and the reading settings it was trained
-    with (`reading.json`) in `target`."""
-    export = GlimmerForConditionalGeneration(model_config)
-    missing, unexpected = export.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [name for name in missing if not name.endswith("embed_tokens.weight")]
+    model_config: GlimmerConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    tokenizer,
+    config: TrainConfig,
+    target: str,
+) -> None:
+    """The model whose parameters `tensors` streams (name, tensor) in Hugging Face layout (fp32 safetensors, sharded
+    at `config.export_max_shard_size`), its tokenizer and the reading settings it was trained with (`reading.json`)
+    in `target`. Tied copies (`*.embed_tokens.weight`, a tied `lm_head.weight`) are dropped; any other name the model lacks, or a parameter
+    missing from the stream, is an error."""
+    with torch.device("meta"):
+        skeleton = GlimmerForConditionalGeneration(model_config)
+    expected = dict(skeleton.named_parameters())
+    seen: set[str] = set()
+    unexpected: list[str] = []
+
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors:
+            if name not in expected:
+                if name not in skeleton._tied_weights_keys:
+                    unexpected.append(name)
+                continue
+            seen.add(name)
+            yield name, tensor.detach().to("cpu", torch.float32)
+
+    save_sharded(checked(), target, config.export_max_shard_size)
+    missing = sorted(set(expected) - seen)
     if missing or unexpected:
-        raise RuntimeError(f"export does not match the model: missing {missing}, unexpected {unexpected}")
-    export.save_pretrained(target)
+        raise RuntimeError(f"export does not match the model: missing {missing}, unexpected {sorted(unexpected)}")
+    model_config.save_pretrained(target)
     tokenizer.save_pretrained(target)
     data = config.data
     save_reading(
@@ -140,9 +197,82 @@ def export_checkpoint(config: TrainConfig, checkpoint_dir: str, export_dir: str)
     else:
         raise FileNotFoundError(f"{checkpoint_dir} holds no training checkpoint (deepspeed/ or torch_state.pt)")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(config.data.dir, "tokenizer"))
-    model_config = build_model(config, vocab_size=len(tokenizer)).config
-    write_export(model_config, state, tokenizer, config, export_dir)
+    write_export(model_config(config, len(tokenizer)), state.items(), tokenizer, config, export_dir)
     return export_dir
+
+
+def engine_config(config: TrainConfig, hidden_size: int) -> dict[str, Any] | None:
+    """The job's DeepSpeed config (None when DeepSpeed is off); `hidden_size` sizes ZeRO-3's buckets."""
+    if not config.deepspeed.enabled:
+        return None
+    optim, section = config.optim, config.deepspeed
+    return deepspeed_config(
+        optim.batch_size,
+        optim.gradient_accumulation_steps,
+        section.zero_stage,
+        section.offload_optimizer,
+        section.offload_parameters,
+        section.bf16,
+        optim.optimizer,
+        optim.learning_rate,
+        optim.weight_decay,
+        optim.gradient_clipping,
+        optim.warmup_steps,
+        hidden_size=hidden_size,
+    )
+
+
+@dataclass
+class TrainingModel:
+    """A worker's model ready to train: a DeepSpeed `engine` (its `module`) or the plain `module` with its own
+    `optimizer` and warm-up `schedule`."""
+
+    module: GlimmerForConditionalGeneration
+    trainable: list[torch.nn.Parameter]
+    engine: Any = None
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: Any = None
+
+
+def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> GlimmerForConditionalGeneration:
+    """The job's model on `device` in training mode (memory frozen if asked); under ZeRO-3 from a checkpoint built
+    partitioned (`deepspeed.zero3_init`). Every rank calls it."""
+    ds_config = engine_config(config, model_config(config, vocab_size).d_model)
+    zero3 = ds_config is not None and config.deepspeed.zero_stage == 3 and config.deepspeed.zero3_init
+    model = build_model(config, vocab_size=vocab_size, zero3_config=ds_config if zero3 else None)
+    if not is_partitioned(model):  # a partitioned model's slices are placed by DeepSpeed
+        model.to(device)
+    model.train()  # from_pretrained leaves a model in eval mode: dropout back on
+    if config.optim.freeze_memory:
+        for block in model.memory_blocks:
+            block.requires_grad_(False)
+    return model
+
+
+def wrap_training_model(config: TrainConfig, model: GlimmerForConditionalGeneration) -> TrainingModel:
+    """`model` wrapped by a DeepSpeed engine, or with a plain PyTorch optimiser and warm-up schedule (one worker: the
+    reference for DeepSpeed's step time). Under ZeRO-3, `deepspeed.initialize` allocates this rank's share of the
+    gradients and optimiser states."""
+    optim = config.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adafactor = (  # the paper's optimiser at a constant learning rate (after any warm-up)
+        Adafactor(trainable, lr=optim.learning_rate, relative_step=False, scale_parameter=False, warmup_init=False)
+        if optim.optimizer == "adafactor"
+        else None
+    )
+    ds_config = engine_config(config, model.config.d_model)
+    if ds_config is not None:
+        import deepspeed  # after train_loop_per_worker set DS_ACCELERATOR
+
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=trainable, optimizer=adafactor, config=ds_config
+        )
+        return TrainingModel(module=engine.module, trainable=trainable, engine=engine)
+    optimizer = adafactor or torch.optim.AdamW(trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+    )
+    return TrainingModel(module=model, trainable=trainable, optimizer=optimizer, schedule=schedule)
 
 
 @dataclass
@@ -213,58 +343,11 @@ class TrainLoopRunner:
         self.started = False
 
     def _set_up_engine(self) -> None:
-        """The model on this worker's device in training mode, wrapped by a DeepSpeed engine, or with a plain
-        PyTorch optimiser and warm-up schedule (one worker: the reference for DeepSpeed's step time)."""
-        config, optim = self.config, self.optim
-        # from_pretrained leaves a model in eval mode: dropout back on
-        model = build_model(config, vocab_size=len(self.tokenizer)).to(self.device).train()
-        if optim.freeze_memory:
-            for block in model.memory_blocks:
-                block.requires_grad_(False)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine = self.optimizer = self.schedule = None
-        if config.deepspeed.enabled:
-            import deepspeed  # after train_loop_per_worker set DS_ACCELERATOR
-
-            ds_config = deepspeed_config(
-                optim.batch_size,
-                optim.gradient_accumulation_steps,
-                config.deepspeed.zero_stage,
-                config.deepspeed.offload_optimizer,
-                config.deepspeed.offload_parameters,
-                config.deepspeed.bf16,
-                optim.optimizer,
-                optim.learning_rate,
-                optim.weight_decay,
-                optim.gradient_clipping,
-                optim.warmup_steps,
-            )
-            client_optimizer = self._adafactor() if optim.optimizer == "adafactor" else None
-            self.engine, *_ = deepspeed.initialize(
-                model=model, model_parameters=self.trainable, optimizer=client_optimizer, config=ds_config
-            )
-            self.module = self.engine.module
-        else:
-            self.module = model
-            self.optimizer = (
-                self._adafactor()
-                if optim.optimizer == "adafactor"
-                else torch.optim.AdamW(self.trainable, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-            )
-            self.schedule = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer,
-                lambda done: min(1.0, (done + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0,
-            )
-
-    def _adafactor(self) -> Adafactor:
-        """The paper's optimiser at a constant learning rate (after any warm-up)."""
-        return Adafactor(
-            self.trainable,
-            lr=self.optim.learning_rate,
-            relative_step=False,
-            scale_parameter=False,
-            warmup_init=False,
-        )
+        """The model on this worker's device in training mode, wrapped by a DeepSpeed engine or with a plain PyTorch
+        optimiser and schedule (`set_up_model`)."""
+        engine = wrap_training_model(self.config, build_training_model(self.config, len(self.tokenizer), self.device))
+        self.engine, self.module, self.trainable = engine.engine, engine.module, engine.trainable
+        self.optimizer, self.schedule = engine.optimizer, engine.schedule
 
     def _restore(self) -> int:
         """The step of the checkpoint Ray Train hands a restarted worker group, its weights and optimiser state
@@ -522,11 +605,13 @@ class TrainLoopRunner:
     def export(self, directory: str) -> None:
         """The final model (ZeRO-3 shards gathered), its tokenizer and the reading settings it was trained with
         (`reading.json`: token lengths, k, tasks) in `directory/hf`, written by rank 0."""
-        # every rank takes part in gathering the ZeRO-3 shards
-        state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero3 else self.module.state_dict()
+        # every rank takes part in gathering the ZeRO-3 shards, one parameter at a time
+        tensors = gathered_parameters(self.module, self.rank) if self.zero3 else self.module.named_parameters()
         if self.rank != 0:
+            for _ in tensors:
+                pass
             return
-        write_export(self.module.config, state, self.tokenizer, self.config, os.path.join(directory, "hf"))
+        write_export(self.module.config, tensors, self.tokenizer, self.config, os.path.join(directory, "hf"))
 
     def _write(self, section: str, values: dict[str, float]) -> None:
         """TensorBoard scalars `section/key` at the current step (rank 0, when log.tensorboard)."""

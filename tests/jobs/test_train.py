@@ -1,6 +1,7 @@
-"""The training job on a real local Ray cluster with real DeepSpeed (CPU, gloo, 2 workers): ZeRO-2 and ZeRO-3 runs
-lower the loss and export a loadable model with its reading.json; a worker killed mid-run resumes from the last
-checkpoint and the run completes; workers that would starve the data stream are refused."""
+"""The training job on a real local Ray cluster with real DeepSpeed (CPU, gloo, 2 workers): ZeRO-2 (from scratch) and
+ZeRO-3 (from a sharded T5 checkpoint, built partitioned) runs lower the loss and export a loadable model with its
+reading.json; a ZeRO-3 worker killed mid-run resumes from the last checkpoint and the run completes; workers that
+would starve the data stream are refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer
 from glimmer_ray.config import load_config
 from glimmer_ray.data.reading import ReadingConfig, load_reading
 from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.retrieval.index import IndexConfig
 from glimmer_ray.train.config import TrainConfig
 
@@ -35,6 +37,16 @@ def tiny_data(ray_cluster, tmp_path_factory, load_job):
     )
     prepare.main(config)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def sharded_t5(tiny_data, tmp_path_factory) -> str:
+    """A tiny T5.1.1 checkpoint over the data's tokenizer, sharded as Hugging Face writes large models."""
+    vocab_size = len(AutoTokenizer.from_pretrained(os.path.join(tiny_data, "tokenizer")))
+    directory = tmp_path_factory.mktemp("t5")
+    t5 = random_t5(t5_1_1_config(vocab_size=vocab_size, d_model=32, num_layers=2, num_heads=2), seed=1)
+    t5.save_pretrained(directory, max_shard_size="40KB")
+    return str(directory)
 
 
 def _overrides(data_dir: str, run_dir: str, name: str, **overrides) -> list[str]:
@@ -73,7 +85,7 @@ def _train_config(data_dir: str, run_dir: str, name: str, **overrides) -> TrainC
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path, load_job, stage):
+def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, sharded_t5, tmp_path, load_job, stage):
     train = load_job("train")
     # with the curriculum: read the retriever's first passage (ZeRO-3: the gold evidence passages), then its top m
     # without distillation, then distil, then select by the reranker
@@ -93,6 +105,9 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
             # ZeRO-2: the scorer with the retrieval prior, distillation behind the teacher's gate
             "model.retrieval_prior": "true" if stage == 2 else "false",
             "optim.distill_gate": "true" if stage == 2 else "false",
+            # ZeRO-3: from a sharded checkpoint, each rank building and reading only its partition; a sharded export
+            "model.checkpoint": sharded_t5 if stage == 3 else "null",
+            "export_max_shard_size": "60KB" if stage == 3 else "2GB",
         },
     )
     summary = train.main(config)
@@ -102,6 +117,8 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
     if stage == 2:  # the last evaluation either found the gate open already or measured teacher and retriever
         gate = metrics.get("gate_teacher_passage_recall")
         assert gate is None or 0.0 <= gate <= 1.0 and 0.0 <= metrics["gate_retriever_passage_recall"] <= 1.0
+    shards = sorted(name for name in os.listdir(summary["export_dir"]) if name.endswith(".safetensors"))
+    assert shards == ["model.safetensors"] if stage == 2 else len(shards) > 2  # ZeRO-3: gathered into 60 KB shards
     model = GlimmerForConditionalGeneration.from_pretrained(summary["export_dir"]).eval()  # no DeepSpeed needed
     tokenizer = AutoTokenizer.from_pretrained(summary["export_dir"])
     question = tokenizer(["nq: where was someone born"], return_tensors="pt")
@@ -127,7 +144,7 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, tmp_path
     )
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, load_job):
+def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, sharded_t5, tmp_path, load_job):
     train = load_job("train")
     overrides = _overrides(
         tiny_data,
@@ -138,6 +155,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tiny_data, tmp_path, loa
             "failure.max_failures": 1,
             "failure.fail_at_step": 6,
             "failure.fail_rank": 1,
+            "deepspeed.zero_stage": 3,  # the restarted group builds partitioned again, then loads its ZeRO-3 shards
+            "model.checkpoint": sharded_t5,
         },
     )
     summary = train.main(load_config(TrainConfig, QUICKSTART, overrides))

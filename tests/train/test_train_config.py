@@ -51,6 +51,8 @@ def test_reading_and_distillation_curriculum_is_accepted(overrides):
         (["data.evidence_passages=0"], "evidence_passages must be >= 1"),
         (["deepspeed.enabled=false", "scaling.num_workers=2"], "exactly one worker"),
         (["model.num_selected=11"], "exceeds data.num_passages"),
+        (["export_max_shard_size=lots"], "export_max_shard_size must be a positive size"),
+        (["export_max_shard_size=0GB"], "export_max_shard_size must be a positive size"),
     ],
 )
 def test_impossible_settings_are_refused(overrides, message):

@@ -1,0 +1,115 @@
+"""What a training worker holds: resident memory (RSS) of building the model, `deepspeed.initialize` and training
+steps, phase by phase, from /proc/self/status (Linux). Used by `jobs/benchmark_zero.py`.
+
+    before      RSS once Python, torch, DeepSpeed and the Ray worker are loaded (no model yet)
+    build       the peak over model construction and checkpoint loading (`build_training_model`)
+    initialize  the peak over `wrap_training_model` (`deepspeed.initialize`)
+    step        the peak over the training steps
+
+Each phase's peak is the high-water mark VmHWM, reset to the current RSS between phases through /proc/self/clear_refs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+RECORDS = "memory_records.json"
+
+
+def _memory_kib(field_name: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in KiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}: this benchmark needs Linux")
+
+
+def _reset_peak() -> None:
+    """Start a new RSS high-water mark (VmHWM) at the current RSS."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def measure_worker(loop_config: dict) -> None:
+    """Ray Train's entry point: one worker of `loop_config["train"]` (a TrainConfig as a dict) built, initialised and
+    trained `bench["steps"]` steps on random tokens of `bench`'s shape, each phase's RSS peak measured; rank 0
+    reports every worker's record with a checkpoint (`read_records`)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported
+    import deepspeed  # loaded before `before`: the library is not the model
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from glimmer_ray.config import from_dict
+    from glimmer_ray.train.config import TrainConfig
+    from glimmer_ray.train.step_timing import random_batch
+    from glimmer_ray.train.worker import build_training_model, wrap_training_model
+
+    train = from_dict(TrainConfig, loop_config["train"])
+    bench = loop_config["bench"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(0)
+    batch = random_batch(
+        bench["batch_size"],
+        bench["num_passages"],
+        bench["question_tokens"],
+        bench["passage_tokens"],
+        bench["answer_tokens"],
+        bench["model"]["vocab_size"],
+        seed=rank,
+    )
+    dist.barrier()
+    before = _memory_kib("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    built = build_training_model(train, bench["model"]["vocab_size"], torch.device("cpu"))
+    build_seconds = time.perf_counter() - start
+    build = _memory_kib("VmHWM")
+    dist.barrier()
+    _reset_peak()
+    start = time.perf_counter()
+    model = wrap_training_model(train, built)
+    initialize_seconds = time.perf_counter() - start
+    initialize = _memory_kib("VmHWM")
+    dist.barrier()
+    _reset_peak()
+    start = time.perf_counter()
+    losses = []
+    for _ in range(bench["steps"]):
+        output = model.engine(**batch, pdist_weight=train.optim.pdist_weight)
+        model.engine.backward(output.loss)
+        model.engine.step()
+        losses.append(output.loss.item())
+    step_seconds = (time.perf_counter() - start) / bench["steps"]
+    steps = _memory_kib("VmHWM")
+    record = {
+        "rank": rank,
+        "before_gib": before / 2**20,
+        "build_peak_gib": build / 2**20,
+        "initialize_peak_gib": initialize / 2**20,
+        "step_peak_gib": steps / 2**20,
+        "build_seconds": build_seconds,
+        "initialize_seconds": initialize_seconds,
+        "seconds_per_step": step_seconds,
+        "losses": losses,
+        "deepspeed": deepspeed.__version__,
+    }
+    records = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record)
+    with tempfile.TemporaryDirectory() as directory:  # Ray Train keeps a run's results with its checkpoints
+        checkpoint = None
+        if rank == 0:
+            with open(os.path.join(directory, RECORDS), "w") as handle:
+                json.dump(records, handle)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({"workers": len(records)}, checkpoint=checkpoint)
+
+
+def read_records(checkpoint) -> list[dict]:
+    """The worker records `measure_worker` reported with its checkpoint, by rank."""
+    with checkpoint.as_directory() as directory, open(os.path.join(directory, RECORDS)) as handle:
+        return sorted(json.load(handle), key=lambda record: record["rank"])

@@ -1,0 +1,121 @@
+"""ZeRO-3 construction and export: a checkpoint loaded partitioned on 2 Ray Train workers (real DeepSpeed, gloo)
+holds bit for bit the weights `from_t5` / `from_pretrained` give, and the export gathered one parameter at a time
+reloads as the same model, sharded at the configured size."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
+from glimmer_ray.train.deepspeed import deepspeed_config
+from glimmer_ray.train.zero3 import SAFETENSORS_INDEX, checkpoint_files, save_sharded
+
+pytestmark = pytest.mark.ray
+
+OPTIONS = dict(live_proportion=0.5, rerank_proportion=0.5, num_selected=2, separate_question_encoder=True)
+
+
+def _load_and_export(loop_config: dict) -> None:
+    """On each worker: build partitioned, report this rank's partition sizes, export gathered and sharded."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from glimmer_ray.train.zero3 import build_partitioned, gathered_parameters, is_partitioned
+
+    rank = ray.train.get_context().get_world_rank()
+    model = build_partitioned(loop_config["checkpoint"], deepspeed_config(1, zero_stage=3), **loop_config["options"])
+    held = sum(param.ds_tensor.numel() for param in model.parameters())
+    tensors = gathered_parameters(model, rank)
+    if rank == 0:
+        save_sharded(tensors, loop_config["export"], max_shard_size="20KB")
+        model.config.save_pretrained(loop_config["export"])
+    else:
+        for _ in tensors:
+            pass
+    with open(os.path.join(loop_config["export"], f"rank{rank}.json"), "w") as handle:
+        json.dump({"held": held, "partitioned": is_partitioned(model)}, handle)
+
+
+def _run(checkpoint: str, export: str, options: dict) -> list[dict]:
+    os.makedirs(export, exist_ok=True)
+    TrainerResult = TorchTrainer(
+        _load_and_export,
+        train_loop_config={"checkpoint": checkpoint, "export": export, "options": options},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(storage_path=os.path.join(export, "ray"), name="zero3"),
+    ).fit()
+    assert TrainerResult.error is None
+    return [json.load(open(os.path.join(export, f"rank{rank}.json"))) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def sharded_t5(tmp_path_factory) -> tuple[str, torch.nn.Module]:
+    t5 = random_t5(t5_1_1_config(vocab_size=96, d_model=32, num_layers=4, num_heads=2), seed=5)
+    directory = tmp_path_factory.mktemp("t5")
+    t5.save_pretrained(directory, max_shard_size="30KB")  # several shards, as HF writes large models
+    assert len(checkpoint_files(str(directory))) > 2
+    return str(directory), t5
+
+
+def test_a_t5_checkpoint_loads_partitioned_with_from_t5s_weights(sharded_t5, tmp_path, ray_cluster):
+    checkpoint, _ = sharded_t5
+    ranks = _run(checkpoint, str(tmp_path / "export"), OPTIONS)
+    reference = GlimmerForConditionalGeneration.from_t5(checkpoint, **OPTIONS)
+    total = sum(param.numel() for param in reference.parameters())
+    assert all(rank["partitioned"] for rank in ranks)
+    assert all(rank["held"] <= total / 2 + 64 * len(list(reference.parameters())) for rank in ranks)  # half, + padding
+
+    exported = GlimmerForConditionalGeneration.from_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / SAFETENSORS_INDEX).exists() and len(checkpoint_files(str(tmp_path / "export"))) > 3
+    got, want = exported.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    fresh = [name for name in want if name.startswith("rerank_head.")]
+    assert all(torch.equal(got[name], want[name]) for name in want if name not in fresh)  # every T5 weight, bit for bit
+    assert all(  # the separate question encoder starts as a copy of the memory layers
+        torch.equal(got[name], got[name.replace("question_encoder.", "encoder.block.")])
+        for name in want
+        if name.startswith("question_encoder.")
+    )
+    head = got["rerank_head.proj.weight"]  # GLIMMER's initialisation: normal, std d^-0.5
+    assert head.abs().sum() > 0 and 0.5 < head.std().item() * 32**0.5 < 2.0
+
+
+def test_a_glimmer_export_reloads_partitioned_bit_for_bit(sharded_t5, tmp_path, ray_cluster):
+    checkpoint, _ = sharded_t5
+    source = GlimmerForConditionalGeneration.from_t5(checkpoint, retrieval_prior=True, **OPTIONS)
+    with torch.no_grad():
+        source.rerank_head.proj.weight.normal_()  # a trained scoring head
+    source.save_pretrained(tmp_path / "glimmer", max_shard_size="25KB")
+    _run(str(tmp_path / "glimmer"), str(tmp_path / "export"), {**OPTIONS, "num_selected": 3})
+    exported = GlimmerForConditionalGeneration.from_pretrained(tmp_path / "export")
+    assert exported.config.num_selected == 3  # the options apply over the checkpoint's
+    reference = GlimmerForConditionalGeneration.from_pretrained(tmp_path / "glimmer", num_selected=3)
+    got, want = exported.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+
+
+def test_save_sharded_keeps_every_tensor_and_replaces_an_earlier_export(tmp_path):
+    tensors = {f"layer.{i}.weight": torch.randn(10, 10) for i in range(5)}  # 400 bytes each
+    files = save_sharded(tensors.items(), tmp_path, max_shard_size=900)
+    assert [os.path.basename(f) for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.load(open(tmp_path / SAFETENSORS_INDEX))
+    assert index["metadata"]["total_size"] == 5 * 400 and sorted(index["weight_map"]) == sorted(tensors)
+    from safetensors.torch import load_file
+
+    loaded = {name: tensor for path in files for name, tensor in load_file(path).items()}
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+    files = save_sharded(tensors.items(), tmp_path, max_shard_size="1MB")  # smaller now: one file, no stale shards
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_sharded(tensors.items(), tmp_path, max_shard_size=0)
+
+
+def test_a_checkpoint_without_safetensors_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="safetensors.*save_pretrained"):
+        checkpoint_files(str(tmp_path))
