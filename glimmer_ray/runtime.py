@@ -24,17 +24,33 @@ def tune_cpu_allocator(mmap_threshold_bytes: int = 1 << 30, trim_threshold_bytes
     8,800 tokens ran about 25% faster. The process keeps its peak memory instead of returning it.
     Returns False (and changes nothing) where the C library is not glibc.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         logger.info("not glibc: allocator left as it is")
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes))) and bool(
         mallopt(_M_TRIM_THRESHOLD, int(trim_threshold_bytes))
     )
     return ok
+
+
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory(mmap_threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every block above `mmap_threshold_bytes` with its own `mmap` from now on, so that freeing it returns it
+    to the OS at once. For ZeRO-3 on CPU workers, where partitions, gathered parameters and gradient buckets all
+    live in host memory: each module's full parameters are allocated and freed at construction, and gathered and freed
+    again at every step; with glibc's dynamic threshold those frees leave the heap holes, and a worker of a 783M model
+    grew past 10 GB against the 5 GB its partitions need. The opposite trade to `tune_cpu_allocator`. Returns False
+    (and changes nothing) where the C library is not glibc."""
+    mallopt = _mallopt()
+    return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes)))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -7,24 +7,28 @@ checkpoint under ZeRO-3 and trained a few steps, against the model's fp32 size a
 Setup: a random T5.1.1 of `model`'s shape is saved once as a sharded safetensors checkpoint (`max_shard_size`),
 as Hugging Face writes large models. Loop: for each number of workers in `world_sizes` and each construction in
 `constructions`, Ray Train starts that many CPU workers, each running the training job's own set-up
-(`glimmer_ray.train.worker.set_up_model`: GLIMMER from the checkpoint, ZeRO-3, `deepspeed.initialize`) and then
+(`glimmer_ray.train.worker.build_training_model`: GLIMMER from the checkpoint under ZeRO-3, then
+`wrap_training_model`: `deepspeed.initialize`) and then
 `steps` training steps (LM + distillation, backward, optimiser) on random tokens. Each worker reads its resident
 memory from /proc/self/status (high-water marks reset between phases through /proc/self/clear_refs):
 
-    before          RSS once Python, torch, DeepSpeed and the Ray worker are loaded (no model yet)
+    before          RSS once Python, torch, DeepSpeed (communication initialised) and the Ray worker are loaded
     build           the peak over model construction and checkpoint loading (`build_training_model`)
-    initialize      the peak over `deepspeed.initialize`: ZeRO-3 allocates this rank's gradient partition and
-                    optimiser states here (stage3.py `_setup_for_real_optimizer`), not at the first step
-    steps           the peak over the training steps
+    initialize      the peak over `deepspeed.initialize`: ZeRO-3 flattens the partitions and allocates this rank's
+                    fp32 copy and gradient partition here (stage3.py `_setup_for_real_optimizer`)
+    steps           the peak over the training steps (the optimiser's state appears at the first)
 
     partitioned     deepspeed.zero3_init true: built under deepspeed.zero.Init, each rank reading only its slices
     replicated      deepspeed.zero3_init false: the whole model built on every rank, then partitioned by
                     deepspeed.initialize (how ZeRO-1/2 and a from-scratch model start)
 
-ZeRO-3's prediction of a worker's memory once initialised and over the steps (fp32 on CPU, no offload): `before`
-plus one rank's share of the model states, (4 bytes of parameters + 4 of gradients + the optimiser's state) x N / world size, the optimiser's
-state being 8 bytes a parameter for AdamW (two moments) and 4 for Adafactor (ZeRO-3 hands the optimiser flat 1-D
-partitions, so its second moment is not factored, and the paper's Adafactor keeps no first moment).
+ZeRO-3's prediction of a worker's peak over the steps (fp32 on CPU, no offload): `before`, plus one rank's share of the
+model states, (4 bytes of parameters + 4 of the optimiser's fp32 copy of them + 4 of gradients + the optimiser's
+state) x N / world size, plus the gathered parameters kept alive between uses, 4 bytes x min(N, `live_parameters`).
+DeepSpeed keeps the fp32 copy even when the parameters are fp32 on a CPU (stage3.py `_create_fp32_partitions`); the
+optimiser's state is 8 bytes a parameter for AdamW (two moments) and 4 for Adafactor (ZeRO-3 hands the optimiser flat
+1-D partitions, so its second moment is not factored, and the paper's Adafactor keeps no first moment). Activations,
+communication buffers and the optimiser's temporaries (bounded by the sub-group size) are left out.
 
 Writes output_dir/benchmark_zero.json; its top-level `peak_rss_over_fp32`, `initialize_peak_rss_over_fp32` and
 `step_peak_rss_over_fp32` are the largest worker's build, initialize and step peaks over the fp32 model size
@@ -62,13 +66,14 @@ class BenchmarkZeroConfig:
     world_sizes: list[int] = field(default_factory=lambda: [1, 2])  # ZeRO-3 workers, one run each
     constructions: list[str] = field(default_factory=lambda: list(CONSTRUCTIONS))  # partitioned | replicated
     optimizer: str = "adafactor"  # adafactor | adamw
-    steps: int = 3  # training steps after construction
+    steps: int = 2  # training steps after construction
     batch_size: int = 1  # examples per worker per step
     num_passages: int = 4  # k
     num_selected: int = 2  # m
     question_tokens: int = 16
     passage_tokens: int = 64
     answer_tokens: int = 8
+    live_parameters: int = 100_000_000  # ZeRO-3: gathered parameter elements kept alive between uses (job default 1e9)
     max_shard_size: str = "500MB"  # the checkpoint's safetensors files
     output_dir: str = "outputs/benchmark-zero"  # the checkpoint (reused), the runs and benchmark_zero.json
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
@@ -118,6 +123,7 @@ def _train_config(config: BenchmarkZeroConfig, checkpoint: str, world_size: int,
     train.optim.warmup_steps = 0
     train.deepspeed.zero_stage = 3
     train.deepspeed.zero3_init = construction == "partitioned"
+    train.deepspeed.live_parameters = config.live_parameters
     train.scaling.num_workers = world_size
     return to_dict(train)
 
@@ -164,7 +170,8 @@ def main(config: BenchmarkZeroConfig) -> dict:
     os.makedirs(config.output_dir, exist_ok=True)
     checkpoint, parameters = _checkpoint(config)
     fp32_gib = 4 * parameters / 2**30
-    state_bytes = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer]  # parameters + gradients + optimiser, per parameter
+    state_bytes = 4 + 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer]  # parameters, fp32 copy, gradients, optimiser
+    live_gib = 4 * min(parameters, config.live_parameters) / 2**30  # gathered parameters alive on every rank
 
     # loop: every world size and construction, one after the other in one Ray session
     rows = []
@@ -174,7 +181,7 @@ def main(config: BenchmarkZeroConfig) -> dict:
                 print(f"[benchmark_zero] {construction} construction on {world_size} ZeRO-3 workers", flush=True)
                 workers = _run(config, checkpoint, world_size, construction)
                 for record in workers:
-                    predicted = record["before_gib"] + state_bytes * parameters / world_size / 2**30
+                    predicted = record["before_gib"] + state_bytes * parameters / world_size / 2**30 + live_gib
                     record["predicted_gib"] = predicted
                     for phase in ("build", "initialize", "step"):
                         record[f"{phase}_peak_over_fp32"] = record[f"{phase}_peak_gib"] / fp32_gib
@@ -188,13 +195,15 @@ def main(config: BenchmarkZeroConfig) -> dict:
     _print_rows(rows, fp32_gib, header=True)
     print(
         f"(GiB per worker: RSS before the model, then each phase's peak; {parameters / 1e6:.0f}M parameters, fp32 size "
-        f"{fp32_gib:.2f} GiB; predicted: RSS before + {state_bytes} bytes x N / workers, {config.optimizer})"
+        f"{fp32_gib:.2f} GiB; predicted: RSS before + {state_bytes} bytes x N / workers ({config.optimizer}) + "
+        f"{live_gib:.2f} GiB of live gathered parameters)"
     )
     report = {
         "config": to_dict(config),
         "parameters": parameters,
         "fp32_gib": fp32_gib,
         "model_state_bytes_per_parameter": state_bytes,
+        "live_parameters_gib": live_gib,
         "rows": rows,
     }
     partitioned = [row for row in rows if row["construction"] == "partitioned"]

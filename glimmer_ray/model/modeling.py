@@ -568,11 +568,19 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             chunk_tokens: the live stages' chunk (`resolve_chunk_tokens`; "auto": chunks on a CPU only).
             teacher_reuse: the distillation teacher reads on from this pass's live stage A states (detached)
                 instead of running the memory encoder and stage A again; used only where the two are equal,
-                i.e. no dropout is active (the teacher reads in eval mode, as ATLAS's).
+                i.e. no dropout is active (the teacher reads in eval mode, as ATLAS's). Without reuse the teacher
+                runs first, before any module runs with gradients: DeepSpeed ZeRO-3 counts a module's pending
+                backward passes at each forward and a later no-grad forward resets the count, which would keep
+                every parameter gathered in backward until it ends (`_post_backward_module_hook`).
         """
         distilling = labels is not None and pdist_weight > 0
         dropout_active = self.training and self.config.dropout_rate > 0
         reuse = distilling and teacher_reuse and not dropout_active
+        target = None
+        reranking = (num_selected if num_selected is not None else self.config.num_selected) is not None
+        teacher_inputs = (question_ids, question_mask, passage_ids, passage_mask, passage_memory, labels)
+        if distilling and reranking and not reuse:
+            target = self.passage_log_likelihood(*teacher_inputs, chunk_tokens=chunk_tokens)  # [b, k]
         encoding = self.encode(
             question_ids,
             question_mask,
@@ -591,22 +599,18 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
             decoder_input_ids = self._shift_right(labels)
         logits = self.decode(encoding.hidden, encoding.mask, decoder_input_ids)  # [b, t, v]
 
-        lm_loss = pdist_loss = loss = target = None
+        lm_loss = pdist_loss = loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             loss = lm_loss
             if encoding.rerank_scores is not None and pdist_weight > 0:
-                target = self.passage_log_likelihood(
-                    question_ids,
-                    question_mask,
-                    passage_ids,
-                    passage_mask,
-                    passage_memory,
-                    labels,
-                    live_a=encoding.live_a,
-                    live_a_mask=encoding.live_a_mask,
-                    chunk_tokens=chunk_tokens,
-                )  # [b, k]
+                if target is None:  # reading on from this pass's live stage A states
+                    target = self.passage_log_likelihood(
+                        *teacher_inputs,
+                        live_a=encoding.live_a,
+                        live_a_mask=encoding.live_a_mask,
+                        chunk_tokens=chunk_tokens,
+                    )  # [b, k]
                 pdist_loss = perplexity_distillation_loss(encoding.rerank_scores, target, pdist_temperature)
                 loss = lm_loss + pdist_weight * pdist_loss
         return GlimmerOutput(

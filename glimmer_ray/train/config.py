@@ -91,7 +91,10 @@ class DeepSpeedSection:
     offload_parameters: bool = False  # ZeRO-3 parameters in CPU memory
     bf16: bool = False  # bf16 mixed precision (GPUs with bf16)
     zero3_init: bool = (
-        True  # ZeRO-3 from a checkpoint: each rank builds and reads only its partition (false: whole, then partitioned)
+        True  # ZeRO-3 from a checkpoint: each rank builds and reads only its partition (false: whole first)
+    )
+    live_parameters: int = (
+        1_000_000_000  # ZeRO-3: gathered parameter elements kept alive between uses (DeepSpeed's default)
     )
 
 

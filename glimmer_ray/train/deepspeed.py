@@ -7,6 +7,14 @@ from typing import Any
 
 import torch
 
+# ZeRO-3: the optimiser steps a rank's flat fp32 partition this many elements at a time, which bounds its temporaries
+# (an unfactored Adafactor makes two of the step's size); DeepSpeed's default, 1e9 elements, makes them 8 GB in fp32; 2e7 keeps them under 200 MB.
+ZERO3_SUB_GROUP_SIZE = 20_000_000
+# ZeRO-3: gathered parameter elements a rank keeps alive between uses (DeepSpeed's default for both
+# stage3_max_live_parameters and stage3_max_reuse_distance): a model below it is held whole on every rank from forward
+# to backward; lower it to trade re-gathering for memory.
+ZERO3_LIVE_PARAMETERS = 1_000_000_000
+
 
 def deepspeed_config(
     micro_batch_size: int,
@@ -21,6 +29,7 @@ def deepspeed_config(
     gradient_clipping: float = 1.0,
     warmup_steps: int = 0,
     hidden_size: int | None = None,
+    live_parameters: int = ZERO3_LIVE_PARAMETERS,
 ) -> dict[str, Any]:
     """A DeepSpeed config. AdamW is DeepSpeed's own (`torch_adam`: no fused kernel to compile on CPU);
     Adafactor is passed as a client optimizer by the training job, so no `optimizer` section then.
@@ -40,6 +49,9 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["sub_group_size"] = ZERO3_SUB_GROUP_SIZE
+        zero["stage3_max_live_parameters"] = live_parameters
+        zero["stage3_max_reuse_distance"] = live_parameters
         if hidden_size is not None:
             zero["reduce_bucket_size"] = hidden_size * hidden_size
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)

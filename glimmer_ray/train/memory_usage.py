@@ -1,7 +1,7 @@
 """What a training worker holds: resident memory (RSS) of building the model, `deepspeed.initialize` and training
 steps, phase by phase, from /proc/self/status (Linux). Used by `jobs/benchmark_zero.py`.
 
-    before      RSS once Python, torch, DeepSpeed and the Ray worker are loaded (no model yet)
+    before      RSS once Python, torch, DeepSpeed (its communication initialised) and the Ray worker are loaded
     build       the peak over model construction and checkpoint loading (`build_training_model`)
     initialize  the peak over `wrap_training_model` (`deepspeed.initialize`)
     step        the peak over the training steps
@@ -62,6 +62,7 @@ def measure_worker(loop_config: dict) -> None:
         bench["model"]["vocab_size"],
         seed=rank,
     )
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's communication (and its shared memory) is no model
     dist.barrier()
     before = _memory_kib("VmRSS")
     _reset_peak()
@@ -69,12 +70,14 @@ def measure_worker(loop_config: dict) -> None:
     built = build_training_model(train, bench["model"]["vocab_size"], torch.device("cpu"))
     build_seconds = time.perf_counter() - start
     build = _memory_kib("VmHWM")
+    print(f"[memory] rank {rank}: before {before / 2**20:.2f} GiB, build peak {build / 2**20:.2f} GiB", flush=True)
     dist.barrier()
     _reset_peak()
     start = time.perf_counter()
     model = wrap_training_model(train, built)
     initialize_seconds = time.perf_counter() - start
     initialize = _memory_kib("VmHWM")
+    print(f"[memory] rank {rank}: initialize peak {initialize / 2**20:.2f} GiB", flush=True)
     dist.barrier()
     _reset_peak()
     start = time.perf_counter()
@@ -84,6 +87,7 @@ def measure_worker(loop_config: dict) -> None:
         model.engine.backward(output.loss)
         model.engine.step()
         losses.append(output.loss.item())
+        print(f"[memory] rank {rank}: step {len(losses)} peak {_memory_kib('VmHWM') / 2**20:.2f} GiB", flush=True)
     step_seconds = (time.perf_counter() - start) / bench["steps"]
     steps = _memory_kib("VmHWM")
     record = {

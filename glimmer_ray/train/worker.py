@@ -37,6 +37,7 @@ from glimmer_ray.eval.metrics import prediction_recall, reranker_recall, retriev
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
 from glimmer_ray.model.modeling import glimmer_config_from_t5
 from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
+from glimmer_ray.runtime import return_freed_memory
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
 from glimmer_ray.train.curriculum import curriculum_step
 from glimmer_ray.train.deepspeed import deepspeed_config
@@ -219,6 +220,7 @@ def engine_config(config: TrainConfig, hidden_size: int) -> dict[str, Any] | Non
         optim.gradient_clipping,
         optim.warmup_steps,
         hidden_size=hidden_size,
+        live_parameters=section.live_parameters,
     )
 
 
@@ -238,8 +240,11 @@ def build_training_model(config: TrainConfig, vocab_size: int, device: torch.dev
     """The job's model on `device` in training mode (memory frozen if asked); under ZeRO-3 from a checkpoint built
     partitioned (`deepspeed.zero3_init`). Every rank calls it."""
     ds_config = engine_config(config, model_config(config, vocab_size).d_model)
-    zero3 = ds_config is not None and config.deepspeed.zero_stage == 3 and config.deepspeed.zero3_init
-    model = build_model(config, vocab_size=vocab_size, zero3_config=ds_config if zero3 else None)
+    zero3 = ds_config is not None and config.deepspeed.zero_stage == 3
+    if zero3 and device.type == "cpu":
+        return_freed_memory()  # partitions, gathered parameters and buckets in host memory: no heap holes
+    partitioned = zero3 and config.deepspeed.zero3_init
+    model = build_model(config, vocab_size=vocab_size, zero3_config=ds_config if partitioned else None)
     if not is_partitioned(model):  # a partitioned model's slices are placed by DeepSpeed
         model.to(device)
     model.train()  # from_pretrained leaves a model in eval mode: dropout back on

@@ -1,9 +1,9 @@
 """ZeRO-3 without whole copies: a GLIMMER reader built partitioned, filled from a checkpoint slice by slice, and
 exported one gathered parameter at a time.
 
-    build_partitioned   the model constructed under `deepspeed.zero.Init` (each rank allocates only its partition),
-                        then every checkpoint file read in turn, each rank reading only the bytes of its own
-                        partition (safetensors slices), so no rank ever holds a whole model, file or shard
+    build_partitioned   the model constructed under `deepspeed.zero.Init` (each rank keeps only its partition),
+                        then every tensor of every checkpoint file read in turn, each rank reading only the rows
+                        holding its own partition (safetensors slices), so no rank ever holds a whole model or file
     gathered_parameters every parameter gathered in turn and handed to rank 0 as an fp32 CPU copy: the export
     save_sharded        Hugging Face's sharded safetensors layout (`model-0000i-of-0000n.safetensors` and
                         `model.safetensors.index.json`, at most `max_shard_size` a file) from such a stream
@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
+from transformers.initialization import no_init_weights
 from transformers.utils.hub import convert_file_size_to_int
 
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
@@ -77,24 +78,30 @@ def build_partitioned(checkpoint: str, ds_config: dict[str, Any], **options) -> 
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config, from_t5 = partitioned_config(checkpoint, options)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    # no initialisation: every weight but the new scoring head's comes from the checkpoint (under zero.Init each
+    # module's initialiser would gather, initialise and broadcast its parameters)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = GlimmerForConditionalGeneration(config)
+    model.tie_weights()  # part of the initialisation skipped above
     parameters = dict(model.named_parameters())
     filled: set[str] = set()
     for path in checkpoint_files(checkpoint):
         with safe_open(path, framework="pt") as source:
-            for key in source.keys():
-                if any(ignored in key for ignored in IGNORED_KEYS):
-                    continue
-                targets = [key] if key in parameters else []
-                if from_t5 and config.separate_question_encoder and key.startswith("encoder.block."):
-                    index, rest = key[len("encoder.block.") :].split(".", 1)
-                    if int(index) < config.num_memory_layers:
-                        targets.append(f"question_encoder.{index}.{rest}")
-                if not targets and key in model._tied_weights_keys:
-                    continue  # tied to shared.weight, which the checkpoint also holds
-                if not targets:
-                    raise ValueError(f"{path} holds {key}, which the GLIMMER model of {checkpoint} does not have")
+            keys = list(source.keys())
+        for key in keys:
+            if any(ignored in key for ignored in IGNORED_KEYS):
+                continue
+            targets = [key] if key in parameters else []
+            if from_t5 and config.separate_question_encoder and key.startswith("encoder.block."):
+                index, rest = key[len("encoder.block.") :].split(".", 1)
+                if int(index) < config.num_memory_layers:
+                    targets.append(f"question_encoder.{index}.{rest}")
+            if not targets and key in model._tied_weights_keys:
+                continue  # tied to shared.weight, which the checkpoint also holds
+            if not targets:
+                raise ValueError(f"{path} holds {key}, which the GLIMMER model of {checkpoint} does not have")
+            # one tensor per opening: the file's pages this rank touched are unmapped before the next tensor
+            with safe_open(path, framework="pt") as source:
                 for name in targets:
                     _fill_partition(parameters[name], source.get_slice(key), key, rank, world_size)
                     filled.add(name)

@@ -233,6 +233,51 @@ def test_killing_a_replica_during_a_burst(app):
         time.sleep(1)
 
 
+@pytest.mark.parametrize("stage", ["Retriever", "MemoryCache", "LiveEncoderReranker"])
+def test_killing_the_only_replica_of_a_stage_fails_fast_then_recovers(app, stage):
+    """The stage's one replica killed during a burst: every request ends within the request's deadline (each of its
+    four stage calls has one), answered or refused with a 503 that says why and when to retry, never a 500 or a
+    hang; then Serve's replacement answers again and /healthz says the stage is ready."""
+    import ray
+
+    from serve_app.app import AppArgs
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{stage}#" in a["name"]]
+    assert len(replicas) == 1, replicas
+    deadline_s = 4 * AppArgs().stage_timeout_s
+    outcomes: list[tuple[int, float, dict]] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        start = time.monotonic()
+        response = requests.post(
+            f"{URL}/v1/answer", json={"question": QUESTIONS[index % len(QUESTIONS)], "top_k": 4}, timeout=120
+        )
+        with lock:
+            outcomes.append((response.status_code, time.monotonic() - start, dict(response.headers)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # the burst is under way
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    for thread in threads:
+        thread.join()
+    statuses = [status for status, _, _ in outcomes]
+    print(f"{stage} killed during a 24-request burst: {statuses.count(200)} answered, {statuses.count(503)} got 503")
+    assert set(statuses) <= {200, 503}, statuses
+    assert max(seconds for _, seconds, _ in outcomes) < deadline_s
+    assert all("retry-after" in {k.lower() for k in headers} for status, _, headers in outcomes if status == 503)
+    deadline = time.monotonic() + 180
+    while True:  # Serve replaces the replica and the stage answers again
+        health = requests.get(f"{URL}/healthz", timeout=30)
+        if health.status_code == 200 and health.json()["stages"][stage] == "ready":
+            break
+        assert time.monotonic() < deadline, health.text
+        time.sleep(1)
+    assert requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=120).status_code == 200
+
+
 def _chromium() -> str:
     """Debian's Chromium (.ci/run installs it); outside CI a machine without it skips the browser test."""
     import os

@@ -119,3 +119,53 @@ def test_save_sharded_keeps_every_tensor_and_replaces_an_earlier_export(tmp_path
 def test_a_checkpoint_without_safetensors_is_refused_with_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="safetensors.*save_pretrained"):
         checkpoint_files(str(tmp_path))
+
+
+def _distil_and_watch_backward(loop_config: dict) -> None:
+    """One ZeRO-3 training step with distillation (dropout on: the teacher runs its own pass); reports the most
+    parameter elements gathered at once during backward, against the model's total."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from glimmer_ray.train.step_timing import random_batch
+    from glimmer_ray.train.zero3 import build_partitioned
+
+    config = deepspeed_config(1, zero_stage=3, optimizer="adamw", hidden_size=32, live_parameters=1)
+    model = build_partitioned(loop_config["checkpoint"], config, **loop_config["options"]).train()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    parameters = list(engine.module.parameters())
+    most = [0]
+
+    def watch(_) -> None:
+        gathered = sum(p.ds_numel for p in parameters if p.ds_status == ZeroParamStatus.AVAILABLE)
+        most[0] = max(most[0], gathered)
+
+    for param in parameters:
+        param.register_post_accumulate_grad_hook(watch)
+    batch = random_batch(2, 4, 8, 12, 4, 96, seed=ray.train.get_context().get_world_rank())
+    output = engine(**batch, pdist_weight=1.0)
+    engine.backward(output.loss)
+    engine.step()
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(loop_config["out"], "w") as handle:
+            json.dump({"most_gathered": most[0], "total": sum(p.ds_numel for p in parameters)}, handle)
+
+
+def test_a_distillation_step_releases_gathered_parameters_during_backward(sharded_t5, tmp_path, ray_cluster):
+    """The teacher's no-grad pass runs before the student's: after it, DeepSpeed would count no pending backward
+    for the modules it ran again, and keep every parameter gathered until backward ends (a whole model per rank)."""
+    checkpoint, _ = sharded_t5
+    result = TorchTrainer(
+        _distil_and_watch_backward,
+        train_loop_config={
+            "checkpoint": checkpoint,
+            "options": {**OPTIONS, "separate_question_encoder": False},
+            "out": str(tmp_path / "gathered.json"),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="distil"),
+    ).fit()
+    assert result.error is None
+    watched = json.loads((tmp_path / "gathered.json").read_text())
+    assert 0 < watched["most_gathered"] < 0.5 * watched["total"]
