@@ -6,8 +6,10 @@
 The app is started on this cluster; for every concurrency level that many clients each send requests
 back to back (closed loop) for `requests_per_client` requests: p50/p99 latency, requests/s and the
 mean time of each stage. The same dev questions then run through `InProcessPipeline` one at a time, so
-the Serve graph's overhead is a ratio measured in the same run. Finally the app is redeployed with
-`max_batch_size: 1` and the highest concurrency repeated: the effect of dynamic batching.
+the Serve graph's overhead is a ratio measured in the same run. With `fused`, the app is redeployed with
+`fused_stages: true` (the four stages in one Reader deployment: one hop instead of four) and every level repeated.
+Finally the app is redeployed with `max_batch_size: 1` and the highest concurrency repeated: the effect of dynamic
+batching.
 """
 
 import json
@@ -47,6 +49,7 @@ class BenchmarkServeConfig:
     requests_per_client: int = 8  # requests each client sends per level
     warmup_requests: int = 8  # untimed requests after start-up
     port: int = 8000  # HTTP port of the Serve proxy
+    fused: bool = True  # also load the fused app (fused_stages: the four stages in one deployment) at each level
     output: str = "outputs/quickstart/benchmark_serve.json"
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
@@ -159,6 +162,19 @@ def main(config: BenchmarkServeConfig) -> dict:
         one_client = results["serve"][0]
         results["serve_overhead_p50_ratio"] = one_client["p50_ms"] / results["in_process"]["p50_ms"]
 
+        # the fused app: the four stages in one deployment, one hop (fused_stages: true)
+        if config.fused:
+            url = deploy({**config.app, "fused_stages": True}, port=config.port)
+            _closed_loop(url, questions, 1, config.warmup_requests)
+            results["fused"] = []
+            for clients in config.concurrency:
+                level = _closed_loop(url, questions, clients, config.requests_per_client)
+                results["fused"].append(level)
+                print(
+                    f"[fused] {clients:>2} clients: p50 {level['p50_ms']:.1f} ms, {level['failed']} failed", flush=True
+                )
+            results["fused_overhead_p50_ratio"] = results["fused"][0]["p50_ms"] / results["in_process"]["p50_ms"]
+
         # dynamic batching on and off at the highest concurrency
         top = max(config.concurrency)
         results["batching"]["max_batch_size_default"] = next(
@@ -179,6 +195,7 @@ def main(config: BenchmarkServeConfig) -> dict:
             + "".join(f"{s + ' ms':>13}" for s in stage_names)
         )
         rows = [(f"serve, {level['clients']} clients", level) for level in results["serve"]]
+        rows += [(f"fused, {level['clients']} clients", level) for level in results.get("fused", [])]
         rows += [
             ("in-process, 1 at a time", results["in_process"]),
             (f"serve, {top} cl., batch 1", results["batching"]["max_batch_size_1"]),
@@ -188,6 +205,8 @@ def main(config: BenchmarkServeConfig) -> dict:
                 f"{label:<22}{row['p50_ms']:9.1f}{row['p99_ms']:9.1f}{row['requests_per_s']:8.2f}"
                 + "".join(f"{row['stage_ms'].get(s, float('nan')):13.1f}" for s in stage_names)
             )
+        if config.fused:
+            print(f"fused app / in-process p50 latency at 1 client: {results['fused_overhead_p50_ratio']:.2f}x")
         print(
             f"Serve graph / in-process p50 latency at 1 client: {results['serve_overhead_p50_ratio']:.2f}x; "
             f"dynamic batching (max_batch_size {AppArgs.model_validate(config.app).max_batch_size} vs 1) at {top} clients: "

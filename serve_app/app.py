@@ -54,9 +54,12 @@ from glimmer_ray.serving import (
 
 logger = logging.getLogger("ray.serve")
 STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
+FUSED_STAGES = ("Reader", "Ingress")  # fused_stages: true, the four stages in one deployment
 ARTIFACT_NAMES = {"model_dir": "model", "index_dir": "index", "passages": "passages.parquet", "memory_store": "memory"}
 ARTIFACTS_ENV = "GLIMMER_ARTIFACTS_DIR"  # where serve run / serve deploy of serve_app/config.yaml find the artifacts
 MODEL_STAGES = ("LiveEncoderReranker", "Decoder")  # the stages that run the reader: `device` and `dtype` are theirs
+FUSED_MODEL_STAGES = ("Reader",)
+GRAPH_BATCH_WAIT_S, FUSED_BATCH_WAIT_S = 0.005, 0.001  # batch_wait_timeout_s by default (jobs/benchmark_serve.py)
 
 
 class AppArgs(BaseModel):
@@ -87,8 +90,12 @@ class AppArgs(BaseModel):
     )
     dtype: str = "float32"  # the model stages' weights and activations: float32 | bfloat16 | float16
     max_batch_size: int = 8  # dynamic batching of the model stages
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float | None = (
+        None  # s a batch waits to fill; null: 0.005 in the graph (three batching stages), 0.001 fused (the Reader's one)
+    )
     stage_timeout_s: float = 20.0  # deadline of each stage call: past it the request gets a 503 with Retry-After
+    fused_stages: bool = False  # true: retriever, memory, live encoder and decoder in one deployment (Reader), one hop
+    # instead of four, for one machine or a small reader; false: each stage scales on its own
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict
     )  # per-stage .options(), over the defaults below
@@ -129,12 +136,21 @@ class AppArgs(BaseModel):
             absolute[name] = value if "://" in value else os.path.abspath(value)
         if root:
             absolute["artifacts_dir"] = root if "://" in root else os.path.abspath(root)
-        unknown = sorted(set(self.deployments) - set(STAGES))
+        if self.batch_wait_timeout_s is None:  # at one client every batching point adds its whole wait to a request
+            absolute["batch_wait_timeout_s"] = FUSED_BATCH_WAIT_S if self.fused_stages else GRAPH_BATCH_WAIT_S
+        stages = self.stages
+        unknown = sorted(set(self.deployments) - set(stages))
         if unknown:
             raise ValueError(
-                f"unknown deployment(s) {', '.join(unknown)} in args.deployments; the stages are {', '.join(STAGES)}"
+                f"unknown deployment(s) {', '.join(unknown)} in args.deployments; the stages are {', '.join(stages)}"
+                f" (fused_stages: {str(self.fused_stages).lower()})"
             )
         return self.model_copy(update=absolute)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The app's deployments: the four stages and the Ingress, or the fused Reader and the Ingress."""
+        return FUSED_STAGES if self.fused_stages else STAGES
 
     def limits(self, reading: ReadingConfig, max_top_k: int | None = None) -> Limits:
         """What requests may ask: the model's settings as trained, where these args leave them null."""
@@ -178,6 +194,7 @@ def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
         },
         "LiveEncoderReranker": dict(model_stage),
         "Decoder": dict(model_stage),
+        "Reader": {**model_stage, "ray_actor_options": {"num_cpus": 0.5}},
         "Ingress": {
             "ray_actor_options": {"num_cpus": 0.1},
             "max_ongoing_requests": 64,
@@ -190,14 +207,15 @@ def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
 def stage_options(args: AppArgs) -> dict[str, dict[str, Any]]:
     """Each stage's `.options()`: `default_options`, then `args.deployments` over them (an option set there
     replaces its default whole, as in the Serve config's `deployments:`)."""
-    options = default_options(args)
+    options = {name: value for name, value in default_options(args).items() if name in args.stages}
     for stage, override in args.deployments.items():
         base = dict(options[stage])
         if "num_replicas" in override:  # a fixed replica count replaces autoscaling
             base.pop("autoscaling_config", None)
         options[stage] = {**base, **override}
     if args.device != "cpu":
-        without = [stage for stage in MODEL_STAGES if not options[stage].get("ray_actor_options", {}).get("num_gpus")]
+        model_stages = FUSED_MODEL_STAGES if args.fused_stages else MODEL_STAGES
+        without = [stage for stage in model_stages if not options[stage].get("ray_actor_options", {}).get("num_gpus")]
         if without:
             raise ValueError(
                 f"device {args.device!r} runs the model stages on a GPU, but {' and '.join(without)} reserve none: "
@@ -226,19 +244,13 @@ class Retriever:
 
     @serve.batch
     async def search(self, questions: list[str], top_ks: list[int]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        results = self.retriever.search(questions, max(top_ks))
-        elapsed = _ms(start)
-        return [
-            dict({key: value[:k] for key, value in result.items()}, ms=elapsed) for result, k in zip(results, top_ks)
-        ]
+        return _search(self.retriever, questions, top_ks)
 
     def num_passages(self) -> int:
         return self.retriever.num_passages
 
     def check_health(self) -> None:
-        if self.retriever.index.index.ntotal == 0:
-            raise RuntimeError("the FAISS index is empty")
+        _check_index(self.retriever)
 
 
 @serve.deployment
@@ -288,9 +300,7 @@ class LiveEncoderReranker:
         device: str = "cpu",
         dtype: str = "float32",
     ) -> None:
-        self.reader = ReaderStages(model_dir, device, dtype)
-        # refuse memory of another encoder
-        MemoryStore(memory_store, verify="none").check_model(self.reader.memory_encoder_fingerprint)
+        self.reader = _reader_of(model_dir, memory_store, device, dtype)
         self.encode.set_max_batch_size(max_batch_size)
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -298,29 +308,13 @@ class LiveEncoderReranker:
     async def encode(
         self, question_ids: list[np.ndarray], memories: list[dict[str, Any]], num_selected: list[int]
     ) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        requests = [
-            {
-                "question_ids": q,
-                "memory": mem["memory"],
-                "memory_mask": mem["memory_mask"],
-                "num_selected": min(m, len(mem["memory"])),
-                "retrieval_scores": mem["retrieval_scores"],
-            }
-            for q, mem, m in zip(question_ids, memories, num_selected)
-        ]
-        results = self.reader.live(requests)
-        elapsed = _ms(start)
-        return [
-            dict(result, ms=elapsed, memory_ms=mem["ms"], batch=len(requests)) for result, mem in zip(results, memories)
-        ]
+        return _live(self.reader, question_ids, memories, num_selected)
 
     def num_selected(self) -> int | None:
         return self.reader.model.config.num_selected
 
     def check_health(self) -> None:
-        if not next(self.reader.model.parameters()).isfinite().all():
-            raise RuntimeError("the reader's weights are not finite")
+        _check_weights(self.reader)
 
 
 @serve.deployment
@@ -341,16 +335,120 @@ class Decoder:
 
     @serve.batch
     async def generate(self, encodings: list[dict[str, Any]], max_new_tokens: list[int]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        tokens = self.reader.decode(
-            [{"hidden": e["hidden"], "mask": e["mask"], "max_new_tokens": n} for e, n in zip(encodings, max_new_tokens)]
-        )
-        elapsed = _ms(start)
-        return [{"tokens": t, "ms": elapsed, "batch": len(tokens)} for t in tokens]
+        return _generate(self.reader, encodings, max_new_tokens)
 
     def check_health(self) -> None:
-        if not next(self.reader.model.parameters()).isfinite().all():
-            raise RuntimeError("the reader's weights are not finite")
+        _check_weights(self.reader)
+
+
+@serve.deployment
+class Reader:
+    """The four stages in one replica (`fused_stages: true`): a batch of questions retrieved, its memory fetched, read
+    by the live encoder and reranker and decoded in one call, with no hop between the stages; scales as one."""
+
+    def __init__(
+        self,
+        index_dir: str,
+        passages: str,
+        encoder_path: str | None,
+        memory_store: str,
+        cache_bytes: int,
+        verify: str,
+        model_dir: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> None:
+        self.retriever = DenseRetriever(index_dir, passages, encoder_path)
+        self.memory = MemoryCache.func_or_class(memory_store, cache_bytes, verify)  # the same reader and checks
+        self.reader = _reader_of(model_dir, memory_store, device, dtype)
+        self.answer.set_max_batch_size(max_batch_size)
+        self.answer.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def answer(
+        self,
+        questions: list[str],
+        question_ids: list[np.ndarray],
+        top_ks: list[int],
+        num_selected: list[int],
+        max_new_tokens: list[int],
+    ) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+        """(retrieved, encoding, generated) of each question, as the Retriever, LiveEncoderReranker and Decoder give."""
+        retrieved = _search(self.retriever, questions, top_ks)
+        memories = [self.memory.fetch(result) for result in retrieved]
+        encodings = _live(self.reader, question_ids, memories, num_selected)
+        generated = _generate(self.reader, encodings, max_new_tokens)
+        return list(zip(retrieved, encodings, generated))
+
+    def num_passages(self) -> int:
+        return self.retriever.num_passages
+
+    def num_selected(self) -> int | None:
+        return self.reader.model.config.num_selected
+
+    def check_health(self) -> None:
+        _check_index(self.retriever)
+        self.memory.check_health()
+        _check_weights(self.reader)
+
+
+def _reader_of(model_dir: str, memory_store: str, device: str, dtype: str) -> ReaderStages:
+    """The reader's stages, refusing a memory store built by another memory encoder."""
+    reader = ReaderStages(model_dir, device, dtype)
+    MemoryStore(memory_store, verify="none").check_model(reader.memory_encoder_fingerprint)
+    return reader
+
+
+def _search(retriever: DenseRetriever, questions: list[str], top_ks: list[int]) -> list[dict[str, Any]]:
+    """The top k passages of each question (one search at the largest k), with the batch's time."""
+    start = time.perf_counter()
+    results = retriever.search(questions, max(top_ks))
+    elapsed = _ms(start)
+    return [dict({key: value[:k] for key, value in result.items()}, ms=elapsed) for result, k in zip(results, top_ks)]
+
+
+def _live(
+    reader: ReaderStages, question_ids: list[np.ndarray], memories: list[dict[str, Any]], num_selected: list[int]
+) -> list[dict[str, Any]]:
+    """Question memory, live stage A over k, scores, top m, live stage B over m, for a batch."""
+    start = time.perf_counter()
+    requests = [
+        {
+            "question_ids": q,
+            "memory": mem["memory"],
+            "memory_mask": mem["memory_mask"],
+            "num_selected": min(m, len(mem["memory"])),
+            "retrieval_scores": mem["retrieval_scores"],
+        }
+        for q, mem, m in zip(question_ids, memories, num_selected)
+    ]
+    results = reader.live(requests)
+    elapsed = _ms(start)
+    return [
+        dict(result, ms=elapsed, memory_ms=mem["ms"], batch=len(requests)) for result, mem in zip(results, memories)
+    ]
+
+
+def _generate(reader: ReaderStages, encodings: list[dict[str, Any]], max_new_tokens: list[int]) -> list[dict[str, Any]]:
+    """Greedy answers of a batch of encodings."""
+    start = time.perf_counter()
+    tokens = reader.decode(
+        [{"hidden": e["hidden"], "mask": e["mask"], "max_new_tokens": n} for e, n in zip(encodings, max_new_tokens)]
+    )
+    elapsed = _ms(start)
+    return [{"tokens": t, "ms": elapsed, "batch": len(tokens)} for t in tokens]
+
+
+def _check_index(retriever: DenseRetriever) -> None:
+    if retriever.index.index.ntotal == 0:
+        raise RuntimeError("the FAISS index is empty")
+
+
+def _check_weights(reader: ReaderStages) -> None:
+    if not next(reader.model.parameters()).isfinite().all():
+        raise RuntimeError("the reader's weights are not finite")
 
 
 # ---- Ingress -------------------------------------------------------------------------------------
@@ -456,6 +554,8 @@ class Ingress:
     """HTTP API and the handle API (`answer_payload`); tokenises, chains the stages, assembles answers."""
 
     def __init__(self, retriever, memory_cache, live, decoder, model_dir: str, args: dict[str, Any]) -> None:
+        """The four stages' handles; with `fused_stages`, the Reader's as `retriever` and `live` (it answers both
+        one's and the other's questions: num_passages, num_selected) and None for the other two."""
         self.args = AppArgs.model_validate(args)
         self.limits = self.args.limits(load_reading(model_dir))  # as trained; no reading.json: refused at start-up
         self.retriever, self.memory_cache, self.live, self.decoder = retriever, memory_cache, live, decoder
@@ -493,19 +593,23 @@ class Ingress:
 
     def _stage_states(self) -> dict[str, str]:
         overview = serve.status().applications[serve.get_replica_context().app_name]
-        return {name: stage_health(overview.deployments.get(name)) for name in STAGES}
+        return {name: stage_health(overview.deployments.get(name)) for name in self.args.stages}
 
     async def _answer_once(self, request: AnswerRequest) -> AnswerResponse:
         start = time.perf_counter()
         task, k, m, max_new_tokens = (await self._limits()).resolve(request, self.model_num_selected)
         question_ids = self.questions(task, request.question)
-        retrieved = self.retriever.search.remote(request.question, k)
-        memory = self.memory_cache.fetch.remote(retrieved)
-        encoding = self.live.encode.remote(question_ids, memory, m)
-        generated = self.decoder.generate.remote(encoding, max_new_tokens)
-        calls = [retrieved, memory, encoding, generated]  # cancelled together when one misses its deadline
-        chain = [("Retriever", retrieved), ("LiveEncoderReranker", encoding), ("Decoder", generated)]
-        retrieved, encoding, generated = [await self._within_deadline(stage, r, calls) for stage, r in chain]
+        if self.args.fused_stages:  # one call, one hop
+            answered = self.live.answer.remote(request.question, question_ids, k, m, max_new_tokens)
+            retrieved, encoding, generated = await self._within_deadline("Reader", answered, [answered])
+        else:
+            retrieved = self.retriever.search.remote(request.question, k)
+            memory = self.memory_cache.fetch.remote(retrieved)
+            encoding = self.live.encode.remote(question_ids, memory, m)
+            generated = self.decoder.generate.remote(encoding, max_new_tokens)
+            calls = [retrieved, memory, encoding, generated]  # cancelled together when one misses its deadline
+            chain = [("Retriever", retrieved), ("LiveEncoderReranker", encoding), ("Decoder", generated)]
+            retrieved, encoding, generated = [await self._within_deadline(stage, r, calls) for stage, r in chain]
         timings = {
             "retriever": retrieved["ms"],
             "memory": encoding["memory_ms"],
@@ -618,13 +722,28 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     app_args = AppArgs.model_validate(args).resolved()
     options = stage_options(app_args)
     batching = {"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s}
+    placement = {"device": app_args.device, "dtype": app_args.dtype}
+    if app_args.fused_stages:
+        reader = Reader.options(**options["Reader"]).bind(
+            app_args.index_dir,
+            app_args.passages,
+            app_args.encoder_path,
+            app_args.memory_store,
+            app_args.cache_bytes,
+            app_args.verify_memory,
+            app_args.model_dir,
+            **batching,
+            **placement,
+        )
+        return Ingress.options(**options["Ingress"]).bind(
+            reader, None, reader, None, app_args.model_dir, app_args.model_dump()
+        )
     retriever = Retriever.options(**options["Retriever"]).bind(
         app_args.index_dir, app_args.passages, app_args.encoder_path, **batching
     )
     memory_cache = MemoryCache.options(**options["MemoryCache"]).bind(
         app_args.memory_store, app_args.cache_bytes, app_args.verify_memory
     )
-    placement = {"device": app_args.device, "dtype": app_args.dtype}
     live = LiveEncoderReranker.options(**options["LiveEncoderReranker"]).bind(
         app_args.model_dir, app_args.memory_store, **batching, **placement
     )

@@ -371,3 +371,24 @@ def test_a_model_without_reading_json_is_refused_at_start_up(app, serve_artifact
     assert "Ingress" in str(refused.value) and f"{unread / READING_FILE} is missing" in str(refused.value)
     serve.delete("unread")
     assert requests.post(f"{URL}/v1/answer", json={"question": QUESTIONS[0]}, timeout=60).status_code == 200
+
+
+def test_the_fused_app_answers_as_the_in_process_pipeline(app, pipeline, serve_artifacts):
+    """fused_stages: the four stages in one Reader deployment behind the Ingress (one hop): the same answers, ids,
+    kept passages and scores as the in-process pipeline, and /healthz reports the two deployments it has."""
+    from ray import serve
+
+    from serve_app.deploy import deploy
+
+    deploy(_args(serve_artifacts, fused_stages=True), name="fused", route_prefix="/fused", port=PORT)
+    try:
+        for question in QUESTIONS:
+            body = {"question": question, "task": "nq", "top_k": 4, "num_selected": 2}
+            response = requests.post(f"{URL}/fused/v1/answer", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            _same_answer(response.json(), pipeline.answer(body))
+            assert set(response.json()["timings"]) >= {"retriever", "memory", "live", "decoder", "total"}
+        health = requests.get(f"{URL}/fused/healthz", timeout=30).json()
+        assert health == {"status": "ok", "stages": {"Reader": "ready", "Ingress": "ready"}}
+    finally:
+        serve.delete("fused")

@@ -21,6 +21,7 @@ from glimmer_ray.memory.store import MemoryStoreError
 from glimmer_ray.serving import MAX_BATCH_REQUESTS, BatchRequest, Limits
 from serve_app.app import (
     ARTIFACTS_ENV,
+    FUSED_STAGES,
     STAGES,
     AppArgs,
     StageTimeout,
@@ -101,7 +102,7 @@ def test_config_args_sets_the_deployments_list_over_args(tmp_path):
 
 def test_builder_is_pure_and_serve_build_writes_a_config(tmp_path):
     build_app({})  # no artifact is touched until replicas start
-    assert set(default_options(AppArgs())) == set(STAGES)
+    assert set(default_options(AppArgs())) == set(STAGES) | set(FUSED_STAGES)
     serve_cli = pathlib.Path(sys.executable).parent / "serve"  # the console script of this environment
     completed = subprocess.run(
         [str(serve_cli), "build", "serve_app.app:app", "-o", str(tmp_path / "built.yaml")],
@@ -118,6 +119,21 @@ def test_builder_is_pure_and_serve_build_writes_a_config(tmp_path):
 def test_unknown_stage_in_args_is_an_error():
     with pytest.raises(ValueError, match="unknown deployment"):
         build_app({"deployments": {"Reranker": {"num_replicas": 2}}})
+
+
+def test_the_fused_app_has_a_reader_and_an_ingress_only():
+    args = AppArgs(fused_stages=True, deployments={"Reader": {"num_replicas": 2}}).resolved()
+    options = stage_options(args)
+    assert set(options) == set(FUSED_STAGES) and options["Reader"]["num_replicas"] == 2
+    assert "autoscaling_config" not in options["Reader"]
+    build_app({"fused_stages": True})  # pure: no artifact touched
+    # one batching point instead of three: a shorter wait by default, as set when given
+    assert args.batch_wait_timeout_s == 0.001 and AppArgs().resolved().batch_wait_timeout_s == 0.005
+    assert AppArgs(fused_stages=True, batch_wait_timeout_s=0.01).resolved().batch_wait_timeout_s == 0.01
+    with pytest.raises(ValueError, match=r"unknown deployment\(s\) Decoder.*fused_stages: true"):
+        AppArgs(fused_stages=True, deployments={"Decoder": {"num_replicas": 2}}).resolved()
+    with pytest.raises(ValueError, match="Reader reserve none"):
+        stage_options(AppArgs(fused_stages=True, device="cuda").resolved())
 
 
 def test_unknown_and_as_trained_args_are_errors():
