@@ -46,8 +46,8 @@ def return_freed_memory(mmap_threshold_bytes: int = 1 << 20) -> bool:
     """Serve every block above `mmap_threshold_bytes` with its own `mmap` from now on, so that freeing it returns it
     to the OS at once. For ZeRO-3 on CPU workers, where partitions, gathered parameters and gradient buckets all
     live in host memory: each module's full parameters are allocated and freed at construction, and gathered and freed
-    again at every step; with glibc's dynamic threshold those frees leave the heap holes, and a worker of a 783M model
-    grew past 10 GB against the 5 GB its partitions need. The opposite trade to `tune_cpu_allocator`. Returns False
+    again at every step; with glibc's dynamic threshold those frees leave the heap holes that the process keeps, and
+    a worker's memory grows well past what its partitions need. The opposite trade to `tune_cpu_allocator`. Returns False
     (and changes nothing) where the C library is not glibc."""
     mallopt = _mallopt()
     return bool(mallopt and mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes)))

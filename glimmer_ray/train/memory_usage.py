@@ -65,31 +65,36 @@ def measure_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's communication (and its shared memory) is no model
     dist.barrier()
     before = _memory_kib("VmRSS")
-    _reset_peak()
-    start = time.perf_counter()
-    built = build_training_model(train, bench["model"]["vocab_size"], torch.device("cpu"))
-    build_seconds = time.perf_counter() - start
-    build = _memory_kib("VmHWM")
-    print(f"[memory] rank {rank}: before {before / 2**20:.2f} GiB, build peak {build / 2**20:.2f} GiB", flush=True)
-    dist.barrier()
-    _reset_peak()
-    start = time.perf_counter()
-    model = wrap_training_model(train, built)
-    initialize_seconds = time.perf_counter() - start
-    initialize = _memory_kib("VmHWM")
-    print(f"[memory] rank {rank}: initialize peak {initialize / 2**20:.2f} GiB", flush=True)
-    dist.barrier()
-    _reset_peak()
-    start = time.perf_counter()
-    losses = []
-    for _ in range(bench["steps"]):
-        output = model.engine(**batch, pdist_weight=train.optim.pdist_weight)
-        model.engine.backward(output.loss)
-        model.engine.step()
-        losses.append(output.loss.item())
-        print(f"[memory] rank {rank}: step {len(losses)} peak {_memory_kib('VmHWM') / 2**20:.2f} GiB", flush=True)
-    step_seconds = (time.perf_counter() - start) / bench["steps"]
-    steps = _memory_kib("VmHWM")
+
+    def phase(name: str, work):
+        """`work()` after a barrier, with its seconds and its RSS peak (KiB) from the RSS it started at."""
+        dist.barrier()
+        _reset_peak()
+        start = time.perf_counter()
+        result = work()
+        seconds, peak = time.perf_counter() - start, _memory_kib("VmHWM")
+        print(
+            f"[memory] rank {rank}: {name} peak {peak / 2**20:.2f} GiB (before the model {before / 2**20:.2f})",
+            flush=True,
+        )
+        return result, seconds, peak
+
+    built, build_seconds, build = phase(
+        "build", lambda: build_training_model(train, bench["model"]["vocab_size"], torch.device("cpu"))
+    )
+    model, initialize_seconds, initialize = phase("initialize", lambda: wrap_training_model(train, built))
+
+    def train_steps() -> list[float]:
+        losses = []
+        for _ in range(bench["steps"]):
+            output = model.engine(**batch, pdist_weight=train.optim.pdist_weight)
+            model.engine.backward(output.loss)
+            model.engine.step()
+            losses.append(output.loss.item())
+        return losses
+
+    losses, step_seconds, steps = phase("steps", train_steps)
+    step_seconds /= bench["steps"]
     record = {
         "rank": rank,
         "before_gib": before / 2**20,
