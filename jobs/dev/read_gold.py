@@ -11,8 +11,11 @@ every `log_every` steps and the dev EM per task every `eval_every` steps; writes
 `copy_steps` > 0 first pre-trains the reader to copy (docs/learning.md, "Can it copy at all?"): the question is
 `copy_query_tokens` consecutive tokens of a passage, the passage is read whole, and the target is the
 `copy_tokens` tokens that follow the query in it; `copy_source` "passages" draws the passages of the training
-worlds (text a model can also memorise), "random" draws sequences of the same tokens at random (only copying
-helps). Teacher-forced token accuracy on the held-out world's passages (or fresh random ones) is logged.
+worlds (text a model can also memorise), "random" draws sequences of the same tokens at random, as often as the
+text uses them (only copying helps), "uniform" draws each distinct token of that text equally often (no frequent
+token makes the query ambiguous, and every output row is trained alike); `copy_passage_tokens` sets the length of
+the random sequences. Teacher-forced token accuracy and the share of spans copied whole on the held-out world's
+passages (or fresh random ones) are logged.
 With `live_proportion` 1 the reader is exactly Hugging Face's T5 reading `question + passage` (FiD with one
 passage; tests/model check the equality).
 """
@@ -40,6 +43,7 @@ from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
+from glimmer_ray.train.pretrain import find_and_copy
 
 
 @dataclass
@@ -63,7 +67,8 @@ class ReadGoldConfig:
     log_every: int = 100
     dev_limit_per_task: int = 60
     copy_steps: int = 0  # copy pre-training steps before the gold-evidence training; 0 = none
-    copy_source: str = "passages"  # passages (the training worlds' text) | random (random sequences of its tokens)
+    copy_source: str = "passages"  # passages (the training worlds' text) | random (its tokens, as frequent) | uniform
+    copy_passage_tokens: int = 0  # length of the random / uniform sequences; 0 = each drawn passage's length
     copy_query_tokens: int = 6  # tokens of the passage given as the question
     copy_tokens: int = 12  # tokens after them to copy (the target)
     threads: int = 0  # torch threads; 0 = torch's default
@@ -102,9 +107,9 @@ def copy_batch(
 ) -> dict[str, torch.Tensor]:
     """A copy pre-training batch: question = `copy_query_tokens` consecutive tokens of a passage, passage = the
     passage whole (+ EOS), labels = the `copy_tokens` that follow the query (+ EOS). With `tokens` (copy_source
-    "random": every token of the pool, flattened once) each passage is replaced by as many tokens drawn at random
-    from them, so nothing but the passage predicts its continuation. `pool` holds passages long enough to copy
-    from (`_copy_pool`)."""
+    "random": every token of the pool, flattened once; "uniform": its distinct tokens) each passage is replaced by
+    `copy_passage_tokens` (or as many) tokens drawn at random from them, so nothing but the passage predicts its
+    continuation. `pool` holds passages long enough to copy from (`_copy_pool`)."""
     query, span = config.copy_query_tokens, config.copy_tokens
     size = config.batch_size
     question = torch.zeros(size, query + 1, dtype=torch.long)  # [b, lq]
@@ -113,12 +118,12 @@ def copy_batch(
     for row in range(size):
         ids = rng.choice(pool)
         if tokens is not None:
-            ids = [tokens[rng.randrange(len(tokens))] for _ in ids]
-        start = rng.randrange(query, len(ids) - span + 1)
-        question[row, :query] = torch.tensor(ids[start - query : start])
+            ids = [tokens[rng.randrange(len(tokens))] for _ in range(config.copy_passage_tokens or len(ids))]
+        query_ids, target = find_and_copy(ids, rng, query, span)
+        question[row, :query] = torch.tensor(query_ids)
         question[row, query] = eos
         passage[row, 0, : len(ids) + 1] = torch.tensor(ids + [eos])
-        labels[row, :span] = torch.tensor(ids[start : start + span])
+        labels[row, :span] = torch.tensor(target)
         labels[row, span] = eos
     return {
         "question_ids": question,
@@ -130,13 +135,17 @@ def copy_batch(
 
 
 def _copy_pool(passages: list[list[int]], config: ReadGoldConfig) -> tuple[list[list[int]], list[int] | None]:
-    """The passages long enough to copy from and, for copy_source "random", their tokens flattened (`copy_batch`)."""
+    """The passages long enough to copy from and, for copy_source "random" / "uniform", the tokens to draw random
+    sequences from (`copy_batch`)."""
     pool = [ids for ids in passages if len(ids) >= config.copy_query_tokens + config.copy_tokens]
     if not pool:
         raise SystemExit(
             f"no passage holds copy_query_tokens + copy_tokens = {config.copy_query_tokens + config.copy_tokens} tokens"
         )
-    return pool, [token for ids in pool for token in ids] if config.copy_source == "random" else None
+    if config.copy_source == "passages":
+        return pool, None
+    tokens = [token for ids in pool for token in ids]
+    return pool, sorted(set(tokens)) if config.copy_source == "uniform" else tokens
 
 
 def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) -> float:
@@ -170,16 +179,20 @@ def _copy_pretraining(model, optimizer, schedule, config: ReadGoldConfig, tokeni
                 predicted = model(**batch).logits.argmax(-1)  # [b, t]
             model.train()
             valid = batch["labels"] != -100
-            accuracy = float(((predicted == batch["labels"]) & valid).sum() / valid.sum())
+            right = (predicted == batch["labels"]) | ~valid  # [b, t]
+            accuracy = float((right & valid).sum() / valid.sum())
+            whole = float(right.all(-1).float().mean())
             point = {
                 "copy_step": step,
                 "minutes": (time.perf_counter() - start) / 60,
                 "loss": float(np.mean(losses[-config.log_every :])),
                 "held_out_token_accuracy": round(accuracy, 4),
+                "held_out_spans_whole": round(whole, 4),
             }
             curve.append(point)
             print(
-                f"[read_gold] copy step {step} loss {point['loss']:.3f} held-out token accuracy {accuracy:.3f}",
+                f"[read_gold] copy step {step} loss {point['loss']:.3f} held-out token accuracy {accuracy:.3f},"
+                f" spans whole {whole:.3f}",
                 flush=True,
             )
     return curve
@@ -192,10 +205,16 @@ def main(config: ReadGoldConfig) -> dict:
         raise SystemExit(f"tasks must be a non-empty list of {', '.join(synthkilt.TASKS)}; got {config.tasks}")
     if config.steps < 1 or config.eval_every < 1 or config.evidence_passages < 1:
         raise SystemExit("steps, eval_every and evidence_passages must be at least 1")
-    if config.copy_source not in ("passages", "random"):
-        raise SystemExit(f"copy_source must be 'passages' or 'random', got {config.copy_source!r}")
+    if config.copy_source not in ("passages", "random", "uniform"):
+        raise SystemExit(f"copy_source must be 'passages', 'random' or 'uniform', got {config.copy_source!r}")
     if config.copy_steps < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
         raise SystemExit("copy_steps must be >= 0 and copy_query_tokens, copy_tokens >= 1")
+    copy_length = config.copy_query_tokens + config.copy_tokens
+    if config.copy_passage_tokens and not copy_length <= config.copy_passage_tokens < config.passage_tokens:
+        raise SystemExit(
+            f"copy_passage_tokens must be 0 or in [copy_query_tokens + copy_tokens, passage_tokens) = "
+            f"[{copy_length}, {config.passage_tokens}), got {config.copy_passage_tokens}"
+        )
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

@@ -1,13 +1,21 @@
-"""Text-infilling pre-training: the corruption is what it claims, and the pre-training job learns and writes a
-checkpoint GLIMMER loads (`from_t5`) and reuses."""
+"""Pre-training: the corruption and the find-and-copy examples are what they claim, and the pre-training job learns
+and writes a checkpoint GLIMMER loads (`from_t5`) and reuses."""
 
 import json
 import os
+import random
 
 import numpy as np
 import pytest
 
-from glimmer_ray.train.pretrain import DenoisingBatches, PretrainConfig, corrupt, pretrain_t5
+from glimmer_ray.train.pretrain import (
+    CopyBatches,
+    DenoisingBatches,
+    PretrainConfig,
+    corrupt,
+    find_and_copy,
+    pretrain_t5,
+)
 
 SENTINEL = 999  # <extra_id_0> in a 1000-token vocabulary
 
@@ -56,6 +64,39 @@ def test_batches_are_padded_and_seeded():
         assert target[:-1] in passages and target[-1] == 1
     with pytest.raises(ValueError, match="no passages"):
         DenoisingBatches([], batch_size=2, first_sentinel=SENTINEL)
+
+
+def test_copy_examples_ask_for_the_tokens_after_the_query():
+    rng = random.Random(0)
+    sequence = list(range(100, 140))  # distinct tokens: the query occurs once
+    starts = set()
+    for _ in range(200):
+        query, target = find_and_copy(sequence, rng, query_tokens=3, copy_tokens=5)
+        start = sequence.index(query[0])
+        assert sequence[start : start + 3] == query and sequence[start + 3 : start + 8] == target
+        starts.add(start)
+    assert min(starts) == 0 and max(starts) == len(sequence) - 8  # every position can be asked
+    with pytest.raises(ValueError, match="holds no query"):
+        find_and_copy([5, 6, 7], rng, query_tokens=2, copy_tokens=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        find_and_copy(sequence, rng, query_tokens=0, copy_tokens=2)
+
+    tokens = [7, 7, 7, 9, 11, 13] * 50  # frequent and rare tokens: each distinct token is drawn alike
+    batch = CopyBatches(tokens, batch_size=64, sequence_tokens=20, query_tokens=4, copy_tokens=6, seed=1).next()
+    assert batch["input_ids"].shape == (64, 4 + 1 + 20 + 1) and batch["labels"].shape == (64, 6 + 1)
+    assert bool(batch["attention_mask"].all())
+    assert (batch["input_ids"][:, 4] == 1).all() and (batch["input_ids"][:, -1] == 1).all()
+    assert (batch["labels"][:, -1] == 1).all()
+    drawn = batch["input_ids"][:, 5:-1]
+    assert set(drawn.unique().tolist()) == {7, 9, 11, 13} and 0.15 < float((drawn == 7).float().mean()) < 0.35
+    for row in range(64):
+        query, sequence = batch["input_ids"][row, :4].tolist(), batch["input_ids"][row, 5:-1].tolist()
+        target = batch["labels"][row, :-1].tolist()
+        assert any(sequence[s : s + 4] == query and sequence[s + 4 : s + 10] == target for s in range(15))
+    again = CopyBatches(tokens, batch_size=64, sequence_tokens=20, query_tokens=4, copy_tokens=6, seed=1).next()
+    assert all(bool((batch[key] == again[key]).all()) for key in batch)
+    with pytest.raises(ValueError, match="must hold"):
+        CopyBatches(tokens, batch_size=2, sequence_tokens=8, query_tokens=4, copy_tokens=6)
 
 
 def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path):
@@ -113,3 +154,18 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_p
         == AutoTokenizer.from_pretrained(other / "tokenizer").get_vocab()
         != AutoTokenizer.from_pretrained(data / "tokenizer").get_vocab()
     )
+    # the copy objective, with the original T5's tied output embedding: the checkpoint keeps the tie
+    copied = pretrain_t5(
+        **{
+            **{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")},
+            "output_dir": str(tmp_path / "t5-copy"),
+            "objective": "copy",
+            "tie_embeddings": True,
+            "steps": 40,
+        }
+    )
+    assert copied["objective"] == "copy" and copied["final_loss"] < copied["first_loss"]
+    reader = GlimmerForConditionalGeneration.from_t5(str(tmp_path / "t5-copy"), live_proportion=1.0)
+    assert reader.config.lm_head_tied and reader.lm_head.weight.data_ptr() == reader.shared.weight.data_ptr()
+    with pytest.raises(ValueError, match="objective must be"):
+        pretrain_t5(data_dir=str(data), output_dir=str(tmp_path / "t5-bad"), objective="mlm")

@@ -39,9 +39,11 @@ def test_copy_batches_ask_for_the_tokens_after_the_query_and_copy_pretraining_ru
         log_every=2, dev_limit_per_task=2, copy_steps=3, copy_source="random", output=str(tmp_path / "copy.json"),
     )  # fmt: skip
     pool = [list(range(10, 40)), list(range(50, 90))]
-    for source in ("passages", "random"):
-        config.copy_source = source
+    for source, length in (("passages", 0), ("random", 0), ("uniform", 24)):
+        config.copy_source, config.copy_passage_tokens = source, length
         usable, tokens = job._copy_pool(pool, config)
+        if source == "uniform":
+            assert tokens == list(range(10, 40)) + list(range(50, 90))
         batch = job.copy_batch(usable, config, random.Random(0), eos=1, tokens=tokens)
         for row in range(config.batch_size):
             passage = [int(t) for t in batch["passage_ids"][row, 0] if t != 0]
@@ -52,13 +54,18 @@ def test_copy_batches_ask_for_the_tokens_after_the_query_and_copy_pretraining_ru
             assert any(passage[s + len(query) : s + len(query) + len(target)] == target for s in starts)
             if source == "passages":
                 assert passage[:-1] in pool
+            elif length:
+                assert len(passage) == length + 1
             else:
                 assert set(passage[:-1]) <= set(pool[0]) | set(pool[1])
-    config.copy_source = "random"
+    config.copy_source = "uniform"
     report = job.main(config)
     assert [point["copy_step"] for point in report["copy_curve"]] == [2, 3]
-    assert all(0 <= point["held_out_token_accuracy"] <= 1 and point["loss"] > 0 for point in report["copy_curve"])
+    for point in report["copy_curve"]:
+        assert 0 <= point["held_out_spans_whole"] <= point["held_out_token_accuracy"] <= 1 and point["loss"] > 0
     with pytest.raises(SystemExit, match="copy_source"):
         job.main(job.ReadGoldConfig(data_dir=str(root), copy_source="shuffled"))
+    with pytest.raises(SystemExit, match="copy_passage_tokens must be"):
+        job.main(job.ReadGoldConfig(data_dir=str(root), copy_source="uniform", copy_passage_tokens=8))
     with pytest.raises(SystemExit, match="no passage holds"):
         job._copy_pool([[5, 6]], config)
