@@ -14,9 +14,9 @@ Reading a span is finding where the passage answers and copying what follows. Th
 exactly that, on sequences no model can memorise: each is drawn token by token, uniformly, from the distinct
 tokens of the passages; the input is a query (a few consecutive tokens of the sequence), </s>, the sequence
 (the reader's question + passage), and the target the tokens that follow the query in it. On 2 CPUs a
-from-scratch reader with the original T5's tied output embedding learns it after ~1,600 steps of 64 (and
-then reads held-out gold evidence: docs/learning.md, "Can it copy at all?"); with T5.1.1's untied output
-layer it does not within 2,500.
+from-scratch reader with the original T5's tied output embedding learns it after ~1,600 steps of 64 and
+then reads held-out gold evidence; with T5.1.1's untied output layer it does not within 2,500 (measured with
+jobs/dev/read_gold.py's copy pre-training, the same examples: docs/learning.md, "Can it copy at all?").
 
     corrupt(ids, rng, ...)            one passage -> (input ids with sentinels, target = the passage)
     DenoisingBatches(passages, ...)   random batches of corrupted passages as padded tensors
@@ -39,6 +39,8 @@ import ray
 import torch
 
 from glimmer_ray.config import to_dict
+
+OBJECTIVES = ("infill", "copy")  # pretrain_t5's objectives: DenoisingBatches, CopyBatches
 
 
 def corrupt(
@@ -218,8 +220,8 @@ def pretrain_t5(
     from glimmer_ray.data.reading import passage_text
     from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
 
-    if objective not in ("infill", "copy"):
-        raise ValueError(f"objective must be 'infill' or 'copy', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     torch.set_num_threads(max(1, num_cpus))
     device = torch.device("cuda" if use_gpu else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or os.path.join(data_dir, "tokenizer"))
@@ -228,7 +230,7 @@ def pretrain_t5(
     encoded = [ids[: max_tokens - 1] for ids in encoded]
     if objective == "copy":
         batches = CopyBatches(
-            [token for ids in encoded for token in ids],
+            [token for ids in encoded for token in ids],  # CopyBatches keeps the distinct ones
             batch_size,
             copy_sequence_tokens,
             copy_query_tokens,
@@ -339,8 +341,8 @@ def run_pretraining(config: PretrainConfig) -> dict:
     an existing complete `output_dir` is reused unless overwrite=true."""
     config.data_dir, config.output_dir = os.path.abspath(config.data_dir), os.path.abspath(config.output_dir)
     config.tokenizer_dir = os.path.abspath(config.tokenizer_dir or os.path.join(config.data_dir, "tokenizer"))
-    if config.objective not in ("infill", "copy"):
-        raise SystemExit(f"objective must be 'infill' or 'copy', got {config.objective!r}")
+    if config.objective not in OBJECTIVES:
+        raise SystemExit(f"objective must be one of {', '.join(OBJECTIVES)}; got {config.objective!r}")
     for needed in (os.path.join(config.data_dir, "passages.parquet"), config.tokenizer_dir):
         if not os.path.exists(needed):
             raise SystemExit(f"{needed} is missing: run jobs/prepare_data.py first")
