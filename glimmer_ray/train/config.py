@@ -114,6 +114,7 @@ class CheckpointSection:
     score_order: str = "max"  # max | min
     storage_path: str = "outputs/runs"  # Ray Train storage (local path or s3:// / gs:// URI)
     name: str = "glimmer-quickstart"  # run name below storage_path
+    export: str = "last"  # last | best: the checkpoint export_dir gets (best: by score_attribute among those kept)
 
 
 @dataclass
@@ -184,6 +185,10 @@ class TrainConfig:
                 f"optim.distill_start_step ({self.optim.distill_start_step}) must be between 0 and optim.rerank_warmup_steps "
                 f"({self.optim.rerank_warmup_steps}): the reranker must distil before it selects"
             )
+        if self.checkpoint.export not in ("last", "best"):
+            raise ValueError(f"checkpoint.export must be 'last' or 'best', got {self.checkpoint.export!r}")
+        if self.checkpoint.score_order not in ("max", "min"):
+            raise ValueError(f"checkpoint.score_order must be 'max' or 'min', got {self.checkpoint.score_order!r}")
         if self.optim.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
         try:

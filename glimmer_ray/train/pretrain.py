@@ -264,9 +264,11 @@ def pretrain_t5(
 
     start = window_start = time.perf_counter()
     window_loss, window_tokens, window_steps, first_loss, loss_value = 0.0, 0, 0, None, float("nan")
+    window_correct, window_targets, accuracy = 0, 0, float("nan")
     for step in range(1, steps + 1):
         batch = {key: value.to(device) for key, value in batches.next().items()}
-        loss = model(**batch).loss
+        output = model(**batch)
+        loss = output.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -275,14 +277,19 @@ def pretrain_t5(
         loss_value = loss.item()
         first_loss = loss_value if first_loss is None else first_loss
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
-        window_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        targets = batch["labels"] != -100
+        window_tokens += int(batch["attention_mask"].sum() + targets.sum())
+        window_correct += int((output.logits.argmax(-1) == batch["labels"])[targets].sum())  # teacher-forced
+        window_targets += int(targets.sum())
         if step % log_every_steps == 0 or step == steps:
+            accuracy = window_correct / max(1, window_targets)
             print(
-                f"[pretrain] step {step}/{steps} loss {window_loss / window_steps:.3f} "
+                f"[pretrain] step {step}/{steps} loss {window_loss / window_steps:.3f} token accuracy {accuracy:.3f} "
                 f"tokens/s {window_tokens / (time.perf_counter() - window_start):.0f} elapsed {time.perf_counter() - start:.0f} s",
                 flush=True,
             )
             window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+            window_correct, window_targets = 0, 0
 
     staging = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -294,6 +301,7 @@ def pretrain_t5(
         "steps": steps,
         "first_loss": first_loss,
         "final_loss": loss_value,
+        "final_token_accuracy": accuracy,  # teacher-forced, over the last logging window's target tokens
         "seconds": time.perf_counter() - start,
     }
     with open(os.path.join(staging, "pretrain.json"), "w") as handle:
@@ -357,6 +365,7 @@ def run_pretraining(config: PretrainConfig) -> dict:
     summary = ray.get(task.remote(**settings))
     print(
         f"[pretrain] {summary['steps']} steps on {summary['passages']} passages in {summary['seconds']:.0f} s: "
-        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; wrote {config.output_dir}"
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
+        f"token accuracy {summary['final_token_accuracy']:.3f}; wrote {config.output_dir}"
     )
     return summary

@@ -76,20 +76,41 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     result = trainer.fit()
     seconds = time.perf_counter() - start
 
-    # cleanup: the final model, exported by the workers into the last checkpoint's hf/
+    # cleanup: the final model (exported by the workers into the last checkpoint's hf/), or the best kept checkpoint's
     summary = {
         "metrics": result.metrics,
         "seconds": seconds,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     if config.export_dir and result.checkpoint:
-        with result.checkpoint.as_directory() as directory:
+        chosen = result.checkpoint
+        if config.checkpoint.export == "best":
+            chosen, metrics = best_checkpoint(result.best_checkpoints or [], config.checkpoint, result.checkpoint)
+            summary["exported_metrics"] = metrics
+        summary["exported_checkpoint"] = chosen.path
+        with chosen.as_directory() as directory:
             source = os.path.join(directory, "hf")
             if os.path.isdir(source):
                 shutil.rmtree(config.export_dir, ignore_errors=True)
                 shutil.copytree(source, config.export_dir)
-                summary["export_dir"] = config.export_dir
+            else:  # an earlier step's checkpoint: consolidate its ZeRO shards as jobs/export.py would
+                if not config.scaling.use_gpu:
+                    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
+                shutil.rmtree(config.export_dir, ignore_errors=True)
+                export_checkpoint(config, directory, config.export_dir)
+            summary["export_dir"] = config.export_dir
+        print(f"[train] exported {chosen.path} ({config.checkpoint.export}) to {config.export_dir}", flush=True)
     return summary
+
+
+def best_checkpoint(kept: list[tuple[Any, dict]], section: Any, last: Any) -> tuple[Any, dict]:
+    """The kept (checkpoint, metrics) pair ranked first by `section.score_attribute` in `section.score_order`
+    (on a tie the newest: Ray names checkpoint directories by time); `last` when none reports the attribute."""
+    scored = [(checkpoint, metrics) for checkpoint, metrics in kept if section.score_attribute in metrics]
+    if not scored:
+        return last, {}
+    sign = 1.0 if section.score_order == "max" else -1.0
+    return max(scored, key=lambda pair: (sign * float(pair[1][section.score_attribute]), pair[0].path))
 
 
 @dataclass

@@ -108,11 +108,17 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, sharded_
             # ZeRO-3: from a sharded checkpoint, each rank building and reading only its partition; a sharded export
             "model.checkpoint": sharded_t5 if stage == 3 else "null",
             "export_max_shard_size": "60KB" if stage == 3 else "2GB",
+            # ZeRO-2: export the best kept checkpoint, here the earliest (step 4 of 4 and 8), consolidated from its shards
+            "checkpoint.export": "best" if stage == 2 else "last",
+            "checkpoint.score_attribute": "step" if stage == 2 else "dev_em",
+            "checkpoint.score_order": "min" if stage == 2 else "max",
         },
     )
     summary = train.main(config)
     metrics = summary["metrics"]
     assert metrics["step"] == 8 and metrics["resumed_from_step"] == 0
+    if stage == 2:
+        assert summary["exported_metrics"]["step"] == 4 and summary["exported_checkpoint"] != summary["checkpoint"]
     assert metrics["train_loss"] < metrics["first_loss"]
     if stage == 2:  # the last evaluation either found the gate open already or measured teacher and retriever
         gate = metrics.get("gate_teacher_passage_recall")
