@@ -278,9 +278,10 @@ def pretrain_t5(
         first_loss = loss_value if first_loss is None else first_loss
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         targets = batch["labels"] != -100
-        window_tokens += int(batch["attention_mask"].sum() + targets.sum())
+        target_count = int(targets.sum())
+        window_tokens += int(batch["attention_mask"].sum()) + target_count
         window_correct += int((output.logits.argmax(-1) == batch["labels"])[targets].sum())  # teacher-forced
-        window_targets += int(targets.sum())
+        window_targets += target_count
         if step % log_every_steps == 0 or step == steps:
             accuracy = window_correct / max(1, window_targets)
             print(

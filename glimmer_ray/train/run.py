@@ -94,8 +94,6 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                 shutil.rmtree(config.export_dir, ignore_errors=True)
                 shutil.copytree(source, config.export_dir)
             else:  # an earlier step's checkpoint: consolidate its ZeRO shards as jobs/export.py would
-                if not config.scaling.use_gpu:
-                    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
                 shutil.rmtree(config.export_dir, ignore_errors=True)
                 export_checkpoint(config, directory, config.export_dir)
             summary["export_dir"] = config.export_dir
@@ -136,7 +134,5 @@ def run_export(config: ExportConfig) -> str:
     export_dir = os.path.abspath(config.export_dir or train.export_dir or "")
     if not export_dir:
         raise SystemExit("no export_dir: give export_dir=DIR")
-    if not train.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported
     print(f"[export] {checkpoint} -> {export_dir}", flush=True)
     return export_checkpoint(train, checkpoint, export_dir)

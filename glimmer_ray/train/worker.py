@@ -190,6 +190,8 @@ def export_checkpoint(config: TrainConfig, checkpoint_dir: str, export_dir: str)
     run's final export would be: DeepSpeed's ZeRO shards consolidated to fp32 (`zero_to_fp32`, any stage) or the plain
     PyTorch state; the model's shape and split from `config`, the recipe the run was trained with."""
     if os.path.isdir(os.path.join(checkpoint_dir, "deepspeed")):
+        if not config.scaling.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag="deepspeed")
