@@ -54,6 +54,7 @@ class ReadGoldConfig:
     num_layers: int = 6
     num_heads: int = 4
     tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
+    checkpoint: str | None = None  # a T5 checkpoint to start from (e.g. jobs/pretrain.py's); null = a random T5.1.1
     live_proportion: float = 0.6666666666666666  # alpha
     evidence_passages: int = 1  # g gold passages read per question
     question_tokens: int = 32
@@ -223,16 +224,20 @@ def main(config: ReadGoldConfig) -> dict:
     lengths = (config.question_tokens, config.passage_tokens, config.answer_tokens)
     tokenize_config = TokenizeConfig(*lengths, num_passages=1, evidence_passages=config.evidence_passages)
     tokenize = TokenizeBatch(tokenizer_dir, tokenize_config)
-    t5_config = t5_1_1_config(
-        vocab_size=len(tokenize.tokenizer),
-        d_model=config.d_model,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        dropout_rate=0.0,
-        **(TIED_EMBEDDINGS if config.tie_embeddings else {}),
-    )
+    if config.checkpoint:  # its shape and output layer replace d_model, num_layers, num_heads, tie_embeddings
+        source = config.checkpoint
+    else:
+        t5_config = t5_1_1_config(
+            vocab_size=len(tokenize.tokenizer),
+            d_model=config.d_model,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            dropout_rate=0.0,
+            **(TIED_EMBEDDINGS if config.tie_embeddings else {}),
+        )
+        source = random_t5(t5_config, seed=config.seed)
     model = GlimmerForConditionalGeneration.from_t5(
-        random_t5(t5_config, seed=config.seed), live_proportion=config.live_proportion, num_selected=None
+        source, live_proportion=config.live_proportion, num_selected=None
     ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
