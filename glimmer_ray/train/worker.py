@@ -32,7 +32,7 @@ from transformers.optimization import Adafactor
 from glimmer_ray.config import from_dict
 from glimmer_ray.data.batches import model_inputs
 from glimmer_ray.data.reading import ReadingConfig, save_reading
-from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions, teacher_selection
+from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions, teacher_selection
 from glimmer_ray.eval.metrics import prediction_recall, reranker_recall, retriever_recall
 from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
 from glimmer_ray.model.modeling import glimmer_config_from_t5
@@ -343,6 +343,10 @@ class TrainLoopRunner:
         self.shard = ray.train.get_dataset_shard("train")
         self.dev_paths = task_paths(config, "dev")
         self.dev_tokenize = dataclasses.replace(tokenize_config(config), evidence_passages=0)  # the retrieved only
+        # + the g gold evidence passages: the oracle reading
+        self.gold_tokenize = dataclasses.replace(
+            tokenize_config(config), evidence_passages=config.data.evidence_passages
+        )
         self.zero3 = self.engine is not None and config.deepspeed.zero_stage == 3
         self.window = MetricsWindow()  # since the last log line
         self.since_report = MetricsWindow()  # since the last report
@@ -502,6 +506,7 @@ class TrainLoopRunner:
         `ray.train.report` of the same metrics and checkpoint, so every rank reports the same number of times."""
         train_seconds = time.perf_counter() - self.since_report.start  # training only: evaluation and saving come after
         scores = score_predictions(self._dev_predictions())
+        gold = {} if self.config.model.closed_book else score_predictions(self._dev_predictions(gold=True))
         report = {
             "step": self.step,
             "resumed_from_step": self.resumed_from,
@@ -514,6 +519,7 @@ class TrainLoopRunner:
             "dev_f1": scores["average"]["f1"],
             "dev_kilt_em": scores["average"]["kilt_em"],
             **{f"dev_em/{task}": value["em"] for task, value in scores.items() if task != "average"},
+            **{f"gold_em/{task}": value["em"] for task, value in gold.items()},  # the reader alone
             **self._check_gate(),
         }
         if self.rank == 0:
@@ -564,17 +570,21 @@ class TrainLoopRunner:
             )
         return {"gate_teacher_passage_recall": teacher, "gate_retriever_passage_recall": retriever}
 
-    def _dev_predictions(self) -> list[dict[str, Any]]:
-        """Every rank answers its shard of the dev examples; the predictions of all ranks, on every rank."""
+    def _dev_predictions(self, gold: bool = False) -> list[dict[str, Any]]:
+        """Every rank answers its shard of the dev examples, reading its retrieved passages (or, with `gold`, its g
+        gold evidence passages alone: the oracle, which measures the reader without distractors); the predictions
+        of all ranks, on every rank."""
         config = self.config
         shard_batches = dev_batches(
             self.dev_paths,
             os.path.join(config.data.dir, "tokenizer"),
-            self.dev_tokenize,
+            self.gold_tokenize if gold else self.dev_tokenize,
             batch_size=self.optim.batch_size,
             limit_per_task=config.data.dev_limit_per_task,
             shard=(self.rank, self.world_size),
         )
+        if gold:
+            shard_batches = (read_gold_evidence(batch) for batch in shard_batches)
         predictions = predict(
             self.module,
             shard_batches,
@@ -582,6 +592,7 @@ class TrainLoopRunner:
             max_new_tokens=config.data.answer_tokens,
             closed_book=config.model.closed_book,
             fixed_length=self.zero3,
+            num_selected=config.data.evidence_passages if gold else None,
             device=self.device,
             # while the curriculum reads the retriever's order, so does the evaluation: it measures the reader
             select_by="retriever" if self.step < self.optim.rerank_warmup_steps or not self.gate_open else "reranker",

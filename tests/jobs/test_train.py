@@ -120,6 +120,9 @@ def test_zero_runs_lower_the_loss_and_export_a_working_model(tiny_data, sharded_
     if stage == 2:
         assert summary["exported_metrics"]["step"] == 4 and summary["exported_checkpoint"] != summary["checkpoint"]
     assert metrics["train_loss"] < metrics["first_loss"]
+    # each evaluation also scores the reader on the gold evidence alone (the oracle), per task and on average
+    tasks = ("nq", "tqa", "hotpotqa", "fever", "zsre", "trex", "average")
+    assert all(0.0 <= metrics[f"gold_em/{task}"] <= 1.0 for task in tasks)
     if stage == 2:  # the last evaluation either found the gate open already or measured teacher and retriever
         gate = metrics.get("gate_teacher_passage_recall")
         assert gate is None or 0.0 <= gate <= 1.0 and 0.0 <= metrics["gate_retriever_passage_recall"] <= 1.0
