@@ -7,7 +7,7 @@ The app is started on this cluster; for every concurrency level that many client
 back to back (closed loop) for `requests_per_client` requests: p50/p99 latency, requests/s and the
 mean time of each stage. The same dev questions then run through `InProcessPipeline` one at a time, so
 the Serve graph's overhead is a ratio measured in the same run. With `fused`, the app is redeployed with
-`fused_stages: true` (the four stages in one Reader deployment: one hop instead of four) and every level repeated.
+`fused_stages: true` (the four stages inside the Ingress: no hop after the HTTP proxy) and every level repeated.
 Finally the app is redeployed with `max_batch_size: 1` and the highest concurrency repeated: the effect of dynamic
 batching.
 """
@@ -49,7 +49,7 @@ class BenchmarkServeConfig:
     requests_per_client: int = 8  # requests each client sends per level
     warmup_requests: int = 8  # untimed requests after start-up
     port: int = 8000  # HTTP port of the Serve proxy
-    fused: bool = True  # also load the fused app (fused_stages: the four stages in one deployment) at each level
+    fused: bool = True  # also load the fused app (fused_stages: the four stages inside the Ingress) at each level
     output: str = "outputs/quickstart/benchmark_serve.json"
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
@@ -162,7 +162,7 @@ def main(config: BenchmarkServeConfig) -> dict:
         one_client = results["serve"][0]
         results["serve_overhead_p50_ratio"] = one_client["p50_ms"] / results["in_process"]["p50_ms"]
 
-        # the fused app: the four stages in one deployment, one hop (fused_stages: true)
+        # the fused app: the four stages inside the Ingress, no hop after the HTTP proxy (fused_stages: true)
         if config.fused:
             url = deploy({**config.app, "fused_stages": True}, port=config.port)
             _closed_loop(url, questions, 1, config.warmup_requests)

@@ -54,11 +54,11 @@ from glimmer_ray.serving import (
 
 logger = logging.getLogger("ray.serve")
 STAGES = ("Retriever", "MemoryCache", "LiveEncoderReranker", "Decoder", "Ingress")
-FUSED_STAGES = ("Reader", "Ingress")  # fused_stages: true, the four stages in one deployment
+FUSED_STAGES = ("Ingress",)  # fused_stages: true, the four stages inside the Ingress's replicas
 ARTIFACT_NAMES = {"model_dir": "model", "index_dir": "index", "passages": "passages.parquet", "memory_store": "memory"}
 ARTIFACTS_ENV = "GLIMMER_ARTIFACTS_DIR"  # where serve run / serve deploy of serve_app/config.yaml find the artifacts
 MODEL_STAGES = ("LiveEncoderReranker", "Decoder")  # the stages that run the reader: `device` and `dtype` are theirs
-FUSED_MODEL_STAGES = ("Reader",)
+FUSED_MODEL_STAGES = ("Ingress",)
 GRAPH_BATCH_WAIT_S, FUSED_BATCH_WAIT_S = 0.005, 0.001  # batch_wait_timeout_s by default (jobs/benchmark_serve.py)
 
 
@@ -91,11 +91,11 @@ class AppArgs(BaseModel):
     dtype: str = "float32"  # the model stages' weights and activations: float32 | bfloat16 | float16
     max_batch_size: int = 8  # dynamic batching of the model stages
     batch_wait_timeout_s: float | None = (
-        None  # s a batch waits to fill; null: 0.005 in the graph (three batching stages), 0.001 fused (the Reader's one)
+        None  # s a batch waits to fill; null: 0.005 in the graph (three batching stages), 0.001 fused (its one)
     )
     stage_timeout_s: float = 20.0  # deadline of each stage call: past it the request gets a 503 with Retry-After
-    fused_stages: bool = False  # true: retriever, memory, live encoder and decoder in one deployment (Reader), one hop
-    # instead of four, for one machine or a small reader; false: each stage scales on its own
+    fused_stages: bool = False  # true: retriever, memory, live encoder and decoder run inside the Ingress (no hop after
+    # the HTTP proxy), for one machine or a small reader; false: each stage a deployment that scales on its own
     deployments: dict[str, dict[str, Any]] = Field(
         default_factory=dict
     )  # per-stage .options(), over the defaults below
@@ -149,7 +149,7 @@ class AppArgs(BaseModel):
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The app's deployments: the four stages and the Ingress, or the fused Reader and the Ingress."""
+        """The app's deployments: the four stages and the Ingress, or the Ingress alone, running them (fused)."""
         return FUSED_STAGES if self.fused_stages else STAGES
 
     def limits(self, reading: ReadingConfig, max_top_k: int | None = None) -> Limits:
@@ -194,12 +194,15 @@ def default_options(args: AppArgs) -> dict[str, dict[str, Any]]:
         },
         "LiveEncoderReranker": dict(model_stage),
         "Decoder": dict(model_stage),
-        "Reader": {**model_stage, "ray_actor_options": {"num_cpus": 0.5}},
         "Ingress": {
-            "ray_actor_options": {"num_cpus": 0.1},
+            "ray_actor_options": {"num_cpus": 0.5 if args.fused_stages else 0.1},  # fused: it runs the reader
             "max_ongoing_requests": 64,
             "max_queued_requests": 128,
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_ongoing_requests": args.max_batch_size if args.fused_stages else 32,
+            },
         },
     }
 
@@ -341,10 +344,10 @@ class Decoder:
         _check_weights(self.reader)
 
 
-@serve.deployment
 class Reader:
-    """The four stages in one replica (`fused_stages: true`): a batch of questions retrieved, its memory fetched, read
-    by the live encoder and reranker and decoded in one call, with no hop between the stages; scales as one."""
+    """The four stages in one process (`fused_stages: true`, inside each Ingress replica): a batch of questions
+    retrieved, its memory fetched, read by the live encoder and reranker and decoded in one call, with no hop between
+    the stages; it scales with the Ingress."""
 
     def __init__(
         self,
@@ -554,11 +557,25 @@ class Ingress:
     """HTTP API and the handle API (`answer_payload`); tokenises, chains the stages, assembles answers."""
 
     def __init__(self, retriever, memory_cache, live, decoder, model_dir: str, args: dict[str, Any]) -> None:
-        """The four stages' handles; with `fused_stages`, the Reader's as `retriever` and `live` (it answers both
-        one's and the other's questions: num_passages, num_selected) and None for the other two."""
+        """The four stages' handles; with `fused_stages`, None for each: the replica runs the stages itself (`Reader`)."""
         self.args = AppArgs.model_validate(args)
         self.limits = self.args.limits(load_reading(model_dir))  # as trained; no reading.json: refused at start-up
         self.retriever, self.memory_cache, self.live, self.decoder = retriever, memory_cache, live, decoder
+        self.reader: Reader | None = None
+        if self.args.fused_stages:
+            self.reader = Reader(
+                self.args.index_dir,
+                self.args.passages,
+                self.args.encoder_path,
+                self.args.memory_store,
+                self.args.cache_bytes,
+                self.args.verify_memory,
+                model_dir,
+                self.args.max_batch_size,
+                self.args.batch_wait_timeout_s,
+                self.args.device,
+                self.args.dtype,
+            )
         self.questions = QuestionTokenizer(model_dir, self.limits.question_tokens)
         self.model_num_selected: int | None = None
         self.max_top_k: int | None = None
@@ -573,10 +590,18 @@ class Ingress:
         self.demo_page = demo_page(self.limits.tasks)
 
     async def _limits(self) -> Limits:
-        if self.max_top_k is None:
+        if self.max_top_k is None and self.reader is not None:
+            self.max_top_k = min(self.args.max_top_k, self.reader.num_passages())
+            self.model_num_selected = self.reader.num_selected()
+        elif self.max_top_k is None:
             self.max_top_k = min(self.args.max_top_k, await self.retriever.num_passages.remote())
             self.model_num_selected = await self.live.num_selected.remote()
         return dataclasses.replace(self.limits, max_top_k=self.max_top_k)
+
+    def check_health(self) -> None:
+        """Serve's health check: fused, the stages this replica runs (index, memory store, weights)."""
+        if self.reader is not None:
+            self.reader.check_health()
 
     async def _answer(self, request: AnswerRequest) -> AnswerResponse:
         """`_answer_once`, retried once when a replica died under the request and every stage still has a running
@@ -599,9 +624,9 @@ class Ingress:
         start = time.perf_counter()
         task, k, m, max_new_tokens = (await self._limits()).resolve(request, self.model_num_selected)
         question_ids = self.questions(task, request.question)
-        if self.args.fused_stages:  # one call, one hop
-            answered = self.live.answer.remote(request.question, question_ids, k, m, max_new_tokens)
-            retrieved, encoding, generated = await self._within_deadline("Reader", answered, [answered])
+        if self.reader is not None:  # fused: in this replica, batched with the requests it serves concurrently
+            answered = self.reader.answer(request.question, question_ids, k, m, max_new_tokens)
+            retrieved, encoding, generated = await self._within_deadline("Reader", answered, [])
         else:
             retrieved = self.retriever.search.remote(request.question, k)
             memory = self.memory_cache.fetch.remote(retrieved)
@@ -723,20 +748,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     options = stage_options(app_args)
     batching = {"max_batch_size": app_args.max_batch_size, "batch_wait_timeout_s": app_args.batch_wait_timeout_s}
     placement = {"device": app_args.device, "dtype": app_args.dtype}
-    if app_args.fused_stages:
-        reader = Reader.options(**options["Reader"]).bind(
-            app_args.index_dir,
-            app_args.passages,
-            app_args.encoder_path,
-            app_args.memory_store,
-            app_args.cache_bytes,
-            app_args.verify_memory,
-            app_args.model_dir,
-            **batching,
-            **placement,
-        )
+    if app_args.fused_stages:  # the Ingress runs the stages itself
         return Ingress.options(**options["Ingress"]).bind(
-            reader, None, reader, None, app_args.model_dir, app_args.model_dump()
+            None, None, None, None, app_args.model_dir, app_args.model_dump()
         )
     retriever = Retriever.options(**options["Retriever"]).bind(
         app_args.index_dir, app_args.passages, app_args.encoder_path, **batching

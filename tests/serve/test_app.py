@@ -374,8 +374,8 @@ def test_a_model_without_reading_json_is_refused_at_start_up(app, serve_artifact
 
 
 def test_the_fused_app_answers_as_the_in_process_pipeline(app, pipeline, serve_artifacts):
-    """fused_stages: the four stages in one Reader deployment behind the Ingress (one hop): the same answers, ids,
-    kept passages and scores as the in-process pipeline, and /healthz reports the two deployments it has."""
+    """fused_stages: the four stages inside the Ingress (no hop after the HTTP proxy): the same answers, ids, kept
+    passages and scores as the in-process pipeline, and /healthz reports the one deployment it has."""
     from ray import serve
 
     from serve_app.deploy import deploy
@@ -389,6 +389,6 @@ def test_the_fused_app_answers_as_the_in_process_pipeline(app, pipeline, serve_a
             _same_answer(response.json(), pipeline.answer(body))
             assert set(response.json()["timings"]) >= {"retriever", "memory", "live", "decoder", "total"}
         health = requests.get(f"{URL}/fused/healthz", timeout=30).json()
-        assert health == {"status": "ok", "stages": {"Reader": "ready", "Ingress": "ready"}}
+        assert health == {"status": "ok", "stages": {"Ingress": "ready"}}
     finally:
         serve.delete("fused")

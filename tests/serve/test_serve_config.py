@@ -121,18 +121,20 @@ def test_unknown_stage_in_args_is_an_error():
         build_app({"deployments": {"Reranker": {"num_replicas": 2}}})
 
 
-def test_the_fused_app_has_a_reader_and_an_ingress_only():
-    args = AppArgs(fused_stages=True, deployments={"Reader": {"num_replicas": 2}}).resolved()
+def test_the_fused_app_is_the_ingress_alone():
+    args = AppArgs(fused_stages=True, deployments={"Ingress": {"num_replicas": 2}}).resolved()
     options = stage_options(args)
-    assert set(options) == set(FUSED_STAGES) and options["Reader"]["num_replicas"] == 2
-    assert "autoscaling_config" not in options["Reader"]
+    assert set(options) == set(FUSED_STAGES) == {"Ingress"} and options["Ingress"]["num_replicas"] == 2
+    assert "autoscaling_config" not in options["Ingress"]
+    fused = stage_options(AppArgs(fused_stages=True).resolved())["Ingress"]  # it runs the reader: a model stage's CPUs
+    assert fused["ray_actor_options"]["num_cpus"] == 0.5 and fused["autoscaling_config"]["target_ongoing_requests"] == 8
     build_app({"fused_stages": True})  # pure: no artifact touched
     # one batching point instead of three: a shorter wait by default, as set when given
     assert args.batch_wait_timeout_s == 0.001 and AppArgs().resolved().batch_wait_timeout_s == 0.005
     assert AppArgs(fused_stages=True, batch_wait_timeout_s=0.01).resolved().batch_wait_timeout_s == 0.01
-    with pytest.raises(ValueError, match=r"unknown deployment\(s\) Decoder.*fused_stages: true"):
-        AppArgs(fused_stages=True, deployments={"Decoder": {"num_replicas": 2}}).resolved()
-    with pytest.raises(ValueError, match="Reader reserve none"):
+    with pytest.raises(ValueError, match=r"unknown deployment\(s\) Reader.*fused_stages: true"):
+        AppArgs(fused_stages=True, deployments={"Reader": {"num_replicas": 2}}).resolved()
+    with pytest.raises(ValueError, match="Ingress reserve none"):
         stage_options(AppArgs(fused_stages=True, device="cuda").resolved())
 
 
