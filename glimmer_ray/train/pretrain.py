@@ -17,11 +17,16 @@ tokens of the passages; the input is a query (a few consecutive tokens of the se
 from-scratch reader with the original T5's tied output embedding learns it after ~1,600 steps of 64 and
 then reads held-out gold evidence; with T5.1.1's untied output layer it does not within 2,500 (measured with
 jobs/dev/read_gold.py's copy pre-training, the same examples: docs/learning.md, "Can it copy at all?").
+Reading among retrieved passages also needs the match: which of k same-family passages names the asked entity.
+With `copy_passages` k > 1 the copy is read in Fusion-in-Decoder form (GLIMMER with every layer live, k passages):
+one passage holds the query exactly, each other one a near miss of it (`copy_near_miss_tokens` of its tokens
+changed) followed by other tokens, so only the exact match answers; `init_checkpoint` continues from an earlier
+pre-training (e.g. the single-sequence copy). The weights are saved as the plain T5 they are.
 
     corrupt(ids, rng, ...)            one passage -> (input ids with sentinels, target = the passage)
     DenoisingBatches(passages, ...)   random batches of corrupted passages as padded tensors
     find_and_copy(sequence, rng, ...) one sequence -> (query, the tokens after it)
-    CopyBatches(tokens, ...)          random find-and-copy batches on uniform random sequences
+    CopyBatches(tokens, ...)          random find-and-copy batches on uniform random sequences (k passages: FiD form)
     pretrain_t5(data_dir, output_dir, ...)   the loop (jobs/pretrain.py runs it as a Ray task)
 """
 
@@ -144,7 +149,12 @@ def find_and_copy(
 
 class CopyBatches:
     """Random find-and-copy batches: each row a sequence of `sequence_tokens` tokens drawn uniformly from `tokens`;
-    input_ids = query </s> sequence </s> [b, query + sequence + 2], labels = the copied tokens </s> [b, copy + 1]."""
+    input_ids = query </s> sequence </s> [b, query + sequence + 2], labels = the copied tokens </s> [b, copy + 1].
+
+    With `passages` k > 1, the reader's FiD inputs instead: question_ids = query </s> [b, query + 1], passage_ids
+    [b, k, sequence + 1] holding the sequence and k - 1 distractors at random places, each a fresh random sequence
+    into which a near miss of the query (`near_miss_tokens` of its tokens replaced) is written at a random position;
+    labels as before (what follows the exact query)."""
 
     def __init__(
         self,
@@ -155,9 +165,16 @@ class CopyBatches:
         copy_tokens: int = 12,
         seed: int = 0,
         eos_token_id: int = 1,
+        passages: int = 1,
+        near_miss_tokens: int = 1,
     ) -> None:
         if not tokens:
             raise ValueError("no tokens to draw copy sequences from")
+        if passages < 1 or not 1 <= near_miss_tokens <= query_tokens:
+            raise ValueError(
+                f"passages must be >= 1 and near_miss_tokens in [1, query_tokens = {query_tokens}]; "
+                f"got {passages} and {near_miss_tokens}"
+            )
         if sequence_tokens < query_tokens + copy_tokens:
             raise ValueError(
                 f"sequence_tokens ({sequence_tokens}) must hold query_tokens + copy_tokens "
@@ -170,15 +187,49 @@ class CopyBatches:
         self.copy_tokens = copy_tokens
         self.rng = random.Random(seed)
         self.eos_token_id = eos_token_id
+        self.passages = passages
+        self.near_miss_tokens = near_miss_tokens
+
+    def _random_sequence(self) -> list[int]:
+        return [self.tokens[self.rng.randrange(len(self.tokens))] for _ in range(self.sequence_tokens)]
+
+    def _distractor(self, query: list[int]) -> list[int]:
+        """A fresh random sequence holding a near miss of `query` (some of its tokens replaced by other tokens)."""
+        near_miss = list(query)
+        for position in self.rng.sample(range(len(query)), self.near_miss_tokens):
+            while near_miss[position] == query[position]:
+                near_miss[position] = self.tokens[self.rng.randrange(len(self.tokens))]
+        sequence = self._random_sequence()
+        start = self.rng.randrange(0, self.sequence_tokens - self.query_tokens - self.copy_tokens + 1)
+        sequence[start : start + self.query_tokens] = near_miss
+        return sequence
 
     def next(self) -> dict[str, torch.Tensor]:
-        inputs, labels = [], []
+        if len(self.tokens) < 2 and self.passages > 1:
+            raise ValueError("near misses need at least 2 distinct tokens")
+        queries, sequences, labels = [], [], []
         for _ in range(self.batch_size):
-            sequence = [self.tokens[self.rng.randrange(len(self.tokens))] for _ in range(self.sequence_tokens)]
+            sequence = self._random_sequence()
             query, target = find_and_copy(sequence, self.rng, self.query_tokens, self.copy_tokens)
-            inputs.append(query + [self.eos_token_id] + sequence + [self.eos_token_id])
+            row = [sequence] + [self._distractor(query) for _ in range(self.passages - 1)]
+            if self.passages > 1:
+                self.rng.shuffle(row)  # the answering passage at a random place
+            queries.append(query + [self.eos_token_id])
+            sequences.append([passage + [self.eos_token_id] for passage in row])
             labels.append(target + [self.eos_token_id])
-        input_ids = torch.tensor(inputs)  # [b, query + sequence + 2]
+        if self.passages > 1:
+            question_ids = torch.tensor(queries)  # [b, query + 1]
+            passage_ids = torch.tensor(sequences)  # [b, k, sequence + 1]
+            return {
+                "question_ids": question_ids,
+                "question_mask": torch.ones_like(question_ids),
+                "passage_ids": passage_ids,
+                "passage_mask": torch.ones_like(passage_ids),
+                "labels": torch.tensor(labels),
+            }
+        input_ids = torch.cat(
+            [torch.tensor(queries), torch.tensor(sequences)[:, 0]], dim=1
+        )  # [b, query + sequence + 2]
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": torch.tensor(labels)}
 
 
@@ -199,6 +250,9 @@ def pretrain_t5(
     copy_query_tokens: int = 4,
     copy_tokens: int = 12,
     tie_embeddings: bool = False,
+    copy_passages: int = 1,
+    copy_near_miss_tokens: int = 1,
+    init_checkpoint: str | None = None,
     steps: int = 600,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
@@ -212,16 +266,20 @@ def pretrain_t5(
     """Pre-train a random T5.1.1 on `data_dir`'s passages (passages.parquet), tokenised by `tokenizer_dir`
     (default `data_dir/tokenizer`), and save it with the tokenizer to `output_dir` (written under a temporary
     name, renamed when complete). `objective` "infill" trains on corrupted passages (`DenoisingBatches`), "copy"
-    on find-and-copy sequences of the passages' tokens (`CopyBatches`). Returns the summary, also saved as
-    `output_dir/pretrain.json`."""
+    on find-and-copy sequences of the passages' tokens (`CopyBatches`; `copy_passages` > 1: among near-miss
+    distractors, read in FiD form). `init_checkpoint` (a T5 checkpoint with the same tokenizer) replaces the random
+    T5.1.1 and its shape arguments. Returns the summary, also saved as `output_dir/pretrain.json`."""
     import pyarrow.parquet as pq
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     from glimmer_ray.data.reading import passage_text
+    from glimmer_ray.model import GlimmerForConditionalGeneration
     from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    if copy_passages > 1 and objective != "copy":
+        raise ValueError(f"copy_passages > 1 needs objective 'copy', got {objective!r}")
     torch.set_num_threads(max(1, num_cpus))
     device = torch.device("cuda" if use_gpu else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or os.path.join(data_dir, "tokenizer"))
@@ -237,6 +295,8 @@ def pretrain_t5(
             copy_tokens,
             seed=seed,
             eos_token_id=tokenizer.eos_token_id,
+            passages=copy_passages,
+            near_miss_tokens=copy_near_miss_tokens,
         )
     else:
         batches = DenoisingBatches(
@@ -258,7 +318,20 @@ def pretrain_t5(
         dropout_rate=dropout_rate,
         **(TIED_EMBEDDINGS if tie_embeddings else {}),
     )
-    model = random_t5(t5_config, seed=seed).to(device).train()
+    if init_checkpoint:
+        t5 = T5ForConditionalGeneration.from_pretrained(init_checkpoint)
+        if t5.config.vocab_size != len(tokenizer):
+            raise ValueError(
+                f"{init_checkpoint} has {t5.config.vocab_size} token ids, the tokenizer {len(tokenizer)}: "
+                "continue from a checkpoint pre-trained with this tokenizer"
+            )
+    else:
+        t5 = random_t5(t5_config, seed=seed)
+    if copy_passages > 1:  # FiD over the k passages: GLIMMER with every layer live, weights copied back when saved
+        model = GlimmerForConditionalGeneration.from_t5(t5, live_proportion=1.0, num_selected=None)
+    else:
+        model = t5
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / max(1, warmup_steps)))
 
@@ -279,7 +352,7 @@ def pretrain_t5(
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
         targets = batch["labels"] != -100
         target_count = int(targets.sum())
-        window_tokens += int(batch["attention_mask"].sum()) + target_count
+        window_tokens += sum(int(batch[key].sum()) for key in batch if key.endswith("_mask")) + target_count
         window_correct += int((output.logits.argmax(-1) == batch["labels"])[targets].sum())  # teacher-forced
         window_targets += target_count
         if step % log_every_steps == 0 or step == steps:
@@ -294,11 +367,22 @@ def pretrain_t5(
 
     staging = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    if model is not t5:  # GLIMMER names its T5 weights as T5 does; its untrained scoring head stays out
+        state = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("rerank_head.")}
+        missing, unexpected = t5.load_state_dict(state, strict=False)
+        missing = [name for name in missing if "EncDecAttention.relative_attention_bias" not in name]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"the FiD reader's weights do not map onto T5: missing {missing}, unexpected {unexpected}"
+            )
+        model = t5
     model.cpu().save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     summary = {
         "passages": len(encoded),
         "objective": objective,
+        "copy_passages": copy_passages if objective == "copy" else None,
+        "init_checkpoint": init_checkpoint,
         "steps": steps,
         "first_loss": first_loss,
         "final_loss": loss_value,
@@ -332,6 +416,9 @@ class PretrainConfig:
     copy_query_tokens: int = 4  # copy: consecutive tokens of the sequence given as the query
     copy_tokens: int = 12  # copy: tokens after the query to write
     tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
+    copy_passages: int = 1  # copy: k passages read in FiD form, one holding the query, the others a near miss of it
+    copy_near_miss_tokens: int = 1  # copy, k > 1: query tokens changed in each distractor's near miss
+    init_checkpoint: str | None = None  # a T5 checkpoint to continue from (same tokenizer); null = a random T5.1.1
     steps: int = 600  # optimiser steps
     batch_size: int = 32  # passages per step
     learning_rate: float = 0.003  # AdamW peak
@@ -352,6 +439,17 @@ def run_pretraining(config: PretrainConfig) -> dict:
     config.tokenizer_dir = os.path.abspath(config.tokenizer_dir or os.path.join(config.data_dir, "tokenizer"))
     if config.objective not in OBJECTIVES:
         raise SystemExit(f"objective must be one of {', '.join(OBJECTIVES)}; got {config.objective!r}")
+    if config.copy_passages < 1 or (config.copy_passages > 1 and config.objective != "copy"):
+        raise SystemExit(f"copy_passages must be 1, or more with objective copy; got {config.copy_passages}")
+    if not 1 <= config.copy_near_miss_tokens <= config.copy_query_tokens:
+        raise SystemExit(
+            f"copy_near_miss_tokens must lie in [1, copy_query_tokens = {config.copy_query_tokens}], "
+            f"got {config.copy_near_miss_tokens}"
+        )
+    if config.init_checkpoint:
+        config.init_checkpoint = os.path.abspath(config.init_checkpoint)
+        if not os.path.exists(os.path.join(config.init_checkpoint, "config.json")):
+            raise SystemExit(f"init_checkpoint {config.init_checkpoint} holds no T5 checkpoint (config.json)")
     for needed in (os.path.join(config.data_dir, "passages.parquet"), config.tokenizer_dir):
         if not os.path.exists(needed):
             raise SystemExit(f"{needed} is missing: run jobs/prepare_data.py first")

@@ -7,6 +7,8 @@ import random
 
 import numpy as np
 import pytest
+import torch
+from transformers import T5ForConditionalGeneration
 
 from glimmer_ray.train.pretrain import (
     CopyBatches,
@@ -99,6 +101,31 @@ def test_copy_examples_ask_for_the_tokens_after_the_query():
         CopyBatches(tokens, batch_size=2, sequence_tokens=8, query_tokens=4, copy_tokens=6)
 
 
+def test_copy_among_near_misses_has_one_exact_match():
+    """k passages in FiD form: exactly one holds the query followed by the target; every other holds the query
+    with one token changed (a near miss, as a same-family name), so only the exact match answers."""
+    tokens = list(range(10, 60))
+    batches = CopyBatches(tokens, batch_size=32, sequence_tokens=20, query_tokens=4, copy_tokens=6, seed=2, passages=5)
+    batch = batches.next()
+    assert batch["question_ids"].shape == (32, 5) and batch["passage_ids"].shape == (32, 5, 21)
+    assert bool(batch["passage_mask"].all()) and (batch["passage_ids"][:, :, -1] == 1).all()
+    gold_places = set()
+    for row in range(32):
+        query, target = batch["question_ids"][row, :4].tolist(), batch["labels"][row, :-1].tolist()
+        exact, near = [], 0
+        for place, passage in enumerate(batch["passage_ids"][row, :, :-1].tolist()):
+            windows = [passage[s : s + 4] for s in range(17)]
+            if any(w == query and passage[s + 4 : s + 10] == target for s, w in enumerate(windows)):
+                exact.append(place)
+            elif any(sum(a != b for a, b in zip(w, query)) == 1 for w in windows):
+                near += 1
+        assert len(exact) == 1 and near == 4
+        gold_places.add(exact[0])
+    assert len(gold_places) > 2  # the answering passage is not always in one place
+    with pytest.raises(ValueError, match="near_miss_tokens"):
+        CopyBatches(tokens, batch_size=2, sequence_tokens=20, query_tokens=4, copy_tokens=6, near_miss_tokens=5)
+
+
 def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path):
     from transformers import AutoTokenizer
 
@@ -168,5 +195,24 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_p
     assert copied["objective"] == "copy" and copied["final_loss"] < copied["first_loss"]
     reader = GlimmerForConditionalGeneration.from_t5(str(tmp_path / "t5-copy"), live_proportion=1.0)
     assert reader.config.lm_head_tied and reader.lm_head.weight.data_ptr() == reader.shared.weight.data_ptr()
+    # continued among near misses, read in FiD form (k 3): learned, and saved as the T5 whose weights it trained
+    among = pretrain_t5(
+        **{
+            **{k: v for k, v in vars(config).items() if k not in ("overwrite", "ray_address")},
+            "output_dir": str(tmp_path / "t5-among"),
+            "objective": "copy",
+            "copy_passages": 3,
+            "init_checkpoint": str(tmp_path / "t5-copy"),
+            "steps": 40,
+        }
+    )
+    assert among["copy_passages"] == 3 and among["final_loss"] < among["first_loss"]
+    continued = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5-among")
+    started = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5-copy")
+    assert continued.config.tie_word_embeddings  # the shape and the tie come from init_checkpoint
+    weight = "encoder.block.1.layer.0.SelfAttention.q.weight"
+    assert not torch.equal(continued.state_dict()[weight], started.state_dict()[weight])
+    with pytest.raises(ValueError, match="needs objective 'copy'"):
+        pretrain_t5(data_dir=str(data), output_dir=str(tmp_path / "t5-bad"), copy_passages=3)
     with pytest.raises(ValueError, match="objective must be"):
         pretrain_t5(data_dir=str(data), output_dir=str(tmp_path / "t5-bad"), objective="mlm")
