@@ -170,6 +170,8 @@ class CopyBatches:
     ) -> None:
         if not tokens:
             raise ValueError("no tokens to draw copy sequences from")
+        if passages > 1 and len(set(tokens)) < 2:
+            raise ValueError("near misses need at least 2 distinct tokens")
         if passages < 1 or not 1 <= near_miss_tokens <= query_tokens:
             raise ValueError(
                 f"passages must be >= 1 and near_miss_tokens in [1, query_tokens = {query_tokens}]; "
@@ -205,8 +207,6 @@ class CopyBatches:
         return sequence
 
     def next(self) -> dict[str, torch.Tensor]:
-        if len(self.tokens) < 2 and self.passages > 1:
-            raise ValueError("near misses need at least 2 distinct tokens")
         queries, sequences, labels = [], [], []
         for _ in range(self.batch_size):
             sequence = self._random_sequence()

@@ -343,9 +343,9 @@ class TrainLoopRunner:
         self.shard = ray.train.get_dataset_shard("train")
         self.dev_paths = task_paths(config, "dev")
         self.dev_tokenize = dataclasses.replace(tokenize_config(config), evidence_passages=0)  # the retrieved only
-        # + the g gold evidence passages: the oracle reading
+        # the g gold evidence passages, the oracle reading (read_gold_evidence replaces the retrieved: tokenise one)
         self.gold_tokenize = dataclasses.replace(
-            tokenize_config(config), evidence_passages=config.data.evidence_passages
+            tokenize_config(config), num_passages=1, evidence_passages=config.data.evidence_passages
         )
         self.zero3 = self.engine is not None and config.deepspeed.zero_stage == 3
         self.window = MetricsWindow()  # since the last log line
