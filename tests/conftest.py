@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 import torch
@@ -10,6 +11,14 @@ import torch
 from glimmer_ray.model.random_t5 import save_random_t5, t5_1_1_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# DeepSpeed's CPU workers JIT-build its shared-memory op under torch's extension folder, guarded by a lock file that
+# a killed build leaves behind (and every later build then waits on forever). The suite builds in a folder of its own,
+# where no other process builds, and clears the locks a killed earlier session left there.
+EXTENSIONS = pathlib.Path(__file__).resolve().parents[1] / "build" / "torch_extensions"
+os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS)
+for lock in EXTENSIONS.glob("*/lock"):
+    lock.unlink()
 
 
 @pytest.fixture(scope="session")

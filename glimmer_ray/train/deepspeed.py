@@ -3,6 +3,9 @@ AdamW (DeepSpeed's own) or Adafactor (a client optimizer), and the warm-up sched
 
 from __future__ import annotations
 
+import glob
+import os
+import time
 from typing import Any
 
 import torch
@@ -14,6 +17,38 @@ ZERO3_SUB_GROUP_SIZE = 20_000_000
 # stage3_max_live_parameters and stage3_max_reuse_distance): a model below it is held whole on every rank from forward
 # to backward; lower it to trade re-gathering for memory.
 ZERO3_LIVE_PARAMETERS = 1_000_000_000
+# DeepSpeed builds its C++ ops (on CPU: the shared-memory all-reduce) with torch's JIT extension loader, which guards
+# a build with a `lock` file in the op's folder and waits while it exists; a build killed midway leaves the file, and
+# every later build of that op then waits forever. A folder where nothing changed for this long holds no build.
+STALE_BUILD_SECONDS = 600
+
+
+def extensions_root() -> str:
+    """The folder torch's JIT extension loader builds ops in (TORCH_EXTENSIONS_DIR, else its per-user cache)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def check_extension_locks(root: str | None = None, stale_seconds: float = STALE_BUILD_SECONDS) -> None:
+    """Refuse to start DeepSpeed when an op's build lock under `root` (default `extensions_root()`) was left by a
+    killed build: no file in its folder changed for `stale_seconds`. DeepSpeed would wait on it forever."""
+    root = root or extensions_root()
+    now, stale = time.time(), []
+    for lock in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        folder = os.path.dirname(lock)
+        try:
+            changed = max(os.path.getmtime(os.path.join(folder, name)) for name in os.listdir(folder))
+        except (FileNotFoundError, ValueError):  # the build finished (and removed its lock) meanwhile
+            continue
+        if now - changed > stale_seconds:
+            stale.append(lock)
+    if stale:
+        raise RuntimeError(
+            f"{', '.join(stale)}: a build of DeepSpeed's ops was killed and left its lock (nothing in the folder changed "
+            f"for {stale_seconds / 60:.0f} minutes); DeepSpeed would wait on it forever. Remove it (rm {' '.join(stale)}) "
+            "and start again."
+        )
 
 
 def deepspeed_config(

@@ -16,6 +16,8 @@ import os
 import tempfile
 import time
 
+from glimmer_ray.train.deepspeed import check_extension_locks
+
 RECORDS = "memory_records.json"
 
 
@@ -39,6 +41,7 @@ def measure_worker(loop_config: dict) -> None:
     trained `bench["steps"]` steps on random tokens of `bench`'s shape, each phase's RSS peak measured; rank 0
     reports every worker's record with a checkpoint (`read_records`)."""
     os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported
+    check_extension_locks()
     import deepspeed  # loaded before `before`: the library is not the model
     import ray.train
     import torch

@@ -40,7 +40,7 @@ from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_confi
 from glimmer_ray.runtime import return_freed_memory
 from glimmer_ray.train.config import TrainConfig, task_paths, tokenize_config
 from glimmer_ray.train.curriculum import curriculum_step
-from glimmer_ray.train.deepspeed import deepspeed_config
+from glimmer_ray.train.deepspeed import check_extension_locks, deepspeed_config
 from glimmer_ray.train.zero3 import (
     build_partitioned,
     gathered_parameters,
@@ -643,4 +643,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = from_dict(TrainConfig, loop_config)
     if not config.scaling.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported, in the runner's set-up
+    if config.deepspeed.enabled:
+        check_extension_locks()
     TrainLoopRunner(config).run()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
-from glimmer_ray.train.deepspeed import deepspeed_config
+from glimmer_ray.train.deepspeed import STALE_BUILD_SECONDS, check_extension_locks, deepspeed_config
 
 
 def test_deepspeed_config_sections():
@@ -26,3 +29,25 @@ def test_deepspeed_config_sections():
         deepspeed_config(1, zero_stage=2, offload_parameters=True)
     with pytest.raises(ValueError, match="optimizer"):
         deepspeed_config(1, optimizer="sgd")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_refused_with_its_path(tmp_path, monkeypatch):
+    """torch's JIT loader waits forever on a lock a killed build left; the workers refuse to start on it instead."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "deepspeed_shm_comm"
+    folder.mkdir()
+    (folder / "build.ninja").write_text("")
+    lock = folder / "lock"
+    lock.write_text("")
+    check_extension_locks()  # a build under way: its folder changed just now
+    old = time.time() - STALE_BUILD_SECONDS - 60
+    for path in (lock, folder / "build.ninja"):
+        os.utime(path, (old, old))
+    with pytest.raises(RuntimeError, match=f"rm {lock}"):
+        check_extension_locks()
+    (tmp_path / "py311_cpu").mkdir()  # torch's default layout: one folder more
+    os.replace(folder, tmp_path / "py311_cpu" / "deepspeed_shm_comm")
+    with pytest.raises(RuntimeError, match="deepspeed_shm_comm/lock"):
+        check_extension_locks()
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock").unlink()
+    check_extension_locks()  # a finished build: no lock
