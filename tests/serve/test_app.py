@@ -333,6 +333,15 @@ def test_demo_page_answers_in_a_real_browser(app, pipeline, tmp_path):
         shutil.copy(screenshot, os.environ["GLIMMER_DEMO_SCREENSHOT"])
 
 
+def _refused_deployments(failing: str) -> dict:
+    """Deployments of an app that must fail at start-up: `failing` tries its constructor once, and no stage takes a
+    CPU (the module's app, scaled up by earlier tests, may hold them all until Serve's 10-minute downscale delay; a
+    replica waiting for a CPU would keep the app deploying instead of failing)."""
+    options = {stage: {"ray_actor_options": {"num_cpus": 0}} for stage in STAGES}
+    options[failing].update(num_replicas=1, max_constructor_retry_count=1)
+    return options
+
+
 def test_memory_of_another_encoder_is_refused_at_start_up(app, serve_artifacts):
     from ray import serve
 
@@ -342,7 +351,7 @@ def test_memory_of_another_encoder_is_refused_at_start_up(app, serve_artifacts):
         _args(
             serve_artifacts,
             model_dir=serve_artifacts["other_model"],
-            deployments={"LiveEncoderReranker": {"num_replicas": 1, "max_constructor_retry_count": 1}},
+            deployments=_refused_deployments("LiveEncoderReranker"),
         )
     )
     with pytest.raises(RuntimeError, match="LiveEncoderReranker"):
@@ -364,7 +373,7 @@ def test_a_model_without_reading_json_is_refused_at_start_up(app, serve_artifact
     args = _args(
         serve_artifacts,
         model_dir=str(unread),
-        deployments={"Ingress": {"num_replicas": 1, "max_constructor_retry_count": 1}},
+        deployments=_refused_deployments("Ingress"),
     )
     with pytest.raises(RuntimeError) as refused:
         deploy(args, name="unread", route_prefix="/unread", port=PORT)
