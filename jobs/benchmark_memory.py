@@ -7,12 +7,15 @@ For every codec the store is built (or reused) from the same trained reader, the
 bytes per token and compression against fp32; max and mean reconstruction error against the fp32 memory;
 dev exact match and the reranker's recall@m when the reader reads the stored memory (and, as the
 reference, when it encodes the passages itself); random-access latency for k passages, cold (a fresh
-store object) and through the LRU cache; sequential decode throughput against `cat` of the same files.
+store object) and through the LRU cache; sequential decode throughput against `cat` of the same files (with
+`scan_copies` N, of a store holding the codec's rows N times: the scan of a corpus larger than the quickstart's).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ from glimmer_ray.data.stream import TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, score_predictions
 from glimmer_ray.eval.metrics import prediction_recall
 from glimmer_ray.memory.build import build_memory
-from glimmer_ray.memory.store import LRUMemoryCache, MemoryStore
+from glimmer_ray.memory.store import MANIFEST, PQ_CENTROIDS, LRUMemoryCache, MemoryStore, write_shard
 from glimmer_ray.model import GlimmerForConditionalGeneration
 
 
@@ -46,6 +49,7 @@ class BenchmarkMemoryConfig:
     latency_trials: int = 50  # requests timed per setting
     cache_bytes: int = 268435456  # LRU budget for the cached setting (bytes)
     shard_size: int = 1024  # passages per shard
+    scan_copies: int = 1  # the scan's store: each codec's stored rows written this many times (1: the store itself)
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
 
 
@@ -92,8 +96,43 @@ def _latency(store_dir: str, ids: list[str], passage_tokens: int, config: Benchm
     }
 
 
-def _throughput(store: MemoryStore, store_dir: str) -> dict:
-    files = [os.path.join(store_dir, shard["file"]) for shard in store.manifest["shards"]]
+def _scan_store(store: MemoryStore, store_dir: str, copies: int, shard_size: int) -> str:
+    """A store of `store`'s rows written `copies` times under distinct ids (`<id>#<copy>`), in shards of
+    `shard_size` passages: a scan at a real corpus's size, where a shard's fixed costs no longer dominate."""
+    if copies == 1:
+        return store_dir
+    scan_dir = f"{store_dir}-x{copies}"
+    if os.path.exists(os.path.join(scan_dir, MANIFEST)):
+        return scan_dir
+    os.makedirs(scan_dir, exist_ok=True)
+    rows = [(pid, memory) for shard in store.manifest["shards"] for pid, memory in store.read_shard(shard["file"])]
+    copied = sorted(
+        ((f"{pid}#{copy:04d}", memory) for copy in range(copies) for pid, memory in rows), key=lambda r: r[0]
+    )
+    shards = []
+    for start in range(0, len(copied), shard_size):
+        part = copied[start : start + shard_size]
+        name = f"shard-v0001-{start // shard_size:05d}"
+        shards.append(
+            write_shard(store.fs, scan_dir, name, [p for p, _ in part], [m for _, m in part], store.codec, version=1)
+        )
+    if os.path.exists(os.path.join(store_dir, PQ_CENTROIDS)):
+        shutil.copy(os.path.join(store_dir, PQ_CENTROIDS), scan_dir)
+    manifest = {
+        **store.manifest,
+        "shards": shards,
+        "num_passages": len(copied),
+        "num_tokens": sum(shard["num_tokens"] for shard in shards),
+        "bytes": sum(shard["bytes"] for shard in shards),
+    }
+    with open(os.path.join(scan_dir, MANIFEST), "w") as handle:  # last: a store without it is no store
+        json.dump(manifest, handle, indent=2)
+    return scan_dir
+
+
+def _throughput(store_dir: str) -> dict:
+    manifest = MemoryStore(store_dir, verify="none").manifest
+    files = [os.path.join(store_dir, shard["file"]) for shard in manifest["shards"]]
     stored_bytes = sum(os.path.getsize(f) for f in files)
     repeats = max(1, -(-(256 << 20) // stored_bytes))  # cat >= 256 MiB so its start-up does not count
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)  # both measurements from the page cache
@@ -110,12 +149,20 @@ def _throughput(store: MemoryStore, store_dir: str) -> dict:
         "cat_mb_per_s": stored_bytes / cat_seconds / 1e6,
         "scan_over_cat": cat_seconds / read_seconds,
         "read_seconds": read_seconds,
+        "scan_store_bytes": stored_bytes,
+        "scan_store_passages": manifest["num_passages"],
     }
+
+
+def _scan_dir(store: MemoryStore, codec: str, config: BenchmarkMemoryConfig) -> str:
+    return _scan_store(store, os.path.join(config.output_dir, codec), config.scan_copies, config.shard_size)
 
 
 def main(config: BenchmarkMemoryConfig) -> dict:
     if "fp32" not in config.codecs:
         raise SystemExit("codecs must include fp32, the reference the others are measured against")
+    if config.scan_copies < 1:
+        raise SystemExit(f"scan_copies must be >= 1 (1: scan the store itself); got {config.scan_copies}")
     with ray_session(config.ray_address):
         return _benchmark(config)
 
@@ -188,7 +235,7 @@ def _benchmark(config: BenchmarkMemoryConfig) -> dict:
                 "reranker_recall_at_m": quality["reranker_recall_at_m"],
                 "reranker_recall_change": quality["reranker_recall_at_m"] - from_tokens["reranker_recall_at_m"],
                 "latency": _latency(os.path.join(config.output_dir, codec), ids, reading.passage_tokens, config),
-                "throughput": _throughput(store, os.path.join(config.output_dir, codec)),
+                "throughput": _throughput(_scan_dir(store, codec, config)),
             }
         )
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from glimmer_ray.memory.store import MemoryStore
 from glimmer_ray.model.configuration import GlimmerConfig
 
 pytestmark = pytest.mark.ray
@@ -33,5 +35,16 @@ def test_benchmark_memory_measures_every_codec_against_fp32(quickstart_run, tmp_
     assert fp32["max_abs_error"] == 0 and fp32["answers_changed"] == 0 and fp32["dev_em_change"] == 0
     assert 0 < int8["max_abs_error"] and int8["compression_vs_fp32"] == pytest.approx(4 * d / (d + 4))
     assert results["scan_over_cat"] == fp32["throughput"]["scan_over_cat"] > 0  # the bulk scan against cat
+    assert fp32["throughput"]["scan_store_bytes"] == fp32["store_bytes"]
+    scaled = job.main(job.BenchmarkMemoryConfig(**{**vars(config), "codecs": ["fp32"], "scan_copies": 3}))
+    store = MemoryStore(str(tmp_path / "bench" / "fp32"))
+    copies = MemoryStore(str(tmp_path / "bench" / "fp32-x3"), verify="all")  # a store as any other: sha256s hold
+    assert (
+        scaled["codecs"]["fp32"]["throughput"]["scan_store_passages"] == copies.num_passages == 3 * store.num_passages
+    )
+    first = store.passage_ids()[0]
+    assert np.array_equal(copies.get(f"{first}#0002"), store.get(first))
     with pytest.raises(SystemExit, match="must include fp32"):
         job.main(job.BenchmarkMemoryConfig(codecs=["int8"]))
+    with pytest.raises(SystemExit, match="scan_copies must be >= 1"):
+        job.main(job.BenchmarkMemoryConfig(scan_copies=0))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -23,7 +24,14 @@ from glimmer_ray.data import synthkilt
 from glimmer_ray.data.reading import ReadingConfig, passage_text, save_reading
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.memory.build import build_memory, memory_dataset
-from glimmer_ray.memory.store import LRUMemoryCache, MemoryEncoderMismatch, MemoryStore, MemoryStoreError
+from glimmer_ray.memory.codecs import make_codec
+from glimmer_ray.memory.store import (
+    LRUMemoryCache,
+    MemoryEncoderMismatch,
+    MemoryStore,
+    MemoryStoreError,
+    encode_shard,
+)
 from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.retrieval.passages import write_passages
@@ -416,3 +424,17 @@ def test_evaluation_reads_stored_memory_and_refuses_other_tokenisation(artifacts
     assert from_tokens == from_store
     with pytest.raises(ValueError, match="passage_tokens"):
         stored_memory(store, batch["passage_keys"], inputs["passage_mask"][:, :, : LP // 2])
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_row_checksums_are_zlibs_crc32_so_stores_stay_readable(codec):
+    """The stored crc32 is zlib's CRC-32 of (memory bytes, then scales) whatever computes it, so stores written
+    before the faster kernel still read and any zlib can check one."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    memories = [rng.standard_normal((n, 16), dtype=np.float32) for n in (3, 7, 1)]
+    table = pa.ipc.open_file(pa.BufferReader(encode_shard(["a", "b", "c"], memories, make_codec(codec, 16)))).read_all()
+    for row in range(3):
+        data, scales = table.column("data")[row].as_py(), table.column("scales")[row].as_py()
+        assert table.column("crc32")[row].as_py() == zlib.crc32(scales, zlib.crc32(data))
