@@ -285,7 +285,7 @@ def _benchmark(config: BenchmarkMemoryConfig) -> dict:
         )
     print(
         "(changed: share of dev answers that differ from reading the passages' tokens; latencies are medians; "
-        "read MB/s: stored bytes decoded per second by MemoryStore.scan_shard, every row's crc32 checked, against cat "
+        "read MB/s: stored bytes decoded per second by MemoryStore.scan_shard, every byte checked by its record batch's crc32, against cat "
         "of the same files from the page cache)"
     )
     results["scan_over_cat"] = results["codecs"]["fp32"]["throughput"]["scan_over_cat"]

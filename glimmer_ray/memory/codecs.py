@@ -18,6 +18,8 @@ Every codec maps float32 [n, d] -> (payload bytes, per-token scales or b"") and 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -69,7 +71,7 @@ class Float16Codec(Codec):
         return vectors.astype("<f2").tobytes(), b""
 
     def decode(self, payload, scales, width: int) -> np.ndarray:
-        return np.frombuffer(payload, dtype="<f2").reshape(-1, width).astype(np.float32)
+        return _widen(payload, torch.float16).reshape(-1, width)
 
 
 class BFloat16Codec(Codec):
@@ -85,8 +87,7 @@ class BFloat16Codec(Codec):
         return halves.view(torch.int16).numpy().astype("<i2").tobytes(), b""
 
     def decode(self, payload, scales, width: int) -> np.ndarray:
-        upper = np.frombuffer(payload, dtype="<u2").astype(np.uint32) << 16
-        return upper.view(np.float32).reshape(-1, width)
+        return _widen(payload, torch.bfloat16).reshape(-1, width)
 
 
 class Int8Codec(Codec):
@@ -160,6 +161,17 @@ class ProductQuantizerCodec(Codec):
         self._require_trained()
         codes = np.frombuffer(payload, dtype=np.uint8).reshape(-1, self.num_subvectors)  # [n, M]
         return self.quantizer.decode(np.ascontiguousarray(codes))
+
+
+def _widen(payload, dtype: torch.dtype) -> np.ndarray:
+    """Little-endian 16-bit floats -> float32 [n * d] with torch's vectorised cast (3-4x numpy's for fp16). The
+    payload is only read; torch warns that it cannot mark a read-only buffer (a mapped shard) as such."""
+    if not len(payload):
+        return np.zeros(0, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        halves = torch.frombuffer(payload, dtype=dtype)
+    return halves.float().numpy()
 
 
 def make_codec(name: str, width: int, num_subvectors: int = 16, centroids: np.ndarray | None = None) -> Codec:

@@ -9,7 +9,10 @@ Layout of a store directory (a local path or a pyarrow filesystem URI such as s3
 
 A shard row holds one passage's memory without padding: passage_id, num_tokens, data (the codec's
 bytes of the [num_tokens, d] vectors), scales (per-token scales, int8 only) and crc32 (of data and
-scales, checked on every read). Shards cover sorted, disjoint passage-id ranges within a version;
+scales, checked on every random access). The rows are written in record batches of `BATCH_ROWS`, and the
+schema's metadata holds one crc32 per batch (of its rows' data, then their scales, `glimmer.batch_crc32`),
+which a sequential scan checks with one call per batch; shards without it are scanned row by row.
+Shards cover sorted, disjoint passage-id ranges within a version;
 the manifest lists each shard's id range, counts, bytes and sha256, and the fingerprint of the
 memory encoder that made it, so memory from another checkpoint is refused.
 
@@ -41,6 +44,8 @@ from isal.isal_zlib import crc32  # zlib's CRC-32, with ISA-L's folding kernel: 
 from glimmer_ray.memory.codecs import Codec, make_codec
 
 FORMAT = "glimmer-memory/1"
+BATCH_ROWS = 256  # rows of a shard's record batch, the unit of a scan's checksum
+BATCH_CRC32 = "glimmer.batch_crc32"  # schema metadata key: the JSON list of the record batches' crc32s
 MANIFEST = "manifest.json"
 PQ_CENTROIDS = "pq-centroids.npy"
 SHARD_SCHEMA = pa.schema(
@@ -144,13 +149,19 @@ def write_json(fs: pafs.FileSystem, path: str, payload: dict[str, Any]) -> None:
 
 
 def encode_shard(passage_ids: list[str], memories: list[np.ndarray], codec: Codec) -> bytes:
-    """Arrow IPC bytes of one shard: one row per passage, its [n, d] memory in the codec's bytes."""
+    """Arrow IPC bytes of one shard: one row per passage, its [n, d] memory in the codec's bytes, in record batches of
+    `BATCH_ROWS` rows whose crc32s the schema's metadata holds (`batch_checksum`)."""
     payloads, scales, crcs = [], [], []
     for memory in memories:
         payload, scale = codec.encode(memory)
         payloads.append(payload)
         scales.append(scale)
         crcs.append(crc32(scale, crc32(payload)))
+    batches = range(0, len(payloads), BATCH_ROWS)
+    checksums = [
+        batch_checksum(payloads[start : start + BATCH_ROWS], scales[start : start + BATCH_ROWS]) for start in batches
+    ]
+    schema = SHARD_SCHEMA.with_metadata({BATCH_CRC32: json.dumps(checksums)})
     table = pa.table(
         {
             "passage_id": pa.array(passage_ids, pa.string()),
@@ -159,12 +170,23 @@ def encode_shard(passage_ids: list[str], memories: list[np.ndarray], codec: Code
             "scales": pa.array(scales, pa.binary()),
             "crc32": pa.array(crcs, pa.uint32()),
         },
-        schema=SHARD_SCHEMA,
+        schema=schema,
     )
     sink = io.BytesIO()
-    with pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
-        writer.write_table(table, max_chunksize=256)
+    with pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(table, max_chunksize=BATCH_ROWS)
     return sink.getvalue()
+
+
+def batch_checksum(payloads, scales) -> int:
+    """crc32 of a record batch's rows: their data bytes one after another, then their scales (a scan checks it over
+    the batch's contiguous buffers in two calls)."""
+    value = 0
+    for payload in payloads:
+        value = crc32(payload, value)
+    for scale in scales:
+        value = crc32(scale, value)
+    return value
 
 
 def write_shard(
@@ -380,34 +402,43 @@ class MemoryStore:
         """One shard decoded in bulk, one Arrow record batch at a time: (passage ids, num_tokens int64 [r], memory
         float32 [sum n, d]), the rows' memories consecutive (row i: `np.split(memory, np.cumsum(num_tokens)[:-1])`).
 
-        Each row's crc32 (every memory byte) and length are checked, as on random access, the crc32s on
-        `SCAN_THREADS` threads (ISA-L's crc32 releases the GIL); the file's sha256 is the store's `verify` mode's
-        business (at open). Decoding runs once per record batch over its contiguous data buffer (zero-copy for fp32: a
-        read-only view of the mapped file, valid while the store is open), never once per row."""
+        Every memory byte and each row's length are checked: a record batch's crc32 (`batch_checksum`, two calls
+        over its contiguous buffers), or in a shard written without batch checksums each row's crc32, on
+        `SCAN_THREADS` threads (ISA-L's crc32 releases the GIL); a batch that fails is checked row by row to name the
+        passage. The file's sha256 is the store's `verify` mode's business (at open). Decoding runs once per record
+        batch over its contiguous data buffer (zero-copy for fp32: a read-only view of the mapped file, valid while the
+        store is open), never once per row."""
         index = next((i for i, shard in enumerate(self._shards) if shard.meta["file"] == file), None)
         if index is None:
             raise MemoryStoreError(f"{file} is not a shard of {self.uri}")
         shard = self._open(index)
         self._check_unchanged(shard)
-        for batch in shard.table.to_batches():
+        batches = shard.table.to_batches()
+        checksums = _batch_checksums(shard.table.schema, len(batches), file)
+        for number, batch in enumerate(batches):
             data, data_offsets = _binary_buffers(batch.column("data"), np.int64)
             scales, scale_offsets = _binary_buffers(batch.column("scales"), np.int32)
             num_tokens = _fixed_width(batch.column("num_tokens"), np.int32).astype(np.int64)
             lengths = np.diff(data_offsets) + np.diff(scale_offsets)  # memory bytes + per-token scales (int8)
             wrong = np.flatnonzero(lengths != num_tokens * self.codec.bytes_per_token(self.width))
-            if not len(wrong):
+            data_bytes = data[data_offsets[0] : data_offsets[-1]]
+            scale_bytes = scales[scale_offsets[0] : scale_offsets[-1]]
+            if not len(wrong) and (checksums is None or crc32(scale_bytes, crc32(data_bytes)) != checksums[number]):
                 wrong = _crc32_mismatches(
                     data, data_offsets, scales, scale_offsets, _fixed_width(batch.column("crc32"), np.uint32)
                 )
+                if not len(wrong) and checksums is not None:  # every row is intact: the stored checksum is not
+                    raise MemoryStoreError(
+                        f"record batch {number} of shard {file} of {self.uri} fails its batch crc32 while its rows "
+                        "pass theirs: the shard's metadata is corrupt"
+                    )
             if len(wrong):
                 passage_id = batch.column("passage_id")[int(wrong[0])].as_py()
                 raise MemoryStoreError(
                     f"the memory of passage {passage_id!r} in shard {file} of {self.uri} fails its crc32 (or length "
                     "check): the shard is corrupt"
                 )
-            memory = self.codec.decode(
-                data[data_offsets[0] : data_offsets[-1]], scales[scale_offsets[0] : scale_offsets[-1]], self.width
-            )
+            memory = self.codec.decode(data_bytes, scale_bytes, self.width)
             yield batch.column("passage_id").to_pylist(), num_tokens, memory
 
     def read_shard(self, file: str):
@@ -416,7 +447,20 @@ class MemoryStore:
             yield from zip(ids, np.split(memory, np.cumsum(counts)[:-1]))
 
 
-SCAN_THREADS = 2  # threads checking a record batch's crc32s in a scan
+SCAN_THREADS = 2  # threads checking a record batch's rows' crc32s in a scan (shards without batch checksums)
+
+
+def _batch_checksums(schema: pa.Schema, num_batches: int, file: str) -> list[int] | None:
+    """The record batches' crc32s of a shard's schema metadata, or None for a shard written without them."""
+    stored = (schema.metadata or {}).get(BATCH_CRC32.encode())
+    if stored is None:
+        return None
+    checksums = json.loads(stored)
+    if len(checksums) != num_batches:
+        raise MemoryStoreError(
+            f"shard {file} holds {num_batches} record batches but {len(checksums)} batch checksums: the shard is corrupt"
+        )
+    return checksums
 
 
 def _crc32_mismatches(data, data_offsets, scales, scale_offsets, expected: np.ndarray) -> np.ndarray:

@@ -23,14 +23,17 @@ from transformers import AutoTokenizer
 from glimmer_ray.data import synthkilt
 from glimmer_ray.data.reading import ReadingConfig, passage_text, save_reading
 from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
+from glimmer_ray.memory import store as store_module
 from glimmer_ray.memory.build import build_memory, memory_dataset
 from glimmer_ray.memory.codecs import make_codec
 from glimmer_ray.memory.store import (
+    BATCH_CRC32,
     LRUMemoryCache,
     MemoryEncoderMismatch,
     MemoryStore,
     MemoryStoreError,
     encode_shard,
+    write_shard,
 )
 from glimmer_ray.model.modeling import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
@@ -438,3 +441,79 @@ def test_row_checksums_are_zlibs_crc32_so_stores_stay_readable(codec):
     for row in range(3):
         data, scales = table.column("data")[row].as_py(), table.column("scales")[row].as_py()
         assert table.column("crc32")[row].as_py() == zlib.crc32(scales, zlib.crc32(data))
+
+
+def _rewrite_shard(path, index: int, rows, codec, metadata=None) -> dict:
+    """Shard `index` of the store at `path` written again from `rows` ((id, memory) pairs), its manifest entry
+    updated; `metadata` replaces the schema metadata (b"" keys dropped: a shard written before batch checksums)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    name = manifest["shards"][index]["name"]
+    meta = write_shard(pafs.LocalFileSystem(), str(path), name, [i for i, _ in rows], [m for _, m in rows], codec, 1)
+    if metadata is not None:
+        import pyarrow as pa
+
+        table = pa.ipc.open_file(pa.memory_map(str(path / meta["file"]))).read_all()
+        table = table.replace_schema_metadata(metadata or None)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=store_module.BATCH_ROWS)
+        (path / meta["file"]).write_bytes(sink.getvalue().to_pybytes())
+        meta["bytes"] = (path / meta["file"]).stat().st_size
+    manifest["shards"][index] = meta
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return meta
+
+
+def test_a_scan_checks_each_record_batch_once_and_still_reads_shards_without_batch_checksums(
+    fp32_store, tmp_path, monkeypatch
+):
+    """A scan checks one crc32 per record batch (zlib's, over the batch's data then scales), reads shards written
+    before batch checksums row by row, names the passage whose bytes changed, and refuses a shard whose batch
+    checksums do not match its rows."""
+    path = tmp_path / "store"
+    shutil.copytree(fp32_store[0], path)
+    original = MemoryStore(str(path), verify="none")
+    shard = original.manifest["shards"][0]
+    rows = list(original.read_shard(shard["file"]))
+    assert len(rows) >= 5
+    monkeypatch.setattr(store_module, "BATCH_ROWS", 2)  # several record batches in one small shard
+
+    def scanned() -> list[tuple[str, np.ndarray]]:
+        return list(MemoryStore(str(path), verify="none").read_shard(shard["file"]))
+
+    def same(read) -> bool:
+        return [i for i, _ in read] == [i for i, _ in rows] and all(
+            np.array_equal(a, b) for (_, a), (_, b) in zip(read, rows)
+        )
+
+    meta = _rewrite_shard(path, 0, rows, original.codec)
+    import pyarrow as pa
+
+    table = pa.ipc.open_file(pa.memory_map(str(path / meta["file"]))).read_all()
+    checksums = json.loads(table.schema.metadata[BATCH_CRC32.encode()])
+    assert len(checksums) == len(table.to_batches()) == -(-len(rows) // 2)
+    for number, batch in enumerate(table.to_batches()):
+        data = b"".join(batch.column("data").to_pylist())
+        scales = b"".join(batch.column("scales").to_pylist())
+        assert checksums[number] == zlib.crc32(scales, zlib.crc32(data))
+    assert same(scanned())
+
+    _rewrite_shard(path, 0, rows, original.codec, metadata={})  # a shard from before batch checksums
+    assert same(scanned())
+
+    victim = rows[3][0]
+    for metadata in (None, {}):  # with batch checksums and without, the scan names the passage whose bytes changed
+        _rewrite_shard(path, 0, rows, original.codec, metadata=metadata)
+        raw = bytearray((path / meta["file"]).read_bytes())
+        raw[raw.find(np.ascontiguousarray(rows[3][1]).tobytes()[:64]) + 5] ^= 0xFF  # size unchanged
+        (path / meta["file"]).write_bytes(bytes(raw))
+        with pytest.raises(MemoryStoreError, match=f"passage '{victim}' in shard {meta['file']} .* crc32"):
+            scanned()
+
+    wrong = [value ^ 1 for value in checksums]
+    _rewrite_shard(path, 0, rows, original.codec, metadata={BATCH_CRC32: json.dumps(wrong)})
+    with pytest.raises(MemoryStoreError, match="record batch 0 .* batch crc32 .* metadata is corrupt"):
+        scanned()
+    _rewrite_shard(path, 0, rows, original.codec, metadata={BATCH_CRC32: json.dumps(checksums[:1])})
+    with pytest.raises(MemoryStoreError, match="batch checksums: the shard is corrupt"):
+        scanned()
