@@ -336,8 +336,7 @@ class MemoryStore:
                         raise MemoryStoreError(
                             f"shard {shard.meta['file']} of {self.uri} is unreadable: {error}"
                         ) from error
-                    shard.rows = {pid: row for row, pid in enumerate(table.column("passage_id").to_pylist())}
-                    shard.table = table
+                    shard.table = table  # its id index (rows) is built on the first random access
         return shard
 
     def _locate(self, passage_id: str) -> tuple[_Shard, int]:
@@ -345,10 +344,21 @@ class MemoryStore:
         for first, last, index in reversed(self._ranges[:position]):
             if first <= passage_id <= last:
                 shard = self._open(index)
-                row = shard.rows.get(passage_id)
+                row = self._rows(shard).get(passage_id)
                 if row is not None:
                     return shard, row
         raise KeyError(f"passage {passage_id!r} is not in the memory store at {self.uri}")
+
+    def _rows(self, shard: _Shard) -> dict[str, int]:
+        """The open shard's passage id -> row index (a scan never needs it)."""
+        rows = shard.rows
+        if rows is None:
+            with self._lock:
+                if shard.rows is None:
+                    ids = shard.table.column("passage_id").to_pylist()
+                    shard.rows = {pid: row for row, pid in enumerate(ids)}
+                rows = shard.rows
+        return rows
 
     def passage_ids(self) -> list[str]:
         """Every stored passage id, in manifest (shard) order."""
@@ -415,15 +425,20 @@ class MemoryStore:
         self._check_unchanged(shard)
         batches = shard.table.to_batches()
         checksums = _batch_checksums(shard.table.schema, len(batches), file)
+        buffers = [
+            (*_binary_buffers(batch.column("data"), np.int64), *_binary_buffers(batch.column("scales"), np.int32))
+            for batch in batches
+        ]  # (data, its offsets [r + 1], scales, their offsets [r + 1]) per batch
+        spans = [(data[at[0] : at[-1]], scales[to[0] : to[-1]]) for data, at, scales, to in buffers]
+        # the batches' crc32s run ahead on the scan threads while earlier batches are handed out
+        sums = [_scan_pool().submit(_span_crc32, *span) for span in spans] if checksums is not None else None
         for number, batch in enumerate(batches):
-            data, data_offsets = _binary_buffers(batch.column("data"), np.int64)
-            scales, scale_offsets = _binary_buffers(batch.column("scales"), np.int32)
+            data, data_offsets, scales, scale_offsets = buffers[number]
+            data_bytes, scale_bytes = spans[number]
             num_tokens = _fixed_width(batch.column("num_tokens"), np.int32).astype(np.int64)
             lengths = np.diff(data_offsets) + np.diff(scale_offsets)  # memory bytes + per-token scales (int8)
             wrong = np.flatnonzero(lengths != num_tokens * self.codec.bytes_per_token(self.width))
-            data_bytes = data[data_offsets[0] : data_offsets[-1]]
-            scale_bytes = scales[scale_offsets[0] : scale_offsets[-1]]
-            if not len(wrong) and (checksums is None or crc32(scale_bytes, crc32(data_bytes)) != checksums[number]):
+            if not len(wrong) and (sums is None or sums[number].result() != checksums[number]):
                 wrong = _crc32_mismatches(
                     data, data_offsets, scales, scale_offsets, _fixed_width(batch.column("crc32"), np.uint32)
                 )
@@ -448,6 +463,11 @@ class MemoryStore:
 
 
 SCAN_THREADS = 2  # threads checking a record batch's rows' crc32s in a scan (shards without batch checksums)
+
+
+def _span_crc32(data: memoryview, scales: memoryview) -> int:
+    """crc32 of a record batch's data bytes, then its scales (`batch_checksum` over the contiguous buffers)."""
+    return crc32(scales, crc32(data))
 
 
 def _batch_checksums(schema: pa.Schema, num_batches: int, file: str) -> list[int] | None:
