@@ -134,6 +134,9 @@ class DenoisingBatches:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+NEAR_MISS_AT = ("anywhere", "start")  # where a distractor's near miss differs from the query
+
+
 def find_and_copy(
     sequence: list[int], rng: random.Random, query_tokens: int, copy_tokens: int
 ) -> tuple[list[int], list[int]]:
@@ -167,7 +170,10 @@ class CopyBatches:
         eos_token_id: int = 1,
         passages: int = 1,
         near_miss_tokens: int = 1,
+        near_miss_at: str = "anywhere",
     ) -> None:
+        if near_miss_at not in NEAR_MISS_AT:
+            raise ValueError(f"near_miss_at must be one of {', '.join(NEAR_MISS_AT)}; got {near_miss_at!r}")
         if not tokens:
             raise ValueError("no tokens to draw copy sequences from")
         if passages > 1 and len(set(tokens)) < 2:
@@ -191,6 +197,7 @@ class CopyBatches:
         self.eos_token_id = eos_token_id
         self.passages = passages
         self.near_miss_tokens = near_miss_tokens
+        self.near_miss_at = near_miss_at
 
     def _random_sequence(self) -> list[int]:
         return [self.tokens[self.rng.randrange(len(self.tokens))] for _ in range(self.sequence_tokens)]
@@ -198,7 +205,11 @@ class CopyBatches:
     def _distractor(self, query: list[int]) -> list[int]:
         """A fresh random sequence holding a near miss of `query` (some of its tokens replaced by other tokens)."""
         near_miss = list(query)
-        for position in self.rng.sample(range(len(query)), self.near_miss_tokens):
+        if self.near_miss_at == "start":  # the first tokens differ, as a same-family name does, far from the answer
+            positions = range(self.near_miss_tokens)
+        else:
+            positions = self.rng.sample(range(len(query)), self.near_miss_tokens)
+        for position in positions:
             while near_miss[position] == query[position]:
                 near_miss[position] = self.tokens[self.rng.randrange(len(self.tokens))]
         sequence = self._random_sequence()
@@ -252,6 +263,7 @@ def pretrain_t5(
     tie_embeddings: bool = False,
     copy_passages: int = 1,
     copy_near_miss_tokens: int = 1,
+    copy_near_miss_at: str = "anywhere",
     init_checkpoint: str | None = None,
     steps: int = 600,
     batch_size: int = 32,
@@ -297,6 +309,7 @@ def pretrain_t5(
             eos_token_id=tokenizer.eos_token_id,
             passages=copy_passages,
             near_miss_tokens=copy_near_miss_tokens,
+            near_miss_at=copy_near_miss_at,
         )
     else:
         batches = DenoisingBatches(
@@ -418,6 +431,9 @@ class PretrainConfig:
     tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
     copy_passages: int = 1  # copy: k passages read in FiD form, one holding the query, the others a near miss of it
     copy_near_miss_tokens: int = 1  # copy, k > 1: query tokens changed in each distractor's near miss
+    copy_near_miss_at: str = (
+        "anywhere"  # copy, k > 1: anywhere in the query | start (its first tokens, far from the span)
+    )
     init_checkpoint: str | None = None  # a T5 checkpoint to continue from (same tokenizer); null = a random T5.1.1
     steps: int = 600  # optimiser steps
     batch_size: int = 32  # passages per step
@@ -445,6 +461,10 @@ def run_pretraining(config: PretrainConfig) -> dict:
         raise SystemExit(
             f"copy_near_miss_tokens must lie in [1, copy_query_tokens = {config.copy_query_tokens}], "
             f"got {config.copy_near_miss_tokens}"
+        )
+    if config.copy_near_miss_at not in NEAR_MISS_AT:
+        raise SystemExit(
+            f"copy_near_miss_at must be one of {', '.join(NEAR_MISS_AT)}; got {config.copy_near_miss_at!r}"
         )
     if config.init_checkpoint:
         config.init_checkpoint = os.path.abspath(config.init_checkpoint)

@@ -16,6 +16,13 @@ text uses them (only copying helps), "uniform" draws each distinct token of that
 token makes the query ambiguous, and every output row is trained alike); `copy_passage_tokens` sets the length of
 the random sequences. Teacher-forced token accuracy and the share of spans copied whole on the held-out world's
 passages (or fresh random ones) are logged.
+`distractors_min` / `distractors_max` add, each step, n of the retriever's passages that are not gold (its hardest
+negatives, same-family names) beside the gold evidence: the curriculum on the number of distractors, gold-alone
+batches mixed in when distractors_min is 0; `eval_retrieved` n also scores reading the retriever's first n, as the
+training job's dev EM does. `copy_every` c > 0 makes every c-th step a find-and-copy batch among near misses in FiD
+form (`CopyBatches`: `copy_passages` random sequences, one holding the query, the others a near miss of it with
+`copy_near_miss_tokens` tokens changed `copy_near_miss_at` its start, as a same-family name differs far from the
+answer). `checkpoint` may also be a GLIMMER export (a reader trained on, e.g. jobs/train.py's gold phase).
 With `live_proportion` 1 the reader is exactly Hugging Face's T5 reading `question + passage` (FiD with one
 passage; tests/model check the equality).
 """
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from transformers import AutoConfig
 
 from glimmer_ray.cli import write_report
 from glimmer_ray.config import parse_job_args, to_dict
@@ -41,9 +49,9 @@ from glimmer_ray.data.batches import EVIDENCE_KEYS, model_inputs
 from glimmer_ray.data.reading import passage_text
 from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
 from glimmer_ray.eval.evaluate import dev_batches, predict, read_gold_evidence, score_predictions
-from glimmer_ray.model import GlimmerForConditionalGeneration
+from glimmer_ray.model import GlimmerConfig, GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import TIED_EMBEDDINGS, random_t5, t5_1_1_config
-from glimmer_ray.train.pretrain import find_and_copy
+from glimmer_ray.train.pretrain import CopyBatches, find_and_copy
 
 
 @dataclass
@@ -54,9 +62,14 @@ class ReadGoldConfig:
     num_layers: int = 6
     num_heads: int = 4
     tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
-    checkpoint: str | None = None  # a T5 checkpoint to start from (e.g. jobs/pretrain.py's); null = a random T5.1.1
+    checkpoint: str | None = (
+        None  # a T5 or GLIMMER checkpoint to start from (jobs/pretrain.py's, an export); null = random
+    )
     live_proportion: float = 0.6666666666666666  # alpha
     evidence_passages: int = 1  # g gold passages read per question
+    distractors_min: int = 0  # each step reads the g gold passages and n retrieved non-gold ones (the hardest first),
+    distractors_max: int = 0  # n drawn uniformly in [distractors_min, distractors_max] per step; 0, 0 = gold alone
+    eval_retrieved: int = 0  # also score reading the retriever's first n passages (as the recipe's dev EM); 0 = not
     question_tokens: int = 32
     passage_tokens: int = 96
     answer_tokens: int = 12
@@ -72,6 +85,12 @@ class ReadGoldConfig:
     copy_passage_tokens: int = 0  # length of the random / uniform sequences; 0 = each drawn passage's length
     copy_query_tokens: int = 6  # tokens of the passage given as the question
     copy_tokens: int = 12  # tokens after them to copy (the target)
+    copy_every: int = 0  # > 0: every copy_every-th reading step is a copy batch among near misses instead (below)
+    copy_passages: int = (
+        5  # copy_every: k random sequences of copy_passage_tokens read in FiD form, one with the query,
+    )
+    copy_near_miss_tokens: int = 2  # the others a near miss of it with this many tokens changed,
+    copy_near_miss_at: str = "start"  # at its start (as a same-family name, far from the answer) | anywhere
     threads: int = 0  # torch threads; 0 = torch's default
     seed: int = 0
     output: str = "outputs/worlds/read_gold.json"
@@ -149,6 +168,28 @@ def _copy_pool(passages: list[list[int]], config: ReadGoldConfig) -> tuple[list[
     return pool, sorted(set(tokens)) if config.copy_source == "uniform" else tokens
 
 
+def with_distractors(batch: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """The batch reading its g gold evidence passages and the first `count` retrieved passages that are not gold
+    (the retriever's hardest negatives: same-family names), gold first (FiD's reading ignores the order).
+    `batch` is tokenised with at least g + count retrieved passages."""
+    gold = read_gold_evidence(batch)
+    if count == 0:
+        return gold
+    ids, masks = [], []
+    for row, keys in enumerate(batch["passage_keys"]):
+        others = [index for index, key in enumerate(keys) if key not in set(batch["evidence_keys"][row])][:count]
+        if len(others) < count:
+            raise ValueError(f"a batch row has {len(others)} non-gold retrieved passages; {count} asked")
+        ids.append(batch["passage_ids"][row][others])  # [count, lp]
+        masks.append(batch["passage_mask"][row][others])
+    return {
+        **gold,
+        "passage_ids": np.concatenate([gold["passage_ids"], np.stack(ids)], axis=1),  # [b, g + count, lp]
+        "passage_mask": np.concatenate([gold["passage_mask"], np.stack(masks)], axis=1),
+        "passage_scores": np.zeros((len(ids), gold["passage_ids"].shape[1] + count), dtype=np.float32),  # [b, g+n]
+    }
+
+
 def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) -> float:
     """One AdamW step on the reader's LM loss over `inputs` (gradients clipped at norm 1); returns the loss."""
     loss = model(**inputs).loss
@@ -206,6 +247,11 @@ def main(config: ReadGoldConfig) -> dict:
         raise SystemExit(f"tasks must be a non-empty list of {', '.join(synthkilt.TASKS)}; got {config.tasks}")
     if config.steps < 1 or config.eval_every < 1 or config.evidence_passages < 1:
         raise SystemExit("steps, eval_every and evidence_passages must be at least 1")
+    if not 0 <= config.distractors_min <= config.distractors_max or config.eval_retrieved < 0:
+        raise SystemExit(
+            "distractors_min and distractors_max must satisfy 0 <= distractors_min <= distractors_max, and "
+            f"eval_retrieved >= 0; got {config.distractors_min}, {config.distractors_max}, {config.eval_retrieved}"
+        )
     if config.copy_source not in ("passages", "random", "uniform"):
         raise SystemExit(f"copy_source must be 'passages', 'random' or 'uniform', got {config.copy_source!r}")
     if config.copy_steps < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
@@ -222,9 +268,18 @@ def main(config: ReadGoldConfig) -> dict:
     rows = _training_rows(config)
     tokenizer_dir = os.path.join(config.data_dir, "tokenizer")
     lengths = (config.question_tokens, config.passage_tokens, config.answer_tokens)
-    tokenize_config = TokenizeConfig(*lengths, num_passages=1, evidence_passages=config.evidence_passages)
+    # training batches hold the retriever's first g + distractors_max (the distractors are drawn from them)
+    tokenize_config = TokenizeConfig(
+        *lengths,
+        num_passages=config.evidence_passages + config.distractors_max,
+        evidence_passages=config.evidence_passages,
+    )
     tokenize = TokenizeBatch(tokenizer_dir, tokenize_config)
-    if config.checkpoint:  # its shape and output layer replace d_model, num_layers, num_heads, tie_embeddings
+    evidence_config = TokenizeConfig(*lengths, num_passages=1, evidence_passages=config.evidence_passages)
+    retrieved_config = TokenizeConfig(*lengths, num_passages=max(1, config.eval_retrieved), evidence_passages=0)
+    if config.checkpoint and AutoConfig.from_pretrained(config.checkpoint).model_type == GlimmerConfig.model_type:
+        source = None  # a GLIMMER export (a run continued): read as it is, at this live_proportion
+    elif config.checkpoint:  # its shape and output layer replace d_model, num_layers, num_heads, tie_embeddings
         source = config.checkpoint
     else:
         t5_config = t5_1_1_config(
@@ -236,38 +291,81 @@ def main(config: ReadGoldConfig) -> dict:
             **(TIED_EMBEDDINGS if config.tie_embeddings else {}),
         )
         source = random_t5(t5_config, seed=config.seed)
-    model = GlimmerForConditionalGeneration.from_t5(
-        source, live_proportion=config.live_proportion, num_selected=None
-    ).train()
+    if source is None:
+        model = GlimmerForConditionalGeneration.from_pretrained(
+            config.checkpoint, live_proportion=config.live_proportion, num_selected=None
+        ).train()
+    else:
+        model = GlimmerForConditionalGeneration.from_t5(
+            source, live_proportion=config.live_proportion, num_selected=None
+        ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     dev_paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
 
     def evaluate() -> dict[str, float]:
-        batches = dev_batches(dev_paths, tokenizer_dir, tokenize_config, 32, limit_per_task=config.dev_limit_per_task)
-        predictions = predict(
-            model, (read_gold_evidence(b) for b in batches), tokenize.tokenizer, max_new_tokens=config.answer_tokens
-        )
+        """Dev EM per task (and their average) reading the gold evidence and, with eval_retrieved n, the retriever's
+        first n (keys `retrieved/<task>`)."""
+        readings = {"": (evidence_config, read_gold_evidence, config.evidence_passages)}
+        if config.eval_retrieved:
+            readings["retrieved/"] = (retrieved_config, lambda batch: batch, config.eval_retrieved)
+        em = {}
+        for prefix, (reading_config, read, num_selected) in readings.items():
+            batches = dev_batches(
+                dev_paths, tokenizer_dir, reading_config, 32, limit_per_task=config.dev_limit_per_task
+            )
+            predictions = predict(
+                model,
+                (read(b) for b in batches),
+                tokenize.tokenizer,
+                max_new_tokens=config.answer_tokens,
+                num_selected=num_selected,
+            )
+            em.update({f"{prefix}{task}": round(s["em"], 4) for task, s in score_predictions(predictions).items()})
         model.train()
-        return {task: round(score["em"], 4) for task, score in score_predictions(predictions).items()}
+        return em
 
     # loop
     copy_curve = _copy_pretraining(model, optimizer, schedule, config, tokenize.tokenizer) if config.copy_steps else []
-    curve, losses, start, position = [], [], time.perf_counter(), 0
+    curve, losses, copy_losses, start, position = [], [], [], time.perf_counter(), 0
+    rng, near_misses = random.Random(config.seed + 2), None
+    if config.copy_every:
+        train_passages, _ = _passage_pools(config, tokenize.tokenizer)
+        near_misses = CopyBatches(
+            [token for ids in train_passages for token in ids],
+            config.batch_size,
+            config.copy_passage_tokens or config.copy_query_tokens + config.copy_tokens,
+            config.copy_query_tokens,
+            config.copy_tokens,
+            seed=config.seed + 3,
+            eos_token_id=tokenize.tokenizer.eos_token_id,
+            passages=config.copy_passages,
+            near_miss_tokens=config.copy_near_miss_tokens,
+            near_miss_at=config.copy_near_miss_at,
+        )
     print(f"[read_gold] {len(rows)} training questions, {sum(p.numel() for p in model.parameters())} parameters")
     for step in range(1, config.steps + 1):
         chunk = rows[position : position + config.batch_size]
         position = position + config.batch_size if position + 2 * config.batch_size <= len(rows) else 0
-        batch = read_gold_evidence(tokenize({key: np.array([r[key] for r in chunk], dtype=object) for key in chunk[0]}))
-        inputs = {k: v for k, v in model_inputs(batch, torch.device("cpu")).items() if k not in EVIDENCE_KEYS}
-        losses.append(_training_step(model, optimizer, schedule, inputs))
+        if near_misses is not None and step % config.copy_every == 0:
+            inputs = near_misses.next()  # [b, k, copy_passage_tokens + 1] passages
+        else:
+            batch = tokenize({key: np.array([r[key] for r in chunk], dtype=object) for key in chunk[0]})
+            batch = with_distractors(batch, rng.randint(config.distractors_min, config.distractors_max))
+            inputs = {k: v for k, v in model_inputs(batch, torch.device("cpu")).items() if k not in EVIDENCE_KEYS}
+        copying = near_misses is not None and step % config.copy_every == 0
+        (copy_losses if copying else losses).append(_training_step(model, optimizer, schedule, inputs))
         if step % config.log_every == 0:
-            print(f"[read_gold] step {step} loss {np.mean(losses[-config.log_every :]):.3f}", flush=True)
+            copied = f", among near misses {np.mean(copy_losses[-10:]):.3f}" if copy_losses else ""
+            print(f"[read_gold] step {step} loss {np.mean(losses[-config.log_every :]):.3f}{copied}", flush=True)
         if step % config.eval_every == 0 or step == config.steps:
             em = evaluate()
-            minutes = (time.perf_counter() - start) / 60
-            curve.append({"step": step, "minutes": minutes, "loss": float(np.mean(losses[-config.log_every :])), **em})
-            print(f"[read_gold] step {step} ({minutes:.1f} min): gold-evidence dev EM {json.dumps(em)}", flush=True)
+            point = {"step": step, "minutes": (time.perf_counter() - start) / 60}
+            point["loss"] = float(np.mean(losses[-config.log_every :]))
+            if copy_losses:
+                point["near_miss_copy_loss"] = float(np.mean(copy_losses[-10:]))
+            curve.append({**point, **em})
+            print(f"[read_gold] step {step} ({point['minutes']:.1f} min): dev EM {json.dumps(em)}", flush=True)
 
     # report
     report = {"config": to_dict(config), "copy_curve": copy_curve, "curve": curve}

@@ -126,6 +126,36 @@ def test_copy_among_near_misses_has_one_exact_match():
         CopyBatches(tokens, batch_size=2, sequence_tokens=20, query_tokens=4, copy_tokens=6, near_miss_tokens=5)
 
 
+def test_near_misses_at_the_start_differ_only_in_the_querys_first_tokens():
+    """near_miss_at "start": each distractor holds the query with exactly its first near_miss_tokens tokens changed
+    and the rest intact (a same-family name: what tells the passages apart lies far from the copied span)."""
+    tokens = list(range(10, 60))
+    batches = CopyBatches(
+        tokens,
+        16,
+        sequence_tokens=24,
+        query_tokens=6,
+        copy_tokens=4,
+        seed=3,
+        passages=4,
+        near_miss_tokens=2,
+        near_miss_at="start",
+    )
+    batch = batches.next()
+    for row in range(16):
+        query = batch["question_ids"][row, :6].tolist()
+        kinds = []
+        for passage in batch["passage_ids"][row, :, :-1].tolist():
+            windows = [passage[s : s + 6] for s in range(19)]
+            if query in windows:
+                kinds.append("exact")
+            elif any(w[2:] == query[2:] and w[0] != query[0] and w[1] != query[1] for w in windows):
+                kinds.append("start")
+        assert sorted(kinds) == ["exact", "start", "start", "start"]
+    with pytest.raises(ValueError, match="near_miss_at"):
+        CopyBatches(tokens, 2, sequence_tokens=20, query_tokens=4, copy_tokens=6, near_miss_at="end")
+
+
 def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path):
     from transformers import AutoTokenizer
 

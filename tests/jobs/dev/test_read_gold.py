@@ -69,3 +69,41 @@ def test_copy_batches_ask_for_the_tokens_after_the_query_and_copy_pretraining_ru
         job.main(job.ReadGoldConfig(data_dir=str(root), copy_source="uniform", copy_passage_tokens=8))
     with pytest.raises(SystemExit, match="no passage holds"):
         job._copy_pool([[5, 6]], config)
+
+
+def test_distractors_join_the_gold_passage_and_the_run_scores_both_readings(quickstart_run, tmp_path, load_job):
+    """Each step reads the gold passage first, then the retriever's first n passages that are not gold; the
+    evaluation scores the gold reading and the retriever's first n; near-miss copy batches interleave; a GLIMMER
+    export continues as it is; bad curricula are refused."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from glimmer_ray.data.stream import TokenizeBatch, TokenizeConfig
+
+    _, _, root = quickstart_run
+    job = load_job("dev/read_gold")
+    tokenize = TokenizeBatch(str(root / "tokenizer"), TokenizeConfig(16, 24, 6, num_passages=4, evidence_passages=1))
+    rows = pq.read_table(root / "retrieved" / "nq-train.parquet").to_pylist()[:6]
+    batch = tokenize({key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]})
+    read = job.with_distractors(batch, 2)
+    assert read["passage_ids"].shape == (6, 3, 24) and read["passage_scores"].shape == (6, 3)
+    for row in range(6):
+        assert np.array_equal(read["passage_ids"][row, 0], batch["evidence_ids"][row, 0])
+        others = [i for i, key in enumerate(batch["passage_keys"][row]) if key not in set(batch["evidence_keys"][row])]
+        assert np.array_equal(read["passage_ids"][row, 1:], batch["passage_ids"][row][others[:2]])
+    assert np.array_equal(job.with_distractors(batch, 0)["passage_ids"], batch["evidence_ids"])
+    with pytest.raises(ValueError, match="non-gold retrieved passages"):
+        job.with_distractors(batch, 4)
+
+    config = job.ReadGoldConfig(
+        data_dir=str(root), tasks=["nq", "trex"], checkpoint=str(root / "model"), steps=4, batch_size=4, eval_every=4,
+        log_every=2, dev_limit_per_task=3, distractors_min=1, distractors_max=2, eval_retrieved=3, copy_every=2,
+        copy_query_tokens=4, copy_tokens=3, copy_passage_tokens=12, copy_passages=3, copy_near_miss_tokens=1,
+        output=str(tmp_path / "mixed.json"),
+    )  # fmt: skip
+    report = job.main(config)
+    point = report["curve"][-1]
+    assert {"nq", "trex", "retrieved/nq", "retrieved/trex", "retrieved/average"} <= set(point)
+    assert point["near_miss_copy_loss"] > 0 and point["loss"] > 0
+    with pytest.raises(SystemExit, match="distractors_min and distractors_max"):
+        job.main(job.ReadGoldConfig(data_dir=str(root), distractors_min=2, distractors_max=1))
