@@ -221,6 +221,19 @@ def glimmer_config_from_t5(t5_config, options: dict) -> GlimmerConfig:
     return GlimmerConfig(**{**settings, **options})
 
 
+def _stack_reading(embeddings: nn.Embedding, config: GlimmerConfig) -> T5Stack:
+    """A `T5Stack` whose token embedding is `embeddings` (the model's `shared`, as T5 ties them). T5Stack builds an
+    embedding of its own, which the tie replaces at once; it is built one row long, so no vocabulary-sized copy is
+    ever allocated (under ZeRO-3's `zero.Init` each would be partitioned and written on every rank, then dropped)."""
+    vocab_size, config.vocab_size = config.vocab_size, 1
+    try:
+        stack = T5Stack(config)
+    finally:
+        config.vocab_size = vocab_size
+    stack.set_input_embeddings(embeddings)
+    return stack
+
+
 class GlimmerForConditionalGeneration(T5PreTrainedModel):
     """GLIMMER reader: memory encoder, live encoder with built-in reranker, FiD decoder.
 
@@ -251,11 +264,11 @@ class GlimmerForConditionalGeneration(T5PreTrainedModel):
         encoder_config = copy.deepcopy(config)
         encoder_config.is_decoder = False
         encoder_config.use_cache = False
-        self.encoder = T5Stack(encoder_config)  # used block by block, never through T5Stack.forward
+        self.encoder = _stack_reading(self.shared, encoder_config)  # used block by block, never as T5Stack.forward
         decoder_config = copy.deepcopy(config)
         decoder_config.is_decoder = True
         decoder_config.num_layers = config.num_decoder_layers
-        self.decoder = T5Stack(decoder_config)
+        self.decoder = _stack_reading(self.shared, decoder_config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rerank_head = RerankHead(config.d_model, config.scoring, config.retrieval_prior)
         if config.separate_question_encoder:

@@ -2,8 +2,9 @@
 exported one gathered parameter at a time.
 
     build_partitioned   the model constructed under `deepspeed.zero.Init` (each rank keeps only its partition),
-                        then every tensor of every checkpoint file read in turn, each rank reading only the rows
-                        holding its own partition (safetensors slices), so no rank ever holds a whole model or file
+                        then every tensor of every checkpoint file read in turn, each rank reading only the bytes
+                        of its own partition straight into it (no memory map, no copy of the rows around it), so
+                        no rank ever holds a whole model, a whole tensor or a file's pages
     gathered_parameters every parameter gathered in turn and handed to rank 0 as an fp32 CPU copy: the export
     save_sharded        Hugging Face's sharded safetensors layout (`model-0000i-of-0000n.safetensors` and
                         `model.safetensors.index.json`, at most `max_shard_size` a file) from such a stream
@@ -21,7 +22,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 from transformers.initialization import no_init_weights
@@ -32,6 +32,7 @@ from glimmer_ray.model.modeling import glimmer_config_from_t5
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 IGNORED_KEYS = ("EncDecAttention.relative_attention_bias",)  # T5 stores it; only self-attention of block 0 uses one
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
@@ -79,31 +80,30 @@ def build_partitioned(checkpoint: str, ds_config: dict[str, Any], **options) -> 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config, from_t5 = partitioned_config(checkpoint, options)
     # no initialisation: every weight but the new scoring head's comes from the checkpoint (under zero.Init each
-    # module's initialiser would gather, initialise and broadcast its parameters)
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    # module's initialiser would gather, initialise and broadcast its parameters), and no broadcast of the
+    # uninitialised tensors either
+    with no_init_weights(), _partition_only(deepspeed)(config_dict_or_path=ds_config):
         model = GlimmerForConditionalGeneration(config)
     model.tie_weights()  # part of the initialisation skipped above
     parameters = dict(model.named_parameters())
     filled: set[str] = set()
     for path in checkpoint_files(checkpoint):
-        with safe_open(path, framework="pt") as source:
-            keys = list(source.keys())
-        for key in keys:
-            if any(ignored in key for ignored in IGNORED_KEYS):
-                continue
-            targets = [key] if key in parameters else []
-            if from_t5 and config.separate_question_encoder and key.startswith("encoder.block."):
-                index, rest = key[len("encoder.block.") :].split(".", 1)
-                if int(index) < config.num_memory_layers:
-                    targets.append(f"question_encoder.{index}.{rest}")
-            if not targets and key in model._tied_weights_keys:
-                continue  # tied to shared.weight, which the checkpoint also holds
-            if not targets:
-                raise ValueError(f"{path} holds {key}, which the GLIMMER model of {checkpoint} does not have")
-            # one tensor per opening: the file's pages this rank touched are unmapped before the next tensor
-            with safe_open(path, framework="pt") as source:
+        tensors, data_start = safetensors_header(path)
+        with open(path, "rb", buffering=0) as handle:
+            for key, entry in tensors.items():
+                if any(ignored in key for ignored in IGNORED_KEYS):
+                    continue
+                targets = [key] if key in parameters else []
+                if from_t5 and config.separate_question_encoder and key.startswith("encoder.block."):
+                    index, rest = key[len("encoder.block.") :].split(".", 1)
+                    if int(index) < config.num_memory_layers:
+                        targets.append(f"question_encoder.{index}.{rest}")
+                if not targets and key in model._tied_weights_keys:
+                    continue  # tied to shared.weight, which the checkpoint also holds
+                if not targets:
+                    raise ValueError(f"{path} holds {key}, which the GLIMMER model of {checkpoint} does not have")
                 for name in targets:
-                    _fill_partition(parameters[name], source.get_slice(key), key, rank, world_size)
+                    _fill_partition(parameters[name], handle, data_start, entry, f"{path}: {key}", rank, world_size)
                     filled.add(name)
     fresh = [name for name in parameters if name not in filled]
     expected_fresh = ("rerank_head.",) if not from_t5 else ("rerank_head.", "question_encoder.")
@@ -118,23 +118,72 @@ def build_partitioned(checkpoint: str, ds_config: dict[str, Any], **options) -> 
     return model
 
 
-def _fill_partition(param: torch.nn.Parameter, source, key: str, rank: int, world_size: int) -> None:
-    """Copy this rank's slice of the checkpoint tensor `source` (a safetensors slice: only the rows holding it
-    are read) into the ZeRO-3 partition `param.ds_tensor`."""
-    shape = tuple(source.get_shape())
+def safetensors_header(path: str) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets) and the byte where their data starts.
+    The format: an 8-byte little-endian header length n, n bytes of JSON header, then the data."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        raw = handle.read(length) if length > 0 else b""
+    if length <= 0 or len(raw) != length:
+        raise ValueError(f"{path} is not a safetensors file (its header is cut short or missing)")
+    header = json.loads(raw)
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _partition_only(deepspeed) -> type:
+    """`deepspeed.zero.Init` that partitions each new parameter without first broadcasting it whole from rank 0
+    (partition_parameters.py `_zero_init_param`): the broadcast makes every other rank write a full copy of each
+    module's parameters (the 126 MiB embedding of T5-large) only to overwrite its share from the checkpoint."""
+
+    class PartitionOnly(deepspeed.zero.Init):
+        def _zero_init_param(self, param: torch.nn.Parameter) -> None:
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return PartitionOnly
+
+
+def _fill_partition(
+    param: torch.nn.Parameter, handle, data_start: int, entry: dict, key: str, rank: int, world_size: int
+) -> None:
+    """Read this rank's elements of the checkpoint tensor `entry` (a safetensors header entry of the file open as
+    `handle`) into the ZeRO-3 partition `param.ds_tensor`: straight into it when it is a CPU tensor of the file's
+    dtype, else through a buffer of just those elements (then cast and moved)."""
+    shape = tuple(entry["shape"])
     if shape != tuple(param.ds_shape):
         raise ValueError(f"{key}: the checkpoint holds {list(shape)}, the model {list(param.ds_shape)}")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"{key}: dtype {entry['dtype']} is not a floating-point type a reader's weights can take")
     numel, size = param.ds_numel, param.ds_tensor.numel()
     if size * world_size < numel:
         raise RuntimeError(f"{key}: a partition of {size} elements x {world_size} ranks does not cover {numel}")
+    begin, finish = entry["data_offsets"]
+    width = torch.tensor([], dtype=dtype).element_size()
+    if finish - begin != numel * width:
+        raise ValueError(f"{key}: {finish - begin} bytes of data for {numel} elements of {entry['dtype']}")
     start, end = min(rank * size, numel), min((rank + 1) * size, numel)
-    if end == start:
-        return
-    row = numel // shape[0] if shape else 1  # elements per row of the first dimension
-    first, last = start // row, -(-end // row)  # [rows] holding elements [start, end)
-    rows = source[first:last].reshape(-1)  # [(last - first) * row]
     with torch.no_grad():
-        param.ds_tensor[: end - start].copy_(rows[start - first * row : end - first * row])
+        target = param.ds_tensor.detach()[: end - start]  # [end - start], this rank's elements
+        direct = target.device.type == "cpu" and target.dtype == dtype
+        buffer = target if direct else torch.empty(end - start, dtype=dtype)
+        _read_into(handle, data_start + begin + start * width, buffer.view(torch.uint8).numpy(), key)
+        if not direct:
+            target.copy_(buffer)
+        param.ds_tensor.detach()[end - start :].zero_()  # the last rank's padding: flat optimiser states read it
+
+
+def _read_into(handle, offset: int, out, key: str) -> None:
+    """Fill the byte array `out` from `handle` at `offset` (reads may come back short: read until full)."""
+    view, done = memoryview(out), 0
+    handle.seek(offset)
+    while done < len(view):
+        count = handle.readinto(view[done:])
+        if not count:
+            raise ValueError(f"{key}: the file ends {len(view) - done} bytes before this tensor's data does")
+        done += count
 
 
 def gathered_parameters(model: torch.nn.Module, rank: int) -> Iterator[tuple[str, torch.Tensor | None]]:

@@ -116,6 +116,51 @@ def test_save_sharded_keeps_every_tensor_and_replaces_an_earlier_export(tmp_path
         save_sharded(tensors.items(), tmp_path, max_shard_size=0)
 
 
+class _Partition:
+    """DeepSpeed's ZeRO-3 bookkeeping of one parameter on one rank (partition_parameters.py): its full shape and
+    size, and this rank's flat share `ds_tensor` (ceil(n / w) elements; the last rank's padded)."""
+
+    def __init__(self, shape: tuple[int, ...], world_size: int, dtype: torch.dtype) -> None:
+        self.ds_shape, self.ds_numel = torch.Size(shape), int(torch.tensor(shape).prod())
+        self.ds_tensor = torch.full((-(-self.ds_numel // world_size),), float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_each_rank_reads_exactly_its_elements_of_a_checkpoint_tensor(stored, tmp_path):
+    """Ranks' partitions read straight from the file concatenate to the stored tensor (fp32 read in place; bf16
+    read and widened into fp32 partitions), padding zeroed; a file cut short or a shape that differs is refused."""
+    from safetensors.torch import save_file
+
+    from glimmer_ray.train.zero3 import _fill_partition, safetensors_header
+
+    tensors = {"a.weight": torch.randn(7, 5).to(stored), "b.bias": torch.randn(11).to(stored)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    header, data_start = safetensors_header(str(tmp_path / "model.safetensors"))
+    world_size = 3
+    for key, tensor in tensors.items():
+        parts = [_Partition(tuple(tensor.shape), world_size, torch.float32) for _ in range(world_size)]
+        with open(tmp_path / "model.safetensors", "rb", buffering=0) as handle:
+            for rank, part in enumerate(parts):
+                _fill_partition(part, handle, data_start, header[key], key, rank, world_size)
+        flat = torch.cat([part.ds_tensor for part in parts])  # [w * ceil(n / w)]
+        assert torch.equal(flat[: tensor.numel()], tensor.float().reshape(-1))
+        assert not flat[tensor.numel() :].any()  # the padding is zeroed
+
+    with open(tmp_path / "model.safetensors", "rb", buffering=0) as handle:
+        with pytest.raises(ValueError, match=r"the checkpoint holds \[7, 5\], the model \[5, 7\]"):
+            _fill_partition(_Partition((5, 7), 2, torch.float32), handle, data_start, header["a.weight"], "a", 0, 2)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    last = max(header, key=lambda key: header[key]["data_offsets"][1])
+    with open(tmp_path / "cut.safetensors", "rb", buffering=0) as handle:
+        with pytest.raises(ValueError, match="file ends .* bytes before"):
+            shape = tuple(header[last]["shape"])
+            _fill_partition(_Partition(shape, 1, torch.float32), handle, data_start, header[last], last, 0, 1)
+    (tmp_path / "header.safetensors").write_bytes(data[:12])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        safetensors_header(str(tmp_path / "header.safetensors"))
+
+
 def test_a_checkpoint_without_safetensors_is_refused_with_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="safetensors.*save_pretrained"):
         checkpoint_files(str(tmp_path))
