@@ -81,6 +81,7 @@ class OptimSection:
     )
     distill_gate: bool = False  # distil (and read the reranker's top m) only once an evaluation finds the teacher's held-out passage recall@m at least the retriever's: a teacher that does not read cannot teach
     reader_warmup_source: str = "retrieved"  # retrieved: the first reader_warmup_passages | gold: the data.evidence_passages gold evidence passages
+    activation_checkpointing: bool = False  # each T5 block's activations recomputed in backward, not held from forward (large models: ~1/3 more compute)
 
 
 @dataclass

@@ -239,8 +239,8 @@ class TrainingModel:
 
 
 def build_training_model(config: TrainConfig, vocab_size: int, device: torch.device) -> GlimmerForConditionalGeneration:
-    """The job's model on `device` in training mode (memory frozen if asked); under ZeRO-3 from a checkpoint built
-    partitioned (`deepspeed.zero3_init`). Every rank calls it."""
+    """The job's model on `device` in training mode (memory frozen, activations checkpointed if asked); under ZeRO-3
+    from a checkpoint built partitioned (`deepspeed.zero3_init`). Every rank calls it."""
     ds_config = engine_config(config, model_config(config, vocab_size).d_model)
     zero3 = ds_config is not None and config.deepspeed.zero_stage == 3
     if zero3 and device.type == "cpu":
@@ -250,6 +250,8 @@ def build_training_model(config: TrainConfig, vocab_size: int, device: torch.dev
     if not is_partitioned(model):  # a partitioned model's slices are placed by DeepSpeed
         model.to(device)
     model.train()  # from_pretrained leaves a model in eval mode: dropout back on
+    if config.optim.activation_checkpointing:  # Hugging Face's, on every T5 block (memory, live and decoder alike)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.optim.freeze_memory:
         for block in model.memory_blocks:
             block.requires_grad_(False)

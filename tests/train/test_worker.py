@@ -13,7 +13,8 @@ from glimmer_ray.data.tokenizer import save_tokenizer, train_t5_tokenizer
 from glimmer_ray.model import GlimmerForConditionalGeneration
 from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
 from glimmer_ray.train.config import TrainConfig
-from glimmer_ray.train.worker import MetricsWindow, build_model, check_checkpoint_tokenizer
+from glimmer_ray.train.step_timing import random_batch
+from glimmer_ray.train.worker import MetricsWindow, build_model, build_training_model, check_checkpoint_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,6 +60,32 @@ def test_a_t5_checkpoint_gets_a_fresh_scoring_head(tmp_path):
         model.memory_blocks[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight
     )
     assert model.config.num_selected == 3
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    """Every T5 block (memory, live, decoder) recomputed in backward: the same loss and gradients as holding the
+    activations, dropout included (its random state is replayed), with the distillation teacher in the step."""
+    random_t5(t5_1_1_config(vocab_size=64, d_model=32, num_layers=6, num_heads=2, dropout_rate=0.1)).save_pretrained(
+        tmp_path / "t5"
+    )
+    batch = random_batch(2, 4, 6, 10, 4, 64, seed=0)
+    results = []
+    for checkpointed in (False, True):
+        config = _config(**{"model.checkpoint": tmp_path / "t5", "optim.activation_checkpointing": checkpointed})
+        torch.manual_seed(1)  # the same fresh scoring head
+        model = build_training_model(config, vocab_size=64, device=torch.device("cpu"))
+        blocks = [*model.encoder.block, *model.decoder.block]
+        assert all(block.gradient_checkpointing == checkpointed for block in blocks)
+        torch.manual_seed(2)  # the same dropout
+        output = model(**batch, pdist_weight=1.0)
+        output.loss.backward()
+        results.append((output.loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    assert torch.equal(loss, loss_checkpointed)
+    assert grads.keys() == grads_checkpointed.keys() and all(
+        torch.allclose(grads[name], grads_checkpointed[name], rtol=1e-5, atol=1e-7) for name in grads
+    )
+    assert sum(grad.abs().sum() for grad in grads.values()) > 0
 
 
 def test_a_checkpoint_saved_with_another_tokenizer_is_refused(tmp_path):
