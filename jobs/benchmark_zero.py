@@ -16,7 +16,9 @@ memory from /proc/self/status (high-water marks reset between phases through /pr
     build           the peak over model construction and checkpoint loading (`build_training_model`)
     initialize      the peak over `deepspeed.initialize`: ZeRO-3 flattens the partitions and allocates this rank's
                     fp32 copy and gradient partition here (stage3.py `_setup_for_real_optimizer`)
-    steps           the peak over the training steps (the optimiser's state appears at the first)
+    steps           the peak over the training steps (the optimiser's state appears at the first): the largest of
+                    its parts' peaks, each measured alone: fwd (forward, with the distillation teacher), bwd
+                    (backward, with ZeRO-3's gradient reduction), opt (the optimiser's step)
 
     partitioned     deepspeed.zero3_init true: built under deepspeed.zero.Init, each rank reading only its slices
     replicated      deepspeed.zero3_init false: the whole model built on every rank, then partitioned by
@@ -28,7 +30,8 @@ state) x N / world size, plus the gathered parameters kept alive between uses, 4
 DeepSpeed keeps the fp32 copy even when the parameters are fp32 on a CPU (stage3.py `_create_fp32_partitions`); the
 optimiser's state is 8 bytes a parameter for AdamW (two moments) and 4 for Adafactor (ZeRO-3 hands the optimiser flat
 1-D partitions, so its second moment is not factored, and the paper's Adafactor keeps no first moment). Activations,
-communication buffers and the optimiser's temporaries (bounded by the sub-group size) are left out.
+communication buffers and the optimiser's temporaries (bounded by the sub-group size) are left out: with
+`activation_checkpointing` (the default, as for T5-XXL) a block's activations live only while it is recomputed.
 
 Writes output_dir/benchmark_zero.json; its top-level `peak_rss_over_fp32`, `initialize_peak_rss_over_fp32` and
 `step_peak_rss_over_fp32` are the largest worker's build, initialize and step peaks over the fp32 model size
@@ -38,6 +41,7 @@ Writes output_dir/benchmark_zero.json; its top-level `peak_rss_over_fp32`, `init
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -74,6 +78,7 @@ class BenchmarkZeroConfig:
     passage_tokens: int = 64
     answer_tokens: int = 8
     live_parameters: int = 100_000_000  # ZeRO-3: gathered parameter elements kept alive between uses (job default 1e9)
+    activation_checkpointing: bool = True  # each T5 block recomputed in backward (train_t5xxl_gpu.yaml's setting)
     max_shard_size: str = "500MB"  # the checkpoint's safetensors files
     output_dir: str = "outputs/benchmark-zero"  # the checkpoint (reused), the runs and benchmark_zero.json
     ray_address: str | None = None  # null: the cluster of `ray job submit`, else a new local one
@@ -81,11 +86,11 @@ class BenchmarkZeroConfig:
 
 def _checkpoint(config: BenchmarkZeroConfig) -> tuple[str, int]:
     """The random T5.1.1 of the configured shape as a sharded checkpoint (saved once, reused while the shape holds)
-    and its number of parameters."""
-    import torch
-    from transformers import AutoConfig, T5ForConditionalGeneration
+    and its number of parameters (counted in the files: T5.1.1's output layer is its own)."""
+    from transformers import AutoConfig
 
     from glimmer_ray.model.random_t5 import random_t5, t5_1_1_config
+    from glimmer_ray.train.zero3 import checkpoint_files, safetensors_header
 
     shape = config.model
     wanted = t5_1_1_config(
@@ -95,19 +100,22 @@ def _checkpoint(config: BenchmarkZeroConfig) -> tuple[str, int]:
         num_heads=shape.num_heads,
         d_ff=shape.d_ff,
     )
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in T5ForConditionalGeneration(wanted).parameters())
     directory = os.path.join(os.path.abspath(config.output_dir), "t5-checkpoint")
     keys = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff")
-    if os.path.exists(os.path.join(directory, "config.json")):
-        saved = AutoConfig.from_pretrained(directory)
-        if all(getattr(saved, key) == getattr(wanted, key) for key in keys):
-            print(f"[benchmark_zero] reusing {directory}", flush=True)
-            return directory, parameters
-    print(f"[benchmark_zero] saving a random T5.1.1 of {parameters / 1e6:.0f}M parameters to {directory}", flush=True)
-    start = time.perf_counter()
-    random_t5(wanted).save_pretrained(directory, max_shard_size=config.max_shard_size)
-    print(f"[benchmark_zero] saved in {time.perf_counter() - start:.0f} s", flush=True)
+    saved = AutoConfig.from_pretrained(directory) if os.path.exists(os.path.join(directory, "config.json")) else None
+    if saved is not None and all(getattr(saved, key) == getattr(wanted, key) for key in keys):
+        print(f"[benchmark_zero] reusing {directory}", flush=True)
+    else:
+        print(f"[benchmark_zero] saving a random T5.1.1 of this shape to {directory}", flush=True)
+        start = time.perf_counter()
+        random_t5(wanted).save_pretrained(directory, max_shard_size=config.max_shard_size)
+        print(f"[benchmark_zero] saved in {time.perf_counter() - start:.0f} s", flush=True)
+    parameters = sum(
+        math.prod(entry["shape"])
+        for path in checkpoint_files(directory)
+        for entry in safetensors_header(path)[0].values()
+    )
+    print(f"[benchmark_zero] {parameters / 1e6:.0f}M parameters", flush=True)
     return directory, parameters
 
 
@@ -124,6 +132,7 @@ def _train_config(config: BenchmarkZeroConfig, checkpoint: str, world_size: int,
     train.deepspeed.zero_stage = 3
     train.deepspeed.zero3_init = construction == "partitioned"
     train.deepspeed.live_parameters = config.live_parameters
+    train.optim.activation_checkpointing = config.activation_checkpointing
     train.scaling.num_workers = world_size
     return to_dict(train)
 
@@ -232,7 +241,7 @@ def _print_rows(rows: list[dict], fp32_gib: float, header: bool) -> None:
     if header:
         print(
             f"{'construction':<13}{'workers':>8}{'rank':>5}{'before':>8}{'build':>8}{'/fp32':>9}{'init':>8}{'/fp32':>9}"
-            f"{'steps':>8}{'/fp32':>9}{'predicted':>10}{'steps/pred':>11}{'build s':>8}{'init s':>8}{'s/step':>8}"
+            f"{'fwd':>7}{'bwd':>7}{'opt':>7}{'steps':>8}{'/fp32':>9}{'predicted':>10}{'steps/pred':>11}{'build s':>8}{'init s':>8}{'s/step':>8}"
         )
     for row in rows:
         for w in row["workers"]:
@@ -240,6 +249,7 @@ def _print_rows(rows: list[dict], fp32_gib: float, header: bool) -> None:
                 f"{row['construction']:<13}{row['world_size']:>8}{w['rank']:>5}{w['before_gib']:8.2f}"
                 f"{w['build_peak_gib']:8.2f}{w['build_peak_over_fp32']:9.2f}"
                 f"{w['initialize_peak_gib']:8.2f}{w['initialize_peak_over_fp32']:9.2f}"
+                f"{w['forward_peak_gib']:7.2f}{w['backward_peak_gib']:7.2f}{w['optimizer_peak_gib']:7.2f}"
                 f"{w['step_peak_gib']:8.2f}{w['step_peak_over_fp32']:9.2f}{w['predicted_gib']:10.2f}"
                 f"{w['step_peak_over_predicted']:11.2f}{w['build_seconds']:8.1f}{w['initialize_seconds']:8.1f}"
                 f"{w['seconds_per_step']:8.1f}"

@@ -4,7 +4,8 @@ steps, phase by phase, from /proc/self/status (Linux). Used by `jobs/benchmark_z
     before      RSS once Python, torch, DeepSpeed (its communication initialised) and the Ray worker are loaded
     build       the peak over model construction and checkpoint loading (`build_training_model`)
     initialize  the peak over `wrap_training_model` (`deepspeed.initialize`)
-    step        the peak over the training steps
+    step        the peak over the training steps: the largest of its parts' peaks, forward (with the distillation
+                teacher), backward (with ZeRO-3's gradient reduction) and the optimiser's step, each measured alone
 
 Each phase's peak is the high-water mark VmHWM, reset to the current RSS between phases through /proc/self/clear_refs.
 """
@@ -19,6 +20,7 @@ import time
 from glimmer_ray.train.deepspeed import check_extension_locks
 
 RECORDS = "memory_records.json"
+STEP_PARTS = ("forward", "backward", "optimizer")  # a training step's parts, each with its own RSS peak
 
 
 def _memory_kib(field_name: str) -> int:
@@ -87,23 +89,43 @@ def measure_worker(loop_config: dict) -> None:
     )
     model, initialize_seconds, initialize = phase("initialize", lambda: wrap_training_model(train, built))
 
-    def train_steps() -> list[float]:
-        losses = []
-        for _ in range(bench["steps"]):
-            output = model.engine(**batch, pdist_weight=train.optim.pdist_weight)
-            model.engine.backward(output.loss)
-            model.engine.step()
-            losses.append(output.loss.item())
-        return losses
+    def part(work):
+        """`work()` with the RSS peak (KiB) over it, from the RSS it started at."""
+        _reset_peak()
+        return work(), _memory_kib("VmHWM")
 
-    losses, step_seconds, steps = phase("steps", train_steps)
-    step_seconds /= bench["steps"]
+    def train_steps() -> tuple[list[float], dict[str, int]]:
+        """The steps, each cut in three: forward (with the teacher), backward (with ZeRO-3's gradient reduction),
+        the optimiser's step; the peak of each part over all steps."""
+        losses, peaks = [], dict.fromkeys(STEP_PARTS, 0)
+        for _ in range(bench["steps"]):
+            output, peak = part(lambda: model.engine(**batch, pdist_weight=train.optim.pdist_weight))
+            peaks["forward"] = max(peaks["forward"], peak)
+            _, peak = part(lambda: model.engine.backward(output.loss))
+            peaks["backward"] = max(peaks["backward"], peak)
+            _, peak = part(model.engine.step)
+            peaks["optimizer"] = max(peaks["optimizer"], peak)
+            losses.append(output.loss.item())
+        return losses, peaks
+
+    dist.barrier()
+    start = time.perf_counter()
+    losses, step_parts = train_steps()
+    step_seconds = (time.perf_counter() - start) / bench["steps"]
+    steps = max(step_parts.values())
+    print(
+        f"[memory] rank {rank}: steps peak {steps / 2**20:.2f} GiB ("
+        + ", ".join(f"{name} {peak / 2**20:.2f}" for name, peak in step_parts.items())
+        + ")",
+        flush=True,
+    )
     record = {
         "rank": rank,
         "before_gib": before / 2**20,
         "build_peak_gib": build / 2**20,
         "initialize_peak_gib": initialize / 2**20,
         "step_peak_gib": steps / 2**20,
+        **{f"{name}_peak_gib": peak / 2**20 for name, peak in step_parts.items()},
         "build_seconds": build_seconds,
         "initialize_seconds": initialize_seconds,
         "seconds_per_step": step_seconds,

@@ -41,6 +41,8 @@ def test_both_constructions_on_two_workers_write_the_table(load_job, tmp_path, r
                 <= min(worker["build_peak_gib"], worker["initialize_peak_gib"], worker["step_peak_gib"])
             )
             assert worker["build_peak_over_fp32"] == pytest.approx(worker["build_peak_gib"] / fp32)
+            parts = [worker[f"{part}_peak_gib"] for part in ("forward", "backward", "optimizer")]
+            assert worker["step_peak_gib"] == max(parts) and min(parts) >= worker["before_gib"]
             assert len(worker["losses"]) == 2 and all(math.isfinite(loss) for loss in worker["losses"])
             states, live = 16 * written["parameters"] / 2, 4 * written["parameters"]  # Adafactor: 4 + 4 + 4 + 4 bytes
             expected = worker["before_gib"] + (states + live) / 2**30  # a tiny model stays whole while live
