@@ -431,7 +431,11 @@ class MemoryStore:
         ]  # (data, its offsets [r + 1], scales, their offsets [r + 1]) per batch
         spans = [(data[at[0] : at[-1]], scales[to[0] : to[-1]]) for data, at, scales, to in buffers]
         # the batches' crc32s run ahead on the scan threads while earlier batches are handed out
-        sums = [_scan_pool().submit(_span_crc32, *span) for span in spans] if checksums is not None else None
+        sums = (  # each span is one payload and one block of scales: the batch's contiguous buffers
+            [_scan_pool().submit(batch_checksum, [data], [scales]) for data, scales in spans]
+            if checksums is not None
+            else None
+        )
         for number, batch in enumerate(batches):
             data, data_offsets, scales, scale_offsets = buffers[number]
             data_bytes, scale_bytes = spans[number]
@@ -463,11 +467,6 @@ class MemoryStore:
 
 
 SCAN_THREADS = 2  # threads checking a record batch's rows' crc32s in a scan (shards without batch checksums)
-
-
-def _span_crc32(data: memoryview, scales: memoryview) -> int:
-    """crc32 of a record batch's data bytes, then its scales (`batch_checksum` over the contiguous buffers)."""
-    return crc32(scales, crc32(data))
 
 
 def _batch_checksums(schema: pa.Schema, num_batches: int, file: str) -> list[int] | None:

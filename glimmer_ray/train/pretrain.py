@@ -431,9 +431,7 @@ class PretrainConfig:
     tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
     copy_passages: int = 1  # copy: k passages read in FiD form, one holding the query, the others a near miss of it
     copy_near_miss_tokens: int = 1  # copy, k > 1: query tokens changed in each distractor's near miss
-    copy_near_miss_at: str = (
-        "anywhere"  # copy, k > 1: anywhere in the query | start (its first tokens, far from the span)
-    )
+    copy_near_miss_at: str = "anywhere"  # copy, k > 1: anywhere in the query | start (far from the span)
     init_checkpoint: str | None = None  # a T5 checkpoint to continue from (same tokenizer); null = a random T5.1.1
     steps: int = 600  # optimiser steps
     batch_size: int = 32  # passages per step

@@ -62,9 +62,7 @@ class ReadGoldConfig:
     num_layers: int = 6
     num_heads: int = 4
     tie_embeddings: bool = False  # the original T5's tied output embedding (random_t5.TIED_EMBEDDINGS)
-    checkpoint: str | None = (
-        None  # a T5 or GLIMMER checkpoint to start from (jobs/pretrain.py's, an export); null = random
-    )
+    checkpoint: str | None = None  # a T5 or GLIMMER checkpoint to start from (pretrain's, an export); null = random
     live_proportion: float = 0.6666666666666666  # alpha
     evidence_passages: int = 1  # g gold passages read per question
     distractors_min: int = 0  # each step reads the g gold passages and n retrieved non-gold ones (the hardest first),
@@ -86,9 +84,7 @@ class ReadGoldConfig:
     copy_query_tokens: int = 6  # tokens of the passage given as the question
     copy_tokens: int = 12  # tokens after them to copy (the target)
     copy_every: int = 0  # > 0: every copy_every-th reading step is a copy batch among near misses instead (below)
-    copy_passages: int = (
-        5  # copy_every: k random sequences of copy_passage_tokens read in FiD form, one with the query,
-    )
+    copy_passages: int = 5  # copy_every: k random sequences read in FiD form, one with the query,
     copy_near_miss_tokens: int = 2  # the others a near miss of it with this many tokens changed,
     copy_near_miss_at: str = "start"  # at its start (as a same-family name, far from the answer) | anywhere
     threads: int = 0  # torch threads; 0 = torch's default
@@ -254,8 +250,8 @@ def main(config: ReadGoldConfig) -> dict:
         )
     if config.copy_source not in ("passages", "random", "uniform"):
         raise SystemExit(f"copy_source must be 'passages', 'random' or 'uniform', got {config.copy_source!r}")
-    if config.copy_steps < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
-        raise SystemExit("copy_steps must be >= 0 and copy_query_tokens, copy_tokens >= 1")
+    if config.copy_steps < 0 or config.copy_every < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
+        raise SystemExit("copy_steps and copy_every must be >= 0 and copy_query_tokens, copy_tokens >= 1")
     copy_length = config.copy_query_tokens + config.copy_tokens
     if config.copy_passage_tokens and not copy_length <= config.copy_passage_tokens < config.passage_tokens:
         raise SystemExit(

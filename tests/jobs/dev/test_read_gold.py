@@ -107,3 +107,5 @@ def test_distractors_join_the_gold_passage_and_the_run_scores_both_readings(quic
     assert point["near_miss_copy_loss"] > 0 and point["loss"] > 0
     with pytest.raises(SystemExit, match="distractors_min and distractors_max"):
         job.main(job.ReadGoldConfig(data_dir=str(root), distractors_min=2, distractors_max=1))
+    with pytest.raises(SystemExit, match="copy_steps and copy_every must be >= 0"):
+        job.main(job.ReadGoldConfig(data_dir=str(root), copy_every=-2))
