@@ -22,9 +22,13 @@ batches mixed in when distractors_min is 0; `eval_retrieved` n also scores readi
 training job's dev EM does. `copy_every` c > 0 makes every c-th step a find-and-copy batch among near misses in FiD
 form (`CopyBatches`: `copy_passages` random sequences, one holding the query, the others a near miss of it with
 `copy_near_miss_tokens` tokens changed `copy_near_miss_at` its start, as a same-family name differs far from the
-answer). `checkpoint` may also be a GLIMMER export (a reader trained on, e.g. jobs/train.py's gold phase).
-With `live_proportion` 1 the reader is exactly Hugging Face's T5 reading `question + passage` (FiD with one
-passage; tests/model check the equality).
+answer). `distractor_source` "swapped" makes each distractor a minimal pair of the gold passage instead
+(`swapped_distractors`): the same text with the subject's name and the answer exchanged for another question's of
+the same relation, a person keeping the family name; only the name tells the passages apart. `eval_swapped` n
+scores reading each dev question's gold passage beside n minimal pairs of it (`minimal_pairs`: can it choose by
+the name alone?), `steps` 0 only evaluates, and `save_dir` keeps the trained reader. `checkpoint` may also be a
+GLIMMER export (a reader trained on, e.g. jobs/train.py's gold phase). With `live_proportion` 1 the reader is
+exactly Hugging Face's T5 reading `question + passage` (FiD with one passage; tests/model check the equality).
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import glob
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import AutoConfig
@@ -67,11 +73,13 @@ class ReadGoldConfig:
     evidence_passages: int = 1  # g gold passages read per question
     distractors_min: int = 0  # each step reads the g gold passages and n retrieved non-gold ones (the hardest first),
     distractors_max: int = 0  # n drawn uniformly in [distractors_min, distractors_max] per step; 0, 0 = gold alone
+    distractor_source: str = "retrieved"  # retrieved (the retriever's non-gold passages) | swapped (minimal pairs)
     eval_retrieved: int = 0  # also score reading the retriever's first n passages (as the recipe's dev EM); 0 = not
+    eval_swapped: int = 0  # also score reading the gold passage beside n minimal pairs of it (dev names); 0 = not
     question_tokens: int = 32
     passage_tokens: int = 96
     answer_tokens: int = 12
-    steps: int = 4000
+    steps: int = 4000  # 0 = only evaluate the model as it is
     batch_size: int = 16
     learning_rate: float = 0.001  # AdamW, linear warm-up over warmup_steps, then constant
     warmup_steps: int = 100
@@ -90,6 +98,7 @@ class ReadGoldConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     seed: int = 0
     output: str = "outputs/worlds/read_gold.json"
+    save_dir: str | None = None  # the trained reader (a GLIMMER export) and the tokenizer; null = not saved
 
 
 def _training_rows(config: ReadGoldConfig) -> list[dict]:
@@ -186,6 +195,100 @@ def with_distractors(batch: dict[str, np.ndarray], count: int) -> dict[str, np.n
     }
 
 
+PASSAGE_COLUMNS = ("passage_ids", "passage_pages", "passage_titles", "passage_texts", "passage_scores")
+
+
+def relation_key(row: dict) -> str | None:
+    """The task and the question with its subject (the gold page's title) left out: the questions of one relation
+    share it ("nq|where was {s} born"). None when the question does not name the gold page's title."""
+    titles = list(row["gold_titles"])
+    if not titles or titles[0] not in row["input"]:
+        return None
+    return f"{row['task']}|{row['input'].replace(titles[0], '{s}')}"
+
+
+def swap_donors(rows: list[dict]) -> dict[str, list[tuple[str, str]]]:
+    """Per relation (`relation_key`), the (subject, answer) pairs of its questions: the names and answers that
+    `swapped_distractors` writes into a gold passage."""
+    donors: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        key = relation_key(row)
+        if key is not None and len(row["answers"]):
+            donors.setdefault(key, []).append((row["gold_titles"][0], list(row["answers"])[0]))
+    return donors
+
+
+def swapped_distractors(row: dict, count: int, donors: dict[str, list[tuple[str, str]]], rng: random.Random) -> dict:
+    """`row` with its first `count` retrieved non-gold passages replaced by minimal pairs of its gold passage: the
+    same title and text with the subject's name and the answer exchanged for another question's of the same
+    relation. A name of several words keeps all but its first ("Driamtork Bondtraessun" -> "Heilbrerk
+    Bondtraessun", as a relative's; "Krelth Works" -> "Dorn Works"), so only that word tells the passages apart.
+    The row is returned unchanged (the retriever's distractors stay) when the question does not name the gold
+    page, the gold text does not state the answer, or its relation has too few other names and answers."""
+    key = relation_key(row)
+    answer = list(row["answers"])[0] if len(row["answers"]) else ""
+    if count == 0 or key is None or not answer or answer not in row["gold_texts"][0]:
+        return row
+    title, text = row["gold_titles"][0], row["gold_texts"][0]
+    first, rest = title.split(" ")[0], title.split(" ")[1:]
+    candidates = sorted({(t.split(" ")[0], a) for t, a in donors[key] if a != answer and t.split(" ")[0] != first})
+    gold = set(row["gold_ids"])
+    others = [index for index, key in enumerate(row["passage_ids"]) if key not in gold][:count]
+    if len(candidates) < count or len(others) < count:
+        return row
+    swapped = {column: list(row[column]) for column in PASSAGE_COLUMNS}
+    for number, (index, (name, other_answer)) in enumerate(zip(others, rng.sample(candidates, count))):
+        other = " ".join([name, *rest])
+        swapped["passage_ids"][index] = f"swap-{number}"
+        swapped["passage_pages"][index] = f"swap-{number}"
+        swapped["passage_titles"][index] = other
+        # the answer first through a placeholder, so that a name inside it is not exchanged twice
+        swapped["passage_texts"][index] = text.replace(answer, "\0").replace(title, other).replace("\0", other_answer)
+    return {**row, **swapped}
+
+
+def minimal_pairs(row: dict, count: int, donors: dict[str, list[tuple[str, str]]], rng: random.Random) -> dict | None:
+    """`row` reading its gold passage and `count` minimal pairs of it (`swapped_distractors`) as its only
+    retrieved passages; None when the row cannot be swapped."""
+    swapped = swapped_distractors(row, count, donors, rng)
+    if swapped is row:
+        return None
+    swaps = [index for index, key in enumerate(swapped["passage_ids"]) if str(key).startswith("swap-")]
+    gold = dict(zip(PASSAGE_COLUMNS, (row["gold_ids"][0], row["gold_page_ids"][0], row["gold_titles"][0],
+                                      row["gold_texts"][0], 0.0)))  # fmt: skip
+    return {**row, **{column: [gold[column]] + [swapped[column][i] for i in swaps] for column in PASSAGE_COLUMNS}}
+
+
+def _minimal_pair_files(paths: dict[str, str], count: int, directory: str, seed: int) -> dict[str, str]:
+    """Per task, the dev questions that can be swapped, each reading its gold passage beside `count` minimal pairs
+    made of the same file's names and answers (`minimal_pairs`), written as `directory/<task>-dev.parquet`."""
+    os.makedirs(directory, exist_ok=True)
+    written = {}
+    for task, path in paths.items():
+        rows = pq.read_table(path).to_pylist()
+        donors, rng = swap_donors(rows), random.Random(seed)
+        paired = [pair for pair in (minimal_pairs(row, count, donors, rng) for row in rows) if pair is not None]
+        if not paired:
+            raise SystemExit(f"no {task} dev question can be read beside {count} minimal pairs; lower eval_swapped")
+        written[task] = os.path.join(directory, f"{task}-dev.parquet")
+        pq.write_table(pa.Table.from_pylist(paired), written[task])
+    return written
+
+
+def save_reader(model, tokenizer, save_dir: str) -> None:
+    """Write the reader (a GLIMMER export: `from_pretrained(save_dir)`) and the tokenizer under a temporary name,
+    then move it into place: an interrupted save leaves the previous one whole."""
+    staging, previous = save_dir.rstrip("/") + ".tmp", save_dir.rstrip("/") + ".old"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if os.path.exists(save_dir):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(save_dir, previous)
+    os.replace(staging, save_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) -> float:
     """One AdamW step on the reader's LM loss over `inputs` (gradients clipped at norm 1); returns the loss."""
     loss = model(**inputs).loss
@@ -241,13 +344,16 @@ def main(config: ReadGoldConfig) -> dict:
     unknown = sorted(set(config.tasks) - set(synthkilt.TASKS))
     if unknown or not config.tasks:
         raise SystemExit(f"tasks must be a non-empty list of {', '.join(synthkilt.TASKS)}; got {config.tasks}")
-    if config.steps < 1 or config.eval_every < 1 or config.evidence_passages < 1:
-        raise SystemExit("steps, eval_every and evidence_passages must be at least 1")
-    if not 0 <= config.distractors_min <= config.distractors_max or config.eval_retrieved < 0:
+    if config.steps < 0 or config.eval_every < 1 or config.evidence_passages < 1:
+        raise SystemExit("steps must be at least 0, eval_every and evidence_passages at least 1")
+    if not 0 <= config.distractors_min <= config.distractors_max or min(config.eval_retrieved, config.eval_swapped) < 0:
         raise SystemExit(
             "distractors_min and distractors_max must satisfy 0 <= distractors_min <= distractors_max, and "
-            f"eval_retrieved >= 0; got {config.distractors_min}, {config.distractors_max}, {config.eval_retrieved}"
+            f"eval_retrieved, eval_swapped >= 0; got {config.distractors_min}, {config.distractors_max}, "
+            f"{config.eval_retrieved}, {config.eval_swapped}"
         )
+    if config.distractor_source not in ("retrieved", "swapped"):
+        raise SystemExit(f"distractor_source must be 'retrieved' or 'swapped', got {config.distractor_source!r}")
     if config.copy_source not in ("passages", "random", "uniform"):
         raise SystemExit(f"copy_source must be 'passages', 'random' or 'uniform', got {config.copy_source!r}")
     if config.copy_steps < 0 or config.copy_every < 0 or config.copy_query_tokens < 1 or config.copy_tokens < 1:
@@ -299,17 +405,22 @@ def main(config: ReadGoldConfig) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     dev_paths = {task: os.path.join(config.data_dir, "retrieved", f"{task}-dev.parquet") for task in config.tasks}
 
+    readings = {"": (dev_paths, evidence_config, read_gold_evidence, config.evidence_passages)}
+    if config.eval_retrieved:
+        readings["retrieved/"] = (dev_paths, retrieved_config, lambda batch: batch, config.eval_retrieved)
+    if config.eval_swapped:
+        directory = os.path.splitext(config.output)[0] + "-minimal-pairs"
+        paths = _minimal_pair_files(dev_paths, config.eval_swapped, directory, config.seed)
+        paired_config = TokenizeConfig(*lengths, num_passages=config.eval_swapped + 1, evidence_passages=0)
+        readings["swapped/"] = (paths, paired_config, lambda batch: batch, config.eval_swapped + 1)
+
     def evaluate() -> dict[str, float]:
         """Dev EM per task (and their average) reading the gold evidence and, with eval_retrieved n, the retriever's
-        first n (keys `retrieved/<task>`)."""
-        readings = {"": (evidence_config, read_gold_evidence, config.evidence_passages)}
-        if config.eval_retrieved:
-            readings["retrieved/"] = (retrieved_config, lambda batch: batch, config.eval_retrieved)
+        first n (keys `retrieved/<task>`), with eval_swapped n the gold passage beside n minimal pairs
+        (`swapped/<task>`)."""
         em = {}
-        for prefix, (reading_config, read, num_selected) in readings.items():
-            batches = dev_batches(
-                dev_paths, tokenizer_dir, reading_config, 32, limit_per_task=config.dev_limit_per_task
-            )
+        for prefix, (paths, reading_config, read, num_selected) in readings.items():
+            batches = dev_batches(paths, tokenizer_dir, reading_config, 32, limit_per_task=config.dev_limit_per_task)
             predictions = predict(
                 model,
                 (read(b) for b in batches),
@@ -339,15 +450,29 @@ def main(config: ReadGoldConfig) -> dict:
             near_miss_tokens=config.copy_near_miss_tokens,
             near_miss_at=config.copy_near_miss_at,
         )
+    donors = swap_donors(rows) if config.distractor_source == "swapped" else {}
+    if donors:
+        sample = rows[:1000]
+        swappable = sum(
+            swapped_distractors(r, config.distractors_max, donors, random.Random(0)) is not r for r in sample
+        )
+        print(f"[read_gold] minimal pairs for {swappable / len(sample):.2f} of the questions (the rest: retrieved)")
     print(f"[read_gold] {len(rows)} training questions, {sum(p.numel() for p in model.parameters())} parameters")
+    if config.steps == 0:
+        em = evaluate()
+        curve.append({"step": 0, **em})
+        print(f"[read_gold] step 0: dev EM {json.dumps(em)}", flush=True)
     for step in range(1, config.steps + 1):
         chunk = rows[position : position + config.batch_size]
         position = position + config.batch_size if position + 2 * config.batch_size <= len(rows) else 0
         if near_misses is not None and step % config.copy_every == 0:
             inputs = near_misses.next()  # [b, k, copy_passage_tokens + 1] passages
         else:
+            count = rng.randint(config.distractors_min, config.distractors_max)
+            if donors:
+                chunk = [swapped_distractors(r, count, donors, rng) for r in chunk]
             batch = tokenize({key: np.array([r[key] for r in chunk], dtype=object) for key in chunk[0]})
-            batch = with_distractors(batch, rng.randint(config.distractors_min, config.distractors_max))
+            batch = with_distractors(batch, count)
             inputs = {k: v for k, v in model_inputs(batch, torch.device("cpu")).items() if k not in EVIDENCE_KEYS}
         copying = near_misses is not None and step % config.copy_every == 0
         (copy_losses if copying else losses).append(_training_step(model, optimizer, schedule, inputs))
@@ -366,6 +491,9 @@ def main(config: ReadGoldConfig) -> dict:
     # report
     report = {"config": to_dict(config), "copy_curve": copy_curve, "curve": curve}
     write_report(config.output, report)
+    if config.save_dir:
+        save_reader(model, tokenize.tokenizer, config.save_dir)
+        print(f"[read_gold] saved the reader to {config.save_dir}", flush=True)
     return report
 
 

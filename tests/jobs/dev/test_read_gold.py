@@ -109,3 +109,82 @@ def test_distractors_join_the_gold_passage_and_the_run_scores_both_readings(quic
         job.main(job.ReadGoldConfig(data_dir=str(root), distractors_min=2, distractors_max=1))
     with pytest.raises(SystemExit, match="copy_steps and copy_every must be >= 0"):
         job.main(job.ReadGoldConfig(data_dir=str(root), copy_every=-2))
+
+
+def test_swapped_distractors_are_minimal_pairs_of_the_gold_passage_and_the_reader_is_saved(
+    quickstart_run, tmp_path, load_job
+):
+    """A swapped distractor is the gold passage with the subject's first name and the answer exchanged for another
+    question's of the same relation (the family name kept); a row that cannot be swapped keeps the retriever's; the
+    run trains on them and saves a reader that loads as it was."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from glimmer_ray.model import GlimmerForConditionalGeneration
+
+    _, _, root = quickstart_run
+    job = load_job("dev/read_gold")
+    rows = [
+        row
+        for task in ("nq", "trex")
+        for row in pq.read_table(root / "retrieved" / f"{task}-train.parquet").to_pylist()
+    ]
+    donors = job.swap_donors(rows)
+    swapped_rows = 0
+    for row in rows[:80]:
+        key = job.relation_key(row)
+        swapped = job.swapped_distractors(row, 2, donors, random.Random(1))
+        if swapped is row:
+            continue
+        swapped_rows += 1
+        title, text, answer = row["gold_titles"][0], row["gold_texts"][0], row["answers"][0]
+        changed = [i for i, (a, b) in enumerate(zip(row["passage_ids"], swapped["passage_ids"])) if a != b]
+        non_gold = [i for i, key in enumerate(row["passage_ids"]) if key not in set(row["gold_ids"])]
+        assert changed == non_gold[:2] and [swapped["passage_ids"][i] for i in changed] == ["swap-0", "swap-1"]
+        names = set()
+        for index in changed:
+            other = swapped["passage_titles"][index]
+            assert other.split(" ")[1:] == title.split(" ")[1:] and other.split(" ")[0] != title.split(" ")[0]
+            pairs = [(t.split(" ")[0], a) for t, a in donors[key] if t.split(" ")[0] == other.split(" ")[0]]
+            other_answer = next(a for name, a in pairs if text.replace(answer, a).replace(title, other)
+                                == swapped["passage_texts"][index])  # fmt: skip
+            assert other_answer != answer and title not in swapped["passage_texts"][index].replace(other, "")
+            names.add(other)
+        assert len(names) == 2
+        for column in job.PASSAGE_COLUMNS:  # the other retrieved passages are the retriever's
+            assert [v for i, v in enumerate(swapped[column]) if i not in changed] == [
+                v for i, v in enumerate(row[column]) if i not in changed
+            ]
+    assert swapped_rows >= 40
+    assert job.swapped_distractors(rows[0], 0, donors, random.Random(1)) is rows[0]
+    unnamed = {**rows[0], "input": "a question that names nobody"}
+    assert (
+        job.relation_key(unnamed) is None and job.swapped_distractors(unnamed, 2, donors, random.Random(1)) is unnamed
+    )
+
+    paired = job.minimal_pairs(rows[0], 3, donors, random.Random(1))
+    assert paired["passage_ids"][0] == rows[0]["gold_ids"][0] and paired["passage_texts"][0] == rows[0]["gold_texts"][0]
+    assert paired["passage_ids"][1:] == ["swap-0", "swap-1", "swap-2"] and len(paired["passage_scores"]) == 4
+    assert job.minimal_pairs(unnamed, 3, donors, random.Random(1)) is None
+
+    config = job.ReadGoldConfig(
+        data_dir=str(root), tasks=["nq", "trex"], checkpoint=str(root / "model"), steps=2, batch_size=4, eval_every=2,
+        log_every=2, dev_limit_per_task=2, distractors_min=2, distractors_max=2, distractor_source="swapped",
+        eval_swapped=2, output=str(tmp_path / "swapped.json"), save_dir=str(tmp_path / "reader"),
+    )  # fmt: skip
+    report = job.main(config)
+    point = report["curve"][-1]
+    assert point["loss"] > 0 and {"swapped/nq", "swapped/trex", "swapped/average"} <= set(point)
+    written = pq.read_table(tmp_path / "swapped-minimal-pairs" / "nq-dev.parquet").to_pylist()
+    assert written and all(len(row["passage_ids"]) == 3 and row["passage_ids"][0] in row["gold_ids"] for row in written)
+    saved = GlimmerForConditionalGeneration.from_pretrained(str(tmp_path / "reader"))
+    trained = GlimmerForConditionalGeneration.from_pretrained(str(root / "model"))
+    assert (tmp_path / "reader" / "tokenizer_config.json").exists() and not (tmp_path / "reader.tmp").exists()
+    weights = dict(saved.named_parameters())
+    assert any(not torch.equal(weights[name], p) for name, p in trained.named_parameters())  # it trained
+    config.checkpoint, config.steps, config.save_dir = str(tmp_path / "reader"), 0, None  # evaluate only
+    assert [point["step"] for point in job.main(config)["curve"]] == [0]
+    with pytest.raises(SystemExit, match="distractor_source"):
+        job.main(job.ReadGoldConfig(data_dir=str(root), distractor_source="random"))
+    with pytest.raises(SystemExit, match="eval_swapped >= 0"):
+        job.main(job.ReadGoldConfig(data_dir=str(root), eval_swapped=-1))
