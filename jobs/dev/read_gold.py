@@ -233,7 +233,7 @@ def swapped_distractors(row: dict, count: int, donors: dict[str, list[tuple[str,
     first, rest = title.split(" ")[0], title.split(" ")[1:]
     candidates = sorted({(t.split(" ")[0], a) for t, a in donors[key] if a != answer and t.split(" ")[0] != first})
     gold = set(row["gold_ids"])
-    others = [index for index, key in enumerate(row["passage_ids"]) if key not in gold][:count]
+    others = [index for index, passage in enumerate(row["passage_ids"]) if passage not in gold][:count]
     if len(candidates) < count or len(others) < count:
         return row
     swapped = {column: list(row[column]) for column in PASSAGE_COLUMNS}
@@ -277,16 +277,13 @@ def _minimal_pair_files(paths: dict[str, str], count: int, directory: str, seed:
 
 def save_reader(model, tokenizer, save_dir: str) -> None:
     """Write the reader (a GLIMMER export: `from_pretrained(save_dir)`) and the tokenizer under a temporary name,
-    then move it into place: an interrupted save leaves the previous one whole."""
-    staging, previous = save_dir.rstrip("/") + ".tmp", save_dir.rstrip("/") + ".old"
+    then move it into place, as jobs/pretrain.py does: an interrupted write leaves the previous one whole."""
+    staging = save_dir.rstrip("/") + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    if os.path.exists(save_dir):
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(save_dir, previous)
+    shutil.rmtree(save_dir, ignore_errors=True)
     os.replace(staging, save_dir)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _training_step(model, optimizer, schedule, inputs: dict[str, torch.Tensor]) -> float:
