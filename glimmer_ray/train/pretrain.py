@@ -27,6 +27,7 @@ pre-training (e.g. the single-sequence copy). The weights are saved as the plain
     DenoisingBatches(passages, ...)   random batches of corrupted passages as padded tensors
     find_and_copy(sequence, rng, ...) one sequence -> (query, the tokens after it)
     CopyBatches(tokens, ...)          random find-and-copy batches on uniform random sequences (k passages: FiD form)
+    teacher_forced_hits(logits, labels)      token and first-token accuracy counts (the first token: the match)
     pretrain_t5(data_dir, output_dir, ...)   the loop (jobs/pretrain.py runs it as a Ray task)
 """
 
@@ -244,6 +245,16 @@ class CopyBatches:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": torch.tensor(labels)}
 
 
+def teacher_forced_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int, int]:
+    """Greedy hits of teacher-forced `logits` [b, t, V] on `labels` [b, t] (-100 = ignored): (right tokens, target
+    tokens, right first tokens, rows with a first token). In find-and-copy among near misses only the first written
+    token needs the whole query matched (each later one follows from the token before), so its accuracy is the
+    matching figure: 1/k for a reader that picks one of k passages at random."""
+    targets = labels != -100  # [b, t]
+    right = (logits.argmax(-1) == labels) & targets  # [b, t]
+    return int(right.sum()), int(targets.sum()), int(right[:, 0].sum()), int(targets[:, 0].sum())
+
+
 def pretrain_t5(
     data_dir: str,
     output_dir: str,
@@ -351,6 +362,7 @@ def pretrain_t5(
     start = window_start = time.perf_counter()
     window_loss, window_tokens, window_steps, first_loss, loss_value = 0.0, 0, 0, None, float("nan")
     window_correct, window_targets, accuracy = 0, 0, float("nan")
+    window_first_correct, window_rows, first_accuracy = 0, 0, float("nan")
     for step in range(1, steps + 1):
         batch = {key: value.to(device) for key, value in batches.next().items()}
         output = model(**batch)
@@ -366,17 +378,20 @@ def pretrain_t5(
         targets = batch["labels"] != -100
         target_count = int(targets.sum())
         window_tokens += sum(int(batch[key].sum()) for key in batch if key.endswith("_mask")) + target_count
-        window_correct += int((output.logits.argmax(-1) == batch["labels"])[targets].sum())  # teacher-forced
-        window_targets += target_count
+        correct, _, first_correct, rows = teacher_forced_hits(output.logits, batch["labels"])
+        window_correct, window_targets = window_correct + correct, window_targets + target_count
+        window_first_correct, window_rows = window_first_correct + first_correct, window_rows + rows
         if step % log_every_steps == 0 or step == steps:
             accuracy = window_correct / max(1, window_targets)
+            first_accuracy = window_first_correct / max(1, window_rows)
             print(
                 f"[pretrain] step {step}/{steps} loss {window_loss / window_steps:.3f} token accuracy {accuracy:.3f} "
+                f"first token {first_accuracy:.3f} "
                 f"tokens/s {window_tokens / (time.perf_counter() - window_start):.0f} elapsed {time.perf_counter() - start:.0f} s",
                 flush=True,
             )
             window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
-            window_correct, window_targets = 0, 0
+            window_correct, window_targets, window_first_correct, window_rows = 0, 0, 0, 0
 
     staging = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -400,6 +415,7 @@ def pretrain_t5(
         "first_loss": first_loss,
         "final_loss": loss_value,
         "final_token_accuracy": accuracy,  # teacher-forced, over the last logging window's target tokens
+        "final_first_token_accuracy": first_accuracy,  # the first target token alone (copy: it needs the whole match)
         "seconds": time.perf_counter() - start,
     }
     with open(os.path.join(staging, "pretrain.json"), "w") as handle:

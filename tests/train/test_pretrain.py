@@ -17,6 +17,7 @@ from glimmer_ray.train.pretrain import (
     corrupt,
     find_and_copy,
     pretrain_t5,
+    teacher_forced_hits,
 )
 
 SENTINEL = 999  # <extra_id_0> in a 1000-token vocabulary
@@ -156,6 +157,15 @@ def test_near_misses_at_the_start_differ_only_in_the_querys_first_tokens():
         CopyBatches(tokens, 2, sequence_tokens=20, query_tokens=4, copy_tokens=6, near_miss_at="end")
 
 
+def test_first_token_accuracy_counts_only_the_first_written_token_of_each_row():
+    """The matching figure of copy among near misses: row 0 writes its first token right and the next wrong, row 1
+    the first wrong and the next right, row 2 has no target at all (-100); padding never counts."""
+    labels = torch.tensor([[5, 6, -100], [7, 8, 9], [-100, -100, -100]])
+    guesses = torch.tensor([[5, 0, 3], [0, 8, 9], [1, 1, 1]])
+    logits = torch.nn.functional.one_hot(guesses, 10).float()  # [b, t, V]: argmax = guesses
+    assert teacher_forced_hits(logits, labels) == (3, 5, 1, 2)
+
+
 def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_path):
     from transformers import AutoTokenizer
 
@@ -237,6 +247,7 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_glimmer_loads(tmp_p
         }
     )
     assert among["copy_passages"] == 3 and among["final_loss"] < among["first_loss"]
+    assert 0.0 <= among["final_first_token_accuracy"] <= 1.0
     continued = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5-among")
     started = T5ForConditionalGeneration.from_pretrained(tmp_path / "t5-copy")
     assert continued.config.tie_word_embeddings  # the shape and the tie come from init_checkpoint
