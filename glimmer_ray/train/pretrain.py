@@ -249,7 +249,7 @@ def teacher_forced_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int
     """Greedy hits of teacher-forced `logits` [b, t, V] on `labels` [b, t] (-100 = ignored): (right tokens, target
     tokens, right first tokens, rows with a first token). In find-and-copy among near misses only the first written
     token needs the whole query matched (each later one follows from the token before), so its accuracy is the
-    matching figure: 1/k for a reader that picks one of k passages at random."""
+    matching figure: 1/k for a reader that finds the query's last token and picks one of k passages at random."""
     targets = labels != -100  # [b, t]
     right = (logits.argmax(-1) == labels) & targets  # [b, t]
     return int(right.sum()), int(targets.sum()), int(right[:, 0].sum()), int(targets[:, 0].sum())
@@ -375,10 +375,8 @@ def pretrain_t5(
         loss_value = loss.item()
         first_loss = loss_value if first_loss is None else first_loss
         window_loss, window_steps = window_loss + loss_value, window_steps + 1
-        targets = batch["labels"] != -100
-        target_count = int(targets.sum())
+        correct, target_count, first_correct, rows = teacher_forced_hits(output.logits, batch["labels"])
         window_tokens += sum(int(batch[key].sum()) for key in batch if key.endswith("_mask")) + target_count
-        correct, _, first_correct, rows = teacher_forced_hits(output.logits, batch["labels"])
         window_correct, window_targets = window_correct + correct, window_targets + target_count
         window_first_correct, window_rows = window_first_correct + first_correct, window_rows + rows
         if step % log_every_steps == 0 or step == steps:
